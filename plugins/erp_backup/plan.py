@@ -1,0 +1,265 @@
+"""The backup plan: load `include/backup_plan.yaml`, validate it, and expose typed jobs.
+
+The plan is the single source of truth for schedules, retention, RPO/RTO and
+connection ids. Every error names the file, the service and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from croniter import croniter
+
+PLAN_ENV = "ERP_BACKUP_PLAN"
+BACKUP_ROOT_ENV = "ERP_BACKUP_ROOT"
+OFFSITE_PATH_ENV = "ERP_OFFSITE_PATH"
+DEFAULT_PLAN_PATH = Path(__file__).resolve().parents[2] / "include" / "backup_plan.yaml"
+
+# The services and backup types the seed strategy names. Anything else is a typo.
+KNOWN_SERVICES: dict[str, frozenset[str]] = {
+    "postgres": frozenset({"full", "wal", "snapshot"}),
+    "minio": frozenset({"full", "snapshot"}),
+    "milvus": frozenset({"full", "etcd"}),
+    "gitlab": frozenset({"full"}),
+    "redis": frozenset({"rdb"}),
+    "rabbitmq": frozenset({"definitions"}),
+}
+
+_DURATION = re.compile(r"^(\d+)\s*([mhd])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+class PlanError(ValueError):
+    """The plan file is malformed. The message names the file, service and field."""
+
+
+@dataclass(frozen=True)
+class OffsitePlan:
+    kind: Literal["s3", "filesystem"]
+    conn_id: str
+    bucket: str
+    prefix: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DrillPlan:
+    schedule: str
+    timezone: str
+    backend: Literal["local", "docker"]
+
+
+@dataclass(frozen=True)
+class BackupJob:
+    """One (service, backup type): everything a DAG and its tasks need."""
+
+    service: str
+    backup_type: str
+    schedule: str
+    timezone: str
+    retention: timedelta
+    method: str
+    rpo: timedelta
+    rto: timedelta
+    connections: dict[str, str]
+    enabled: bool
+    interval: timedelta | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dag_id(self) -> str:
+        return f"backup_{self.service}_{self.backup_type}"
+
+    @property
+    def source_conn_id(self) -> str:
+        return self.connections["source"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    backup_root: Path
+    timezone: str
+    slack_conn_id: str
+    offsite: OffsitePlan
+    drill: DrillPlan
+    jobs: tuple[BackupJob, ...]
+    services_enabled: dict[str, bool]
+
+    def job(self, service: str, backup_type: str) -> BackupJob:
+        for job in self.jobs:
+            if job.service == service and job.backup_type == backup_type:
+                return job
+        raise KeyError(f"{self.path}: no backup job {service}/{backup_type} in the plan")
+
+    @property
+    def enabled_jobs(self) -> tuple[BackupJob, ...]:
+        return tuple(job for job in self.jobs if job.enabled)
+
+
+class _Reader:
+    """Reads one mapping of the plan, failing with the file and a dotted field path."""
+
+    def __init__(self, path: Path, where: str, data: Any):
+        self.path, self.where = path, where
+        if not isinstance(data, dict):
+            self.fail(f"must be a mapping, got {type(data).__name__}")
+        self.data: dict[str, Any] = data
+
+    def fail(self, message: str, key: str | None = None) -> PlanError:
+        location = f"{self.where}.{key}" if key else self.where
+        raise PlanError(f"{self.path}: {location}: {message}")
+
+    def only(self, *allowed: str) -> None:
+        unknown = sorted(set(self.data) - set(allowed))
+        if unknown:
+            self.fail(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})", unknown[0])
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                self.fail("missing required field", key)
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.fail(f"must be {names}, got {value!r}", key)
+        return value
+
+    def sub(self, key: str, default: Any = ...) -> _Reader:
+        return _Reader(self.path, f"{self.where}.{key}", self.get(key, dict, default))
+
+    def cron(self, key: str) -> str:
+        value = self.get(key, str)
+        if not croniter.is_valid(value):
+            self.fail(f"invalid cron expression {value!r}", key)
+        return value
+
+    def duration(self, key: str, default: Any = ...) -> timedelta:
+        value = self.get(key, str, default)
+        if isinstance(value, timedelta):
+            return value
+        match = _DURATION.match(value.strip())
+        if not match or int(match.group(1)) <= 0:
+            self.fail(f"invalid duration {value!r} (use e.g. 30m, 6h, 7d)", key)
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+    def timezone(self, key: str, default: str) -> str:
+        import pendulum
+
+        value = self.get(key, str, default)
+        try:
+            pendulum.timezone(value)
+        except Exception:
+            self.fail(f"unknown timezone {value!r}", key)
+        return value
+
+
+def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -> BackupJob:
+    job = svc.sub("backups").sub(type_name)
+    job.only("schedule", "retention_days", "method", "enabled", "interval", "timezone", "options")
+    if type_name not in KNOWN_SERVICES[name]:
+        job.fail(f"unknown backup type (known for {name}: {', '.join(sorted(KNOWN_SERVICES[name]))})")
+    retention_days = job.get("retention_days", int)
+    if retention_days < 1:
+        job.fail(f"must be a positive number of days, got {retention_days}", "retention_days")
+    connections = svc.get("connections", dict)
+    if "source" not in connections or not all(isinstance(v, str) and v for v in connections.values()):
+        svc.fail("must map 'source' (and any other role) to a connection id", "connections")
+    return BackupJob(
+        service=name,
+        backup_type=type_name,
+        schedule=job.cron("schedule"),
+        timezone=job.timezone("timezone", tz),
+        retention=timedelta(days=retention_days),
+        method=job.get("method", str),
+        rpo=svc.duration("rpo"),
+        rto=svc.duration("rto"),
+        connections=dict(connections),
+        enabled=svc.get("enabled", bool) and job.get("enabled", bool),
+        interval=job.duration("interval", None) if "interval" in job.data else None,
+        options={**svc.get("options", dict, {}), **job.get("options", dict, {})},
+    )
+
+
+def parse_plan(path: Path, data: Any) -> Plan:
+    top = _Reader(path, "plan", data)
+    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services")
+    if top.get("version", int) != 1:
+        top.fail("only version 1 is supported", "version")
+    tz = top.timezone("timezone", "Asia/Seoul")
+
+    alerts = top.sub("alerts")
+    alerts.only("slack_conn_id")
+
+    offsite = top.sub("offsite")
+    offsite.only("kind", "conn_id", "bucket", "prefix", "path")
+    kind = offsite.get("kind", str)
+    if kind not in ("s3", "filesystem"):
+        offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
+
+    for needed in ("conn_id", "bucket") if kind == "s3" else ("path",):
+        if not offsite.get(needed, str, ""):
+            offsite.fail(f"required when kind is {kind!r}", needed)
+
+    drill = top.sub("drill")
+    drill.only("schedule", "timezone", "backend")
+    backend = drill.get("backend", str, "local")
+    if backend not in ("local", "docker"):
+        drill.fail(f"must be 'local' or 'docker', got {backend!r}", "backend")
+
+    services = top.sub("services")
+    jobs: list[BackupJob] = []
+    enabled: dict[str, bool] = {}
+    for name in services.data:
+        if name not in KNOWN_SERVICES:
+            services.fail(f"unknown service (known: {', '.join(sorted(KNOWN_SERVICES))})", name)
+        svc = services.sub(name)
+        svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
+        enabled[name] = svc.get("enabled", bool)
+        for type_name in svc.sub("backups").data:
+            jobs.append(_read_job(top, name, svc, type_name, tz))
+
+    root = os.environ.get(BACKUP_ROOT_ENV) or top.get("backup_root", str)
+    return Plan(
+        path=path,
+        backup_root=Path(root),
+        timezone=tz,
+        slack_conn_id=alerts.get("slack_conn_id", str),
+        offsite=OffsitePlan(
+            kind=kind,
+            conn_id=offsite.get("conn_id", str, ""),
+            bucket=offsite.get("bucket", str, ""),
+            prefix=offsite.get("prefix", str, "").strip("/"),
+            path=os.environ.get(OFFSITE_PATH_ENV) or offsite.get("path", str, ""),
+        ),
+        drill=DrillPlan(schedule=drill.cron("schedule"), timezone=drill.timezone("timezone", tz), backend=backend),
+        jobs=tuple(jobs),
+        services_enabled=enabled,
+    )
+
+
+def load_plan(path: str | os.PathLike[str] | None = None) -> Plan:
+    """Load and validate the plan (default: $ERP_BACKUP_PLAN or include/backup_plan.yaml)."""
+    resolved = Path(path or os.environ.get(PLAN_ENV) or DEFAULT_PLAN_PATH)
+    return _load_cached(resolved, os.environ.get(BACKUP_ROOT_ENV), os.environ.get(OFFSITE_PATH_ENV))
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: Path, _root_env: str | None, _offsite_env: str | None) -> Plan:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read the backup plan: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_plan(path, data)

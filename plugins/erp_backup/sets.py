@@ -1,0 +1,147 @@
+"""Backup sets on local staging: `$BACKUP_ROOT/<service>/<type>/<backup_id>/`.
+
+A set's state is derived from the marker files in its directory:
+
+- INCOMPLETE: no manifest. Never counted, never restored; the next run removes it.
+- UNVERIFIED: a manifest, but the checksum task has not passed yet.
+- CORRUPT: the checksum task found a mismatch (CHECKSUM_FAILED holds the details).
+- VERIFIED: SHA256SUMS was written after every file matched the manifest.
+- OFFSITE: verified, and the offsite copy was verified object by object.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from erp_backup.manifest import DIR_MODE, MANIFEST_NAME, Manifest, write_atomic
+
+log = logging.getLogger(__name__)
+
+SUMS_NAME = "SHA256SUMS"
+FAILED_NAME = "CHECKSUM_FAILED"
+OFFSITE_RECEIPT_NAME = "offsite.json"
+MARKER_NAMES = frozenset({MANIFEST_NAME, SUMS_NAME, FAILED_NAME, OFFSITE_RECEIPT_NAME})
+BACKUP_ID_FORMAT = "%Y%m%dT%H%M%SZ"
+_BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z$")
+
+
+class SetState(str, enum.Enum):
+    INCOMPLETE = "incomplete"
+    UNVERIFIED = "unverified"
+    CORRUPT = "corrupt"
+    VERIFIED = "verified"
+    OFFSITE = "offsite"
+
+    @property
+    def is_good(self) -> bool:
+        return self in (SetState.VERIFIED, SetState.OFFSITE)
+
+
+class BackupSetError(LookupError):
+    """A backup set is missing or not usable."""
+
+
+def backup_id_for(moment: datetime) -> str:
+    """The backup id of a run: its logical date (or run_after) in UTC, second precision."""
+    if moment.tzinfo is None:
+        raise ValueError("backup ids are derived from timezone-aware run dates")
+    return moment.astimezone(timezone.utc).strftime(BACKUP_ID_FORMAT)
+
+
+def is_backup_id(name: str) -> bool:
+    return bool(_BACKUP_ID.match(name))
+
+
+@dataclass(frozen=True)
+class BackupSet:
+    root: Path
+    service: str
+    backup_type: str
+    backup_id: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.service / self.backup_type / self.backup_id
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    @property
+    def key(self) -> str:
+        """The set's relative location, shared by staging and offsite."""
+        return f"{self.service}/{self.backup_type}/{self.backup_id}"
+
+    @property
+    def state(self) -> SetState:
+        if not self.manifest_path.is_file():
+            return SetState.INCOMPLETE
+        if (self.path / FAILED_NAME).exists():
+            return SetState.CORRUPT
+        if not (self.path / SUMS_NAME).is_file():
+            return SetState.UNVERIFIED
+        if (self.path / OFFSITE_RECEIPT_NAME).is_file():
+            return SetState.OFFSITE
+        return SetState.VERIFIED
+
+    def manifest(self) -> Manifest:
+        if not self.manifest_path.is_file():
+            raise BackupSetError(
+                f"backup {self.key} is incomplete: it has no {MANIFEST_NAME} and cannot be used"
+            )
+        return Manifest.read(self.manifest_path)
+
+    def create_dir(self) -> Path:
+        """Create an empty set directory (0700), removing any partial leftovers."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, mode=DIR_MODE)
+        for parent in (self.path.parent, self.path.parent.parent):
+            os.chmod(parent, DIR_MODE)
+        return self.path
+
+    def mark_corrupt(self, problems: list[str]) -> None:
+        write_atomic(self.path / FAILED_NAME, ("\n".join(problems) + "\n").encode())
+        (self.path / SUMS_NAME).unlink(missing_ok=True)
+        (self.path / OFFSITE_RECEIPT_NAME).unlink(missing_ok=True)
+
+    def write_offsite_receipt(self, receipt: dict) -> None:
+        write_atomic(self.path / OFFSITE_RECEIPT_NAME, json.dumps(receipt, indent=2).encode())
+
+    def offsite_receipt(self) -> dict | None:
+        path = self.path / OFFSITE_RECEIPT_NAME
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def remove(self, reason: str) -> None:
+        log.info("removing %s from staging: %s", self.key, reason)
+        shutil.rmtree(self.path, ignore_errors=False)
+
+
+def list_sets(root: Path, service: str, backup_type: str) -> list[BackupSet]:
+    """Every set directory of a type, oldest id first, whatever its state."""
+    base = root / service / backup_type
+    if not base.is_dir():
+        return []
+    return [
+        BackupSet(root, service, backup_type, entry.name)
+        for entry in sorted(base.iterdir())
+        if entry.is_dir() and is_backup_id(entry.name)
+    ]
+
+
+def remove_incomplete(root: Path, service: str, backup_type: str, keep: str | None = None) -> list[str]:
+    """Remove sets left without a manifest by a crashed run (except `keep`)."""
+    removed = []
+    for backup_set in list_sets(root, service, backup_type):
+        if backup_set.backup_id != keep and backup_set.state is SetState.INCOMPLETE:
+            backup_set.remove("incomplete: no manifest, left by a failed or killed run")
+            removed.append(backup_set.backup_id)
+    return removed

@@ -1,0 +1,183 @@
+"""Streaming stages: source → compress → hash → file, in one pass.
+
+Each stage is a writer that passes bytes to the next one, so an encryption
+stage can slot in between compress and hash without touching the rest.
+The SHA-256 is of the bytes that land on disk, computed as they stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import zstandard
+
+from erp_backup.manifest import FILE_MODE, FileEntry
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileSink:
+    """The last stage: writes to a new 0600 file and fsyncs it on close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._handle = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self._handle.closed:
+            return
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+
+class HashStage:
+    """Hashes the bytes passing through on their way to the next stage."""
+
+    def __init__(self, downstream: Writer):
+        self.downstream = downstream
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.downstream.write(data)
+
+    def close(self) -> None:
+        self.downstream.close()
+
+
+class ZstdStage:
+    """Compresses with zstd (multi-threaded frames) into the next stage."""
+
+    def __init__(self, downstream: Writer, level: int = 3, threads: int = -1):
+        self.downstream = downstream
+        compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+        self._writer = compressor.stream_writer(downstream, closefd=False, write_return_read=True)
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def close(self) -> None:
+        self._writer.flush(zstandard.FLUSH_FRAME)
+        self._writer.close()
+        self.downstream.close()
+
+
+class ProgressStage:
+    """Counts input bytes and logs progress (bytes, MB/s) at a fixed interval."""
+
+    def __init__(
+        self,
+        downstream: Writer,
+        label: str,
+        every_s: float = PROGRESS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.downstream, self.label, self.every_s, self.clock = downstream, label, every_s, clock
+        self.bytes_in = 0
+        self.started = self._last = clock()
+
+    def write(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.downstream.write(data)
+        now = self.clock()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.report()
+
+    def report(self) -> None:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        log.info(
+            "%s: %d bytes read, %.1f MB/s over %.0f s",
+            self.label, self.bytes_in, self.bytes_in / elapsed / 1e6, elapsed,
+        )
+
+    def close(self) -> None:
+        self.downstream.close()
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    entry: FileEntry
+    raw_bytes: int
+    seconds: float
+
+
+class Chain:
+    """A built chain. Feed it bytes, then `finish()` for the file entry."""
+
+    def __init__(self, path: Path, relative: str, compress: bool, level: int, label: str):
+        self.path, self.relative = path, relative
+        self.sink = FileSink(path)
+        self.hasher = HashStage(self.sink)
+        body: Writer = ZstdStage(self.hasher, level=level) if compress else self.hasher
+        self.progress = ProgressStage(body, label=label)
+        self._started = time.monotonic()
+
+    def write(self, data: bytes) -> None:
+        self.progress.write(data)
+
+    def finish(self) -> StreamResult:
+        self.progress.close()
+        seconds = time.monotonic() - self._started
+        entry = FileEntry(path=self.relative, size=self.sink.size, sha256=self.hasher.digest.hexdigest())
+        log.info(
+            "%s: wrote %s (%d bytes from %d raw, %.1f s)",
+            self.progress.label, self.relative, entry.size, self.progress.bytes_in, seconds,
+        )
+        return StreamResult(entry=entry, raw_bytes=self.progress.bytes_in, seconds=seconds)
+
+    def abort(self) -> None:
+        try:
+            self.sink.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+def open_chain(set_dir: Path, relative: str, *, compress: bool = True, level: int = 3) -> Chain:
+    """Build dump → [zstd] → sha256 → file for `set_dir/relative`."""
+    path = set_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Chain(path, relative, compress=compress, level=level, label=relative)
+
+
+def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwargs) -> StreamResult:
+    """Drain `chunks` through a new chain; on any error the partial file is removed."""
+    chain = open_chain(set_dir, relative, **kwargs)
+    try:
+        for chunk in chunks:
+            chain.write(chunk)
+        return chain.finish()
+    except BaseException:
+        chain.abort()
+        raise
+
+
+def decompress_to(source: Path, target: Path) -> int:
+    """Stream-decompress a .zst file into `target` (0600). Returns bytes written."""
+    dctx = zstandard.ZstdDecompressor()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        _, written = dctx.copy_stream(src, dst, read_size=1 << 20, write_size=1 << 20)
+    return written
