@@ -104,10 +104,10 @@ class ProgressStage:
         now = self.clock()
         if now - self._last >= self.every_s:
             self._last = now
-            self.report()
+            self.report(now)
 
-    def report(self) -> None:
-        elapsed = max(self.clock() - self.started, 1e-9)
+    def report(self, now: float) -> None:
+        elapsed = max(now - self.started, 1e-9)
         log.info(
             "%s: %d bytes read, %.1f MB/s over %.0f s",
             self.label, self.bytes_in, self.bytes_in / elapsed / 1e6, elapsed,

@@ -1,0 +1,171 @@
+"""The four steps every backup DAG runs, as plain functions: backup, checksum, offsite upload, prune.
+
+The DAG's tasks are thin wrappers around these; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from erp_backup.checksum import verify_and_seal
+from erp_backup.manifest import Manifest, write_manifest
+from erp_backup.plan import BackupJob, Plan
+from erp_backup.services import get_service
+from erp_backup.services.base import BackupContext, RunInfo, airflow_connection
+from erp_backup.sets import BackupSet, SetState, backup_id_for, remove_incomplete
+
+log = logging.getLogger(__name__)
+
+
+class BackupFailed(RuntimeError):
+    """A step could not complete. The message says which backup and why."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def run_info_from_context(context: dict[str, Any]) -> RunInfo:
+    """The run identity. Manual runs have no logical_date or data interval: use run_after."""
+    dag_run = context["dag_run"]
+    return RunInfo(
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        run_after=dag_run.run_after,
+        logical_date=context.get("logical_date") or getattr(dag_run, "logical_date", None),
+        data_interval_start=context.get("data_interval_start"),
+        data_interval_end=context.get("data_interval_end"),
+    )
+
+
+def backup_set_for(plan: Plan, job: BackupJob, backup_id: str) -> BackupSet:
+    return BackupSet(plan.backup_root, job.service, job.backup_type, backup_id)
+
+
+def backup(
+    plan: Plan,
+    job: BackupJob,
+    run: RunInfo,
+    get_connection: Callable[[str], Any] = airflow_connection,
+) -> str:
+    """Take the backup of `run` into its set and write the manifest last. Returns the backup id.
+
+    Idempotent: a set that is already complete (manifest present, not corrupt) is left alone.
+    """
+    backup_set = backup_set_for(plan, job, backup_id_for(run.moment))
+    state = backup_set.state
+    if state in (SetState.UNVERIFIED, SetState.VERIFIED, SetState.OFFSITE):
+        log.info("%s already has a complete set (%s); this rerun takes no new backup", backup_set.key, state.value)
+        return backup_set.backup_id
+    if state is SetState.CORRUPT:
+        log.warning("%s was marked corrupt by an earlier checksum run; taking it again", backup_set.key)
+    for stale in remove_incomplete(plan.backup_root, job.service, job.backup_type):
+        log.warning("removed incomplete set %s/%s left by an earlier failed run", job.dag_id, stale)
+
+    service = get_service(job.service)
+    if job.backup_type not in service.SUPPORTED_TYPES:
+        raise BackupFailed(f"{job.dag_id}: the {job.service} module does not implement {job.backup_type!r} backups")
+    try:
+        backup_set.create_dir()
+    except OSError as exc:
+        raise BackupFailed(f"cannot create {backup_set.path}: {exc.strerror} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
+    started = utcnow()
+    log.info("backing up %s into %s (run %s)", job.dag_id, backup_set.path, run.run_id)
+    try:
+        outcome = service.backup(BackupContext(job, backup_set, run, get_connection))
+        finished = utcnow()
+        manifest = Manifest(
+            service=job.service,
+            backup_type=job.backup_type,
+            backup_id=backup_set.backup_id,
+            captured_started_at=started,
+            captured_finished_at=finished,
+            run=run.as_dict(),
+            source=outcome.source,
+            tools=outcome.tools,
+            files=outcome.files,
+            details=outcome.details,
+        )
+        write_manifest(backup_set.path, manifest)
+    except BaseException as exc:
+        _discard_partial(backup_set)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(plan.backup_root).free
+            raise BackupFailed(
+                f"disk full under {plan.backup_root} while writing {backup_set.key} "
+                f"({free} bytes free); the partial set was removed, no earlier backup was touched"
+            ) from exc
+        raise
+    log.info(
+        "%s complete: %d files, %d bytes, captured %s → %s",
+        backup_set.key, len(manifest.files), manifest.total_size, started.isoformat(), finished.isoformat(),
+    )
+    return backup_set.backup_id
+
+
+def _discard_partial(backup_set: BackupSet) -> None:
+    try:
+        if backup_set.path.exists() and backup_set.state is SetState.INCOMPLETE:
+            shutil.rmtree(backup_set.path)
+            log.warning("removed the partial set %s after the failure", backup_set.key)
+    except OSError as exc:
+        log.error("could not remove partial set %s (the next run will): %s", backup_set.key, exc)
+
+
+def checksum(plan: Plan, job: BackupJob, backup_id: str) -> dict[str, Any]:
+    """Re-read every file, compare with the manifest, run the service's checks, write SHA256SUMS."""
+    backup_set = backup_set_for(plan, job, backup_id)
+    report = verify_and_seal(backup_set, deep_verify=get_service(job.service).verify)
+    return {"backup_id": backup_id, "files": report.files, "bytes": report.bytes}
+
+
+def offsite_upload(plan: Plan, job: BackupJob, backup_id: str, offsite: Any = None) -> dict[str, Any]:
+    """Upload a verified set (manifest last), verify the copies, and record the receipt."""
+    from erp_backup.offsite import offsite_from_plan
+
+    backup_set = backup_set_for(plan, job, backup_id)
+    if not backup_set.state.is_good:
+        raise BackupFailed(f"{backup_set.key} is {backup_set.state.value}; only verified sets go offsite")
+    store = offsite or offsite_from_plan(plan)
+    report = store.upload_set(backup_set)
+    manifest = backup_set.manifest()
+    log.info(
+        "%s offsite at %s: %d uploaded (%d bytes), %d already present (%d bytes)",
+        backup_set.key, store.description, len(report.uploaded), report.bytes_uploaded,
+        len(report.skipped), report.bytes_skipped,
+    )
+    return {
+        "backup_id": backup_id,
+        "offsite": store.description,
+        "size": manifest.total_size,
+        "captured_at": manifest.captured_finished_at.isoformat(),
+        "bytes_uploaded": report.bytes_uploaded,
+        "bytes_skipped": report.bytes_skipped,
+    }
+
+
+def retention_prune(
+    plan: Plan, job: BackupJob, backup_id: str, *, dry_run: bool = False, offsite: Any = None, now: datetime | None = None
+) -> dict[str, Any]:
+    """Apply the plan's retention to staging and offsite. Every decision is logged with its reason."""
+    from erp_backup import retention
+    from erp_backup.offsite import offsite_from_plan
+
+    service = get_service(job.service)
+    protected_for = getattr(service, "protected_sets", None)
+    protected = protected_for(plan, job) if protected_for else {}
+    report = retention.prune(
+        job,
+        plan.backup_root,
+        offsite or offsite_from_plan(plan),
+        now or utcnow(),
+        dry_run=dry_run,
+        current_id=backup_id,
+        protected=protected,
+    )
+    return report.as_dict() if hasattr(report, "as_dict") else {"report": str(report)}
