@@ -96,7 +96,10 @@ def decide(
     newest_good = newest_good_id(records)
     protected = protected or {}
     return [
-        Decision(record.backup_id, *_decide_one(record, retention, now, require_offsite, protected, current_id, newest_good))
+        Decision(
+            record.backup_id,
+            *_decide_one(record, retention, now, require_offsite, protected, current_id, newest_good),
+        )
         for record in records
     ]
 
@@ -106,7 +109,7 @@ def newest_good_id(records: Iterable[SetRecord]) -> str | None:
     good = [r for r in records if r.state.is_good and r.captured_at is not None]
     if not good:
         return None
-    return max(good, key=lambda r: r.backup_id).backup_id
+    return max(good, key=lambda r: (r.captured_at, r.backup_id)).backup_id
 
 
 def _decide_one(
@@ -142,7 +145,9 @@ def _decide_one(
     if age <= retention:
         return keep, f"{state_prefix}{age_text} <= {_span(retention)}"
     if require_offsite and record.state in _HOLDS_DATA and not record.offsite_verified:
-        return keep, f"{state_prefix}{age_text} > {_span(retention)}, but no verified offsite copy: kept until one exists"
+        return keep, (
+            f"{state_prefix}{age_text} > {_span(retention)}, but no verified offsite copy: kept until one exists"
+        )
     offsite_note = "; offsite copy verified" if require_offsite and record.state in _HOLDS_DATA else ""
     return delete, f"{state_prefix}{age_text} > {_span(retention)}{offsite_note}"
 
@@ -271,7 +276,8 @@ def prune(
                 report.offsite_objects_deleted += offsite.delete_set(job.service, job.backup_type, decision.backup_id)
                 report.offsite_deleted.append(decision.backup_id)
             except Exception as exc:  # any store error: keep pruning the rest, report at the end
-                failures.append(f"offsite {offsite.description} {job.service}/{job.backup_type}/{decision.backup_id}: {exc}")
+                where = f"{job.service}/{job.backup_type}/{decision.backup_id}"
+                failures.append(f"offsite {offsite.description} {where}: {exc}")
 
     if failures:
         raise PruneError(f"retention {job.dag_id}: could not delete {len(failures)} set(s): " + "; ".join(failures))
@@ -285,7 +291,9 @@ def _log_decisions(job: BackupJob, where: str, decisions: list[Decision], dry_ru
         if not decision.delete:
             log.info("retention %s %s: keep %s (%s)", job.dag_id, where, decision.backup_id, decision.reason)
         elif dry_run:
-            log.info("retention %s %s: dry-run, would delete %s (%s)", job.dag_id, where, decision.backup_id, decision.reason)
+            log.info(
+                "retention %s %s: dry-run, would delete %s (%s)", job.dag_id, where, decision.backup_id, decision.reason
+            )
         else:
             log.info("retention %s %s: delete %s (%s)", job.dag_id, where, decision.backup_id, decision.reason)
             to_delete.append(decision)

@@ -43,6 +43,15 @@ def test_deletes_offsite_backed_sets_past_the_window_and_logs_age_in_the_reason(
     assert decisions[young.backup_id].reason == "captured 2026-02-19T02:00:00+00:00, 10 days old <= 30 days"
 
 
+def test_a_set_exactly_at_the_window_edge_is_kept():
+    edge, past, newest = record(30), record(31, captured_days_ago=30 + 1 / 1440), record(1)
+    decisions = by_id(decide([edge, past, newest], WINDOW, NOW, require_offsite=True))
+    assert decisions[edge.backup_id] == Decision(
+        edge.backup_id, False, "captured 2026-01-30T02:00:00+00:00, 30 days old <= 30 days"
+    )
+    assert decisions[past.backup_id].delete
+
+
 def test_newest_verified_set_is_kept_even_when_older_than_the_window():
     oldest, newest = record(90), record(60)
     decisions = by_id(decide([newest, oldest], WINDOW, NOW, require_offsite=True))
@@ -145,15 +154,21 @@ MINUTES_120_DAYS = 120 * 24 * 60
 
 @st.composite
 def histories(draw):
-    """Random sets: ids and capture times drawn independently (backfills, clock skew, retries)."""
-    id_minutes = draw(st.lists(st.integers(-60, MINUTES_120_DAYS), unique=True, max_size=25))
+    """Random sets: ids and capture times drawn independently (backfills, clock skew, retries).
+
+    Ages land exactly on the window edge (and one minute either side) often enough to test it.
+    """
+    retention = timedelta(days=draw(st.integers(1, 90)), minutes=draw(st.sampled_from([0, 1, 719])))
+    edge = int(retention.total_seconds() // 60)
+    ages = st.one_of(st.integers(-60, MINUTES_120_DAYS), st.sampled_from([edge - 1, edge, edge + 1]))
+    id_minutes = draw(st.lists(ages, unique=True, max_size=25))
     records = []
     for minutes in id_minutes:
         state = draw(st.sampled_from(list(SetState)))
         manifest_unreadable = state is not SetState.INCOMPLETE and draw(st.integers(0, 9)) == 0
         captured = None
         if state is not SetState.INCOMPLETE and not manifest_unreadable:
-            captured = NOW - timedelta(minutes=draw(st.integers(-60, MINUTES_120_DAYS)))
+            captured = NOW - timedelta(minutes=draw(ages))
         records.append(SetRecord(
             backup_id=backup_id_for(NOW - timedelta(minutes=minutes)),
             state=state,
@@ -161,9 +176,9 @@ def histories(draw):
             offsite_verified=draw(st.booleans()),
         ))
     ids = [r.backup_id for r in records]
-    protected = {i: f"chain {n}" for n, i in enumerate(draw(st.lists(st.sampled_from(ids), unique=True)))} if ids else {}
+    protected_ids = draw(st.lists(st.sampled_from(ids), unique=True)) if ids else []
+    protected = {backup_id: f"chain {n}" for n, backup_id in enumerate(protected_ids)}
     current_id = draw(st.sampled_from([None, "20990101T000000Z", *ids]))
-    retention = timedelta(days=draw(st.integers(1, 90)), minutes=draw(st.sampled_from([0, 1, 719])))
     require_offsite = draw(st.booleans())
     return records, retention, require_offsite, protected, current_id
 

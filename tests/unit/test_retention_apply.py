@@ -147,7 +147,8 @@ def test_prune_deletes_what_the_policy_decides_on_staging_and_offsite(history, c
             f"2026-01-10T02:00:00+00:00, 50 days old > 30 days, but no verified offsite copy: kept until one exists)"
             ) in caplog.messages
     assert (f"retention backup_postgres_full offsite: delete {ids['offsite_only_incomplete']} "
-            f"(incomplete, 70 days old by its backup id (no manifest, so no capture time) > 30 days)") in caplog.messages
+            "(incomplete, 70 days old by its backup id (no manifest, so no capture time) > 30 days)"
+            ) in caplog.messages
     decision_lines = [m for m in caplog.messages if m.startswith("retention backup_postgres_full ")
                       and (" keep " in m or " delete " in m)]
     assert len(decision_lines) == len(report.staging) + len(report.offsite) == 7 + 3
@@ -226,7 +227,8 @@ def test_failed_deletion_is_raised_after_the_rest_is_pruned(history):
     staging, offsite, ids = history
     flaky = FlakyOffsite(offsite.root, refuse=ids["offsite_only_incomplete"])
 
-    with pytest.raises(PruneError, match=f"offsite directory .*postgres/full/{ids['offsite_only_incomplete']}.*AccessDenied"):
+    refused = ids["offsite_only_incomplete"]
+    with pytest.raises(PruneError, match=f"offsite directory .*postgres/full/{refused}.*AccessDenied"):
         prune(JOB, staging, flaky, NOW, dry_run=False)
 
     assert flaky.list_backup_ids(JOB.service, JOB.backup_type) == sorted(
@@ -277,6 +279,6 @@ def test_property_dry_run_deletes_nothing_and_real_run_deletes_exactly_the_decis
             # A staging set holding data was deleted only while a complete offsite copy exists.
             complete_offsite = {b for b, _, copy, _ in sets if copy == "complete"}
             for backup_id, staging_state, _, _ in sets:
-                if staging_state in (SetState.UNVERIFIED, SetState.VERIFIED, SetState.OFFSITE) \
-                        and backup_id in real.staging_deleted:
+                holds_data = staging_state in (SetState.UNVERIFIED, SetState.VERIFIED, SetState.OFFSITE)
+                if holds_data and backup_id in real.staging_deleted:
                     assert staging_state is SetState.OFFSITE and backup_id in complete_offsite
