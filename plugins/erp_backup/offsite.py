@@ -1,0 +1,808 @@
+"""The offsite store: upload, verify, list, fetch and delete backup sets on S3 or a NAS mount.
+
+Layout, for both kinds: `<root>/<service>/<type>/<backup_id>/<file>`, where the
+root is `s3://<bucket>/<prefix>` or the NAS path and `<service>/<type>/<backup_id>`
+is `BackupSet.key`. An offsite set is complete only when its `manifest.json` is
+there, so:
+
+- uploads store the data files, then SHA256SUMS, and the manifest last, and only
+  after every data object was verified; if any object must be (re)written, an
+  existing offsite manifest is removed first;
+- deletions remove the manifest first, so a half-deleted set is never complete;
+- fetches refuse a set without a manifest and check each file's SHA-256.
+
+The local-only markers (CHECKSUM_FAILED, offsite.json) are never uploaded: only
+the files the manifest lists, SHA256SUMS and the manifest itself are.
+
+S3 (`S3Offsite`) goes through the Amazon provider's `S3Hook` and an Airflow `aws`
+connection. Any S3-compatible store works with `endpoint_url` in the connection
+extra. Older MinIO rejects boto3's default CRC checksums; for it, add
+`"config_kwargs": {"request_checksum_calculation": "when_required",
+"response_checksum_validation": "when_required"}` to the extra. The client
+starts from bounded timeouts and retries (`BOUNDED_CLIENT_CONFIG`: 10 s connect,
+60 s read, 3 attempts), so an unreachable endpoint fails in seconds with an
+`OffsiteError` naming the endpoint and bucket. Any `config_kwargs` in the
+connection extra override those defaults key by key.
+
+Checksums on S3. Objects are uploaded with `ChecksumAlgorithm=SHA256`, so S3
+checks every request body, and with our whole-file SHA-256 as the metadata
+`x-amz-meta-sha256` (plus `x-amz-meta-part-size` when multipart). The
+provider's `load_file` takes no per-object arguments, so uploads call
+`upload_file` on the hook's own boto3 client, with the hook's `extra_args` and
+`transfer_config`. Each object is verified with
+`head_object(ChecksumMode="ENABLED")`:
+
+- size: `ContentLength` must equal the manifest's size;
+- single-part: `ChecksumSHA256` is the base64 of the whole-file SHA-256 and
+  must equal the manifest's, exactly;
+- multipart (ETag or checksum ending in `-N`, or ChecksumType COMPOSITE):
+  `ChecksumSHA256` is a COMPOSITE, the SHA-256 of the parts' SHA-256s, so it
+  cannot be compared with the manifest. The metadata sha256 must equal the
+  manifest's, and the part count must be ceil(size / part size). During
+  `upload_set` the local file is re-read once to compute the composite (and its
+  whole-file SHA-256), which must match what S3 computed from the bytes it got.
+
+A filesystem store (`FilesystemOffsite`) copies each file to a temp name, fsyncs
+it, renames it into place and fsyncs the directory (files 0600, directories
+0700), then drops it from the page cache and hashes it again to verify it.
+Its root must already exist, so an unmounted NAS is an error, not a local copy.
+
+Transfers run one file at a time; S3 multipart parts run `max_concurrency` at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from erp_backup.manifest import (
+    DIR_MODE,
+    FILE_MODE,
+    HASH_CHUNK,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    fsync_dir,
+    sha256_file,
+    write_atomic,
+)
+from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet, SetState
+
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from erp_backup.plan import Plan
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
+PART_SIZE_METADATA = "part-size"  # stored as x-amz-meta-part-size (multipart only)
+BOUNDED_CLIENT_CONFIG: dict[str, Any] = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 3, "mode": "standard"},
+    "tcp_keepalive": True,
+}
+_PARTS_SUFFIX = re.compile(r"-(\d+)$")
+
+
+class OffsiteError(RuntimeError):
+    """The offsite store is unreachable, or a set there is missing, incomplete or corrupt."""
+
+
+class ChecksumMismatch(OffsiteError):
+    """Bytes read from the offsite store differ from what the manifest (or the store) recorded."""
+
+
+@dataclass
+class UploadReport:
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
+    bytes_skipped: int = 0
+    verified: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Offsite(Protocol):
+    description: str  # e.g. "s3://bucket/prefix" or "file:///mnt/nas/x"; never secrets
+
+    def upload_set(self, backup_set: BackupSet) -> UploadReport: ...
+
+    def verify_set(self, service: str, backup_type: str, backup_id: str, manifest: Manifest) -> list[str]: ...
+
+    def list_backup_ids(self, service: str, backup_type: str) -> list[str]: ...
+
+    def read_manifest(self, service: str, backup_type: str, backup_id: str) -> Manifest | None: ...
+
+    def fetch_set(self, service: str, backup_type: str, backup_id: str, dest: Path) -> Manifest: ...
+
+    def delete_set(self, service: str, backup_type: str, backup_id: str) -> int: ...
+
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    def get_file(self, key: str, path: Path) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One file of a set: its path in the set, expected size and SHA-256, and local copy if any."""
+
+    relative: str
+    size: int
+    sha256: str
+    local: Path | None = None
+
+
+def set_key(service: str, backup_type: str, backup_id: str) -> str:
+    return f"{service}/{backup_type}/{backup_id}"
+
+
+def _safe_relative(relative: str, where: str) -> str:
+    """Reject absolute paths and `..` so a manifest can never address files outside its set."""
+    parts = PurePosixPath(relative).parts
+    if not parts or relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise OffsiteError(f"{where}: unsafe file path {relative!r} in the manifest")
+    return "/".join(parts)
+
+
+def _local_item(path: Path, relative: str) -> _Item:
+    size, sha256 = sha256_file(path)
+    return _Item(relative, size, sha256, path)
+
+
+def _sums_text(manifest: Manifest) -> bytes:
+    return "".join(f"{entry.sha256}  {entry.path}\n" for entry in manifest.files).encode()
+
+
+def _receive(chunks: Iterator[bytes], dest: Path, expected: _Item | None = None) -> None:
+    """Write a stream to `dest` atomically (0600, fsync), checking size and SHA-256 before the rename."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if expected is not None and (size, digest.hexdigest()) != (expected.size, expected.sha256):
+            raise ChecksumMismatch(
+                f"does not match the manifest: got {size} bytes with sha256 {digest.hexdigest()}, "
+                f"expected {expected.size} bytes with sha256 {expected.sha256}"
+            )
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+
+
+def _make_dirs(path: Path, stop: Path) -> None:
+    """Create `path` and its missing parents up to `stop`, each 0700."""
+    missing = []
+    while not path.exists() and path != stop and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(directory, DIR_MODE)
+
+
+class _SetStore(ABC):
+    """The set-level logic shared by every offsite kind, on top of a few object primitives.
+
+    Keys given to the primitives are relative to the offsite root
+    (`<service>/<type>/<backup_id>/<file>` or a ledger key).
+    """
+
+    description: str
+
+    # --- primitives -------------------------------------------------------------
+    @abstractmethod
+    def _name(self, key: str) -> str:
+        """How a key is shown in reports and errors (the S3 object key, or the path under the root)."""
+
+    @abstractmethod
+    def _stored_problems(self, key: str, item: _Item) -> list[str]:
+        """Why the stored object does not match `item` (missing, size, checksum); empty when it does."""
+
+    @abstractmethod
+    def _store(self, key: str, item: _Item) -> None:
+        """Store `item.local` at `key`, replacing any object there."""
+
+    @abstractmethod
+    def _open(self, key: str) -> Iterator[bytes] | None:
+        """The object's bytes as a stream of chunks, or None if there is no such object."""
+
+    @abstractmethod
+    def _exists(self, key: str) -> bool:
+        """Whether an object is stored at `key`."""
+
+    @abstractmethod
+    def _child_names(self, key: str) -> list[str]:
+        """The names of the entries directly under `key/`."""
+
+    @abstractmethod
+    def _delete_set_objects(self, key: str, manifest_key: str) -> int:
+        """Delete every object under `key/`, `manifest_key` first. Return how many were deleted."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Delete one object if it exists."""
+
+    @abstractmethod
+    def _check_ready(self) -> None:
+        """Fail with OffsiteError if the store is not there at all (bucket missing, NAS not mounted)."""
+
+    # --- sets -------------------------------------------------------------------
+    def _read(self, key: str) -> bytes | None:
+        chunks = self._open(key)
+        return None if chunks is None else b"".join(chunks)
+
+    def upload_set(self, backup_set: BackupSet) -> UploadReport:
+        """Upload a verified set, verify every object, then write the local receipt (state OFFSITE).
+
+        Idempotent: objects already stored with the same size and checksum are
+        skipped. Raises OffsiteError, writing no receipt, if any object fails
+        verification; the manifest is then not uploaded.
+        """
+        state = backup_set.state
+        if not state.is_good:
+            raise OffsiteError(
+                f"backup {backup_set.key} is {state.value}, not verified: only sets in state "
+                f"{SetState.VERIFIED.value} or {SetState.OFFSITE.value} are uploaded offsite "
+                "(run its checksum task first)"
+            )
+        manifest = backup_set.manifest()
+        where = f"backup {backup_set.key}"
+        data_items = []
+        for entry in manifest.files:
+            relative = _safe_relative(entry.path, where)
+            if relative in MARKER_NAMES:
+                raise OffsiteError(f"{where}: the manifest lists the marker file {relative}, which is local-only")
+            data_items.append(_Item(relative, entry.size, entry.sha256, backup_set.path / relative))
+        data_items.append(_local_item(backup_set.path / SUMS_NAME, SUMS_NAME))
+        manifest_item = _local_item(backup_set.manifest_path, MANIFEST_NAME)
+        base = backup_set.key
+        manifest_key = f"{base}/{MANIFEST_NAME}"
+        self._check_ready()
+
+        report = UploadReport()
+        pending = []
+        for item in data_items:
+            if self._stored_problems(f"{base}/{item.relative}", item):
+                pending.append(item)
+            else:
+                report.skipped.append(self._name(f"{base}/{item.relative}"))
+                report.bytes_skipped += item.size
+        if pending or self._stored_problems(manifest_key, manifest_item):
+            # Whatever manifest is offsite must not vouch for objects being rewritten.
+            self._delete(manifest_key)
+            pending.append(manifest_item)
+        else:
+            report.skipped.append(self._name(manifest_key))
+            report.bytes_skipped += manifest_item.size
+
+        problems: list[str] = []
+        for item in pending:
+            key = f"{base}/{item.relative}"
+            if item is manifest_item and problems:
+                break
+            log.info("offsite %s: uploading %s (%d bytes)", self.description, self._name(key), item.size)
+            self._store(key, item)
+            report.uploaded.append(self._name(key))
+            report.bytes_uploaded += item.size
+            problems.extend(self._stored_problems(key, item))
+        if problems:
+            raise OffsiteError(
+                f"{where}: offsite copy at {self.description} failed verification, manifest not uploaded "
+                f"and no receipt written: " + "; ".join(problems)
+            )
+
+        report.verified = True
+        backup_set.write_offsite_receipt({
+            "description": self.description,
+            "keys": report.uploaded + report.skipped,
+            "bytes": report.bytes_uploaded + report.bytes_skipped,
+            "bytes_uploaded": report.bytes_uploaded,
+            "bytes_skipped": report.bytes_skipped,
+            "verified_at": datetime.now(timezone.utc).isoformat(),
+        })
+        log.info(
+            "offsite %s: %s verified; uploaded %d objects (%d bytes), skipped %d (%d bytes)",
+            self.description, backup_set.key, len(report.uploaded), report.bytes_uploaded,
+            len(report.skipped), report.bytes_skipped,
+        )
+        return report
+
+    def verify_set(self, service: str, backup_type: str, backup_id: str, manifest: Manifest) -> list[str]:
+        """Problems with the offsite copy of a set (missing objects, sizes, checksums); empty = good."""
+        self._check_ready()
+        base = set_key(service, backup_type, backup_id)
+        problems = []
+        for entry in manifest.files:
+            relative = _safe_relative(entry.path, f"backup {base}")
+            problems.extend(self._stored_problems(f"{base}/{relative}", _Item(relative, entry.size, entry.sha256)))
+        if not self._exists(f"{base}/{SUMS_NAME}"):
+            problems.append(f"{self._name(f'{base}/{SUMS_NAME}')}: missing")
+        offsite_manifest = self.read_manifest(service, backup_type, backup_id)
+        if offsite_manifest is None:
+            problems.append(f"{self._name(f'{base}/{MANIFEST_NAME}')}: missing (the set is incomplete)")
+        elif offsite_manifest.files != manifest.files or offsite_manifest.backup_id != manifest.backup_id:
+            problems.append(f"{self._name(f'{base}/{MANIFEST_NAME}')}: lists other files than the expected manifest")
+        return problems
+
+    def list_backup_ids(self, service: str, backup_type: str) -> list[str]:
+        """Every set seen offsite, complete or not, sorted."""
+        self._check_ready()
+        return sorted(self._child_names(f"{service}/{backup_type}"))
+
+    def read_manifest(self, service: str, backup_type: str, backup_id: str) -> Manifest | None:
+        """The offsite manifest; None if there is none. ManifestError if it is not a valid manifest."""
+        self._check_ready()
+        key = f"{set_key(service, backup_type, backup_id)}/{MANIFEST_NAME}"
+        data = self._read(key)
+        if data is None:
+            return None
+        return Manifest.from_json(data.decode("utf-8", errors="replace"), origin=f"{self.description} {self._name(key)}")
+
+    def fetch_set(self, service: str, backup_type: str, backup_id: str, dest: Path) -> Manifest:
+        """Download a set into `dest` (created; must be absent or empty), checking each file's SHA-256.
+
+        Data files come first, then SHA256SUMS, then the manifest, so `dest` is a
+        VERIFIED set only once everything matched. On any failure `dest` is removed.
+        """
+        self._check_ready()
+        base = set_key(service, backup_type, backup_id)
+        manifest_data = self._read(f"{base}/{MANIFEST_NAME}")
+        if manifest_data is None:
+            raise OffsiteError(
+                f"backup {base} at {self.description} is incomplete: it has no {MANIFEST_NAME} offsite "
+                "(an interrupted upload or a partly deleted set) and cannot be fetched"
+            )
+        try:
+            manifest = Manifest.from_json(manifest_data.decode("utf-8", errors="replace"), origin=f"{self.description} {base}")
+        except ManifestError as exc:
+            raise OffsiteError(f"backup {base}: {exc}") from exc
+        if (manifest.service, manifest.backup_type, manifest.backup_id) != (service, backup_type, backup_id):
+            raise OffsiteError(
+                f"backup {base}: the offsite manifest describes "
+                f"{set_key(manifest.service, manifest.backup_type, manifest.backup_id)}"
+            )
+        relatives = [_safe_relative(entry.path, f"backup {base}") for entry in manifest.files]
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise OffsiteError(f"backup {base}: cannot fetch into {dest}: it exists and is not an empty directory")
+        created = not dest.exists()
+        dest.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+        os.chmod(dest, DIR_MODE)
+        try:
+            for entry, relative in zip(manifest.files, relatives):
+                key = f"{base}/{relative}"
+                what = f"backup {backup_id}: file {relative} ({self.description} {self._name(key)})"
+                target = dest / relative
+                _make_dirs(target.parent, dest)
+                chunks = self._open(key)
+                if chunks is None:
+                    raise OffsiteError(f"{what} is missing offsite")
+                try:
+                    _receive(chunks, target, _Item(relative, entry.size, entry.sha256))
+                except OffsiteError as exc:  # ChecksumMismatch stays a ChecksumMismatch
+                    raise type(exc)(f"{what}: {exc}") from exc
+            sums = self._read(f"{base}/{SUMS_NAME}")
+            write_atomic(dest / SUMS_NAME, sums if sums is not None else _sums_text(manifest))
+            write_atomic(dest / MANIFEST_NAME, manifest_data)
+        except BaseException:
+            if created:
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                for child in dest.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            raise
+        log.info("offsite %s: fetched %s into %s (%d files verified)", self.description, base, dest, len(manifest.files))
+        return manifest
+
+    def delete_set(self, service: str, backup_type: str, backup_id: str) -> int:
+        """Delete every object of a set, the manifest first. Returns the number of objects deleted."""
+        self._check_ready()
+        base = set_key(service, backup_type, backup_id)
+        deleted = self._delete_set_objects(base, f"{base}/{MANIFEST_NAME}")
+        log.info("offsite %s: deleted %s (%d objects)", self.description, base, deleted)
+        return deleted
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Store one local file at `key` (relative to the offsite root), e.g. the drill ledger."""
+        self._check_ready()
+        key = _safe_relative(key, "put_file")
+        item = _local_item(path, key)
+        self._store(key, item)
+        problems = self._stored_problems(key, item)
+        if problems:
+            raise OffsiteError(f"offsite {self.description}: {path} stored at {self._name(key)} failed verification: " + "; ".join(problems))
+
+    def get_file(self, key: str, path: Path) -> bool:
+        """Download `key` (relative to the offsite root) to `path` atomically; False if it does not exist."""
+        self._check_ready()
+        key = _safe_relative(key, "get_file")
+        chunks = self._open(key)
+        if chunks is None:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _receive(chunks, path)
+        return True
+
+
+class S3Offsite(_SetStore):
+    """Backup sets on S3 or any S3-compatible store, through the Amazon provider's S3Hook.
+
+    Nothing connects at construction; the connection is resolved on first use.
+    """
+
+    def __init__(
+        self,
+        conn_id: str,
+        bucket: str,
+        prefix: str = "",
+        *,
+        multipart_threshold: int = 64 * MIB,
+        chunksize: int = 64 * MIB,
+        max_concurrency: int = 4,
+    ) -> None:
+        self.conn_id = conn_id
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.multipart_threshold = multipart_threshold
+        self.chunksize = chunksize
+        self.max_concurrency = max_concurrency
+        self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._bucket_checked = False
+
+    @cached_property
+    def hook(self) -> S3Hook:
+        """An S3Hook on the connection, with SHA-256 checksums, our transfer settings and bounded timeouts."""
+        from airflow.exceptions import AirflowNotFoundException
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
+        from botocore.config import Config
+
+        try:
+            connection = S3Hook.get_connection(self.conn_id)
+        except AirflowNotFoundException as exc:
+            raise OffsiteError(
+                f"offsite {self.description}: Airflow connection {self.conn_id!r} is not defined "
+                "(create an 'aws' connection; put endpoint_url in its extra for MinIO or other S3-compatible stores)"
+            ) from exc
+        from_connection = AwsConnectionWrapper(conn=connection).botocore_config
+        config = Config(**BOUNDED_CLIENT_CONFIG, max_pool_connections=max(10, self.max_concurrency + 2))
+        return S3Hook(
+            aws_conn_id=self.conn_id,
+            config=config.merge(from_connection) if from_connection else config,
+            extra_args={"ChecksumAlgorithm": "SHA256"},
+            transfer_config_args={
+                "multipart_threshold": self.multipart_threshold,
+                "multipart_chunksize": self.chunksize,
+                "max_concurrency": self.max_concurrency,
+            },
+        )
+
+    @property
+    def client(self) -> Any:
+        return self.hook.get_conn()
+
+    def _endpoint(self) -> str:
+        try:
+            return self.hook.conn_config.endpoint_url or "the default AWS endpoint"
+        except Exception:  # the endpoint is only context for an error message
+            return "an unknown endpoint"
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn client errors into an OffsiteError naming the endpoint and bucket (never credentials)."""
+        from airflow.exceptions import AirflowException
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError, Boto3Error, AirflowException) as exc:
+            raise OffsiteError(
+                f"offsite {self.description} (endpoint {self._endpoint()}, bucket {self.bucket}): {action} failed: {exc}"
+            ) from exc
+
+    def _object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _name(self, key: str) -> str:
+        return self._object_key(key)
+
+    def _part_size(self, size: int) -> int | None:
+        """The part size s3transfer uses for a file of `size` bytes; None if it goes in one request."""
+        from s3transfer.utils import ChunksizeAdjuster
+
+        if size < self.multipart_threshold:
+            return None
+        return ChunksizeAdjuster().adjust_chunksize(self.chunksize, size)
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"reading {self._object_key(key)}"):
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._object_key(key), ChecksumMode="ENABLED")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+    def _exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def _check_ready(self) -> None:
+        if not self._bucket_checked:
+            with self._errors("checking the bucket"):
+                self.client.head_bucket(Bucket=self.bucket)
+            self._bucket_checked = True
+
+    def _stored_problems(self, key: str, item: _Item) -> list[str]:
+        name = self._object_key(key)
+        head = self._head(key)
+        if head is None:
+            return [f"{name}: missing"]
+        problems = []
+        if head.get("ContentLength") != item.size:
+            problems.append(f"{name}: {head.get('ContentLength')} bytes offsite, {item.size} expected")
+        checksum = head.get("ChecksumSHA256")
+        metadata_sha256 = (head.get("Metadata") or {}).get(SHA256_METADATA)
+        if metadata_sha256 is not None and metadata_sha256 != item.sha256:
+            problems.append(f"{name}: sha256 metadata {metadata_sha256} offsite, {item.sha256} expected")
+        parts = _parts_count(head)
+        if parts is None:
+            expected = base64.b64encode(bytes.fromhex(item.sha256)).decode()
+            if checksum is None:
+                problems.append(f"{name}: no SHA-256 checksum stored offsite")
+            elif checksum != expected:
+                problems.append(f"{name}: SHA-256 offsite ({checksum}) differs from the expected ({expected})")
+            return problems
+
+        if metadata_sha256 is None:
+            problems.append(f"{name}: multipart object without sha256 metadata; its content cannot be checked")
+        part_size = int((head.get("Metadata") or {}).get(PART_SIZE_METADATA) or 0)
+        if part_size and parts != math.ceil(item.size / part_size):
+            problems.append(f"{name}: {parts} parts offsite, {math.ceil(item.size / part_size)} expected")
+        if checksum is None:
+            problems.append(f"{name}: no SHA-256 checksum stored offsite")
+        elif item.local is not None and part_size and not problems:
+            full, composite = _composite_sha256(item.local, part_size)
+            if full != item.sha256:
+                problems.append(f"{name}: the local file {item.local} no longer matches the manifest")
+            elif _PARTS_SUFFIX.sub("", checksum) != composite:
+                problems.append(f"{name}: composite SHA-256 offsite ({checksum}) differs from the local file's ({composite})")
+        return problems
+
+    def _store(self, key: str, item: _Item) -> None:
+        assert item.local is not None
+        metadata = {SHA256_METADATA: item.sha256}
+        part_size = self._part_size(item.size)
+        if part_size:
+            metadata[PART_SIZE_METADATA] = str(part_size)
+        with self._errors(f"uploading {self._object_key(key)}"):
+            self.client.upload_file(
+                str(item.local),
+                self.bucket,
+                self._object_key(key),
+                ExtraArgs={**self.hook.extra_args, "Metadata": metadata},
+                Config=self.hook.transfer_config,
+            )
+
+    def _open(self, key: str) -> Iterator[bytes] | None:
+        from botocore.exceptions import ClientError
+
+        name = self._object_key(key)
+        with self._errors(f"reading {name}"):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        return self._stream(response["Body"], name)
+
+    def _stream(self, body: Any, name: str) -> Iterator[bytes]:
+        from botocore.exceptions import FlexibleChecksumError
+
+        try:
+            with self._errors(f"reading {name}"):
+                try:
+                    yield from body.iter_chunks(HASH_CHUNK)
+                except FlexibleChecksumError as exc:
+                    raise ChecksumMismatch(f"{self.description} {name}: the store's own checksum failed: {exc}") from exc
+        finally:
+            body.close()
+
+    def _child_names(self, key: str) -> list[str]:
+        prefix = self._object_key(key) + "/"
+        with self._errors(f"listing {prefix}"):
+            found = self.hook.list_prefixes(bucket_name=self.bucket, prefix=prefix, delimiter="/")
+        return [entry[len(prefix):].rstrip("/") for entry in found]
+
+    def _delete(self, key: str) -> None:
+        with self._errors(f"deleting {self._object_key(key)}"):
+            self.hook.delete_objects(self.bucket, [self._object_key(key)])
+
+    def _delete_set_objects(self, key: str, manifest_key: str) -> int:
+        prefix = self._object_key(key) + "/"
+        with self._errors(f"listing {prefix}"):
+            keys = self.hook.list_keys(bucket_name=self.bucket, prefix=prefix)
+        first = [k for k in keys if k == self._object_key(manifest_key)]
+        rest = [k for k in keys if k not in first]
+        with self._errors(f"deleting {prefix}"):
+            for batch in (first, rest):
+                if batch:
+                    self.hook.delete_objects(self.bucket, batch)  # the hook sends batches of <= 1000
+        return len(keys)
+
+
+def _parts_count(head: dict[str, Any]) -> int | None:
+    """The part count of a multipart object (from its checksum or ETag `-N` suffix); None if single-part."""
+    for value in (head.get("ChecksumSHA256") or "", (head.get("ETag") or "").strip('"')):
+        match = _PARTS_SUFFIX.search(value)
+        if match:
+            return int(match.group(1))
+    if head.get("ChecksumType") == "COMPOSITE":
+        return int(head.get("PartsCount") or 0)
+    return None
+
+
+def _composite_sha256(path: Path, part_size: int) -> tuple[str, str]:
+    """(whole-file hex SHA-256, base64 composite SHA-256 of `part_size` parts) of a local file."""
+    whole = hashlib.sha256()
+    part_digests = []
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            part = hashlib.sha256()
+            remaining = part_size
+            while remaining and (chunk := handle.read(min(HASH_CHUNK, remaining))):
+                part.update(chunk)
+                whole.update(chunk)
+                remaining -= len(chunk)
+            if remaining == part_size:
+                break
+            part_digests.append(part.digest())
+    return whole.hexdigest(), base64.b64encode(hashlib.sha256(b"".join(part_digests)).digest()).decode()
+
+
+class FilesystemOffsite(_SetStore):
+    """Backup sets on a mounted filesystem (NAS). The root directory must already exist."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(path).absolute()
+        self.description = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _name(self, key: str) -> str:
+        return key
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise OffsiteError(f"offsite {self.description}: {action} failed: {exc}") from exc
+
+    def _check_ready(self) -> None:
+        if not self.root.is_dir():
+            raise OffsiteError(
+                f"offsite {self.description}: {self.root} is not a directory (is the NAS mounted? "
+                "set offsite.path in the plan or $ERP_OFFSITE_PATH)"
+            )
+
+    def _stored_problems(self, key: str, item: _Item) -> list[str]:
+        path = self._path(key)
+        with self._errors(f"reading {key}"):
+            if not path.is_file():
+                return [f"{key}: missing"]
+            size, sha256 = sha256_file(path)
+        problems = []
+        if size != item.size:
+            problems.append(f"{key}: {size} bytes offsite, {item.size} expected")
+        if sha256 != item.sha256:
+            problems.append(f"{key}: sha256 {sha256} offsite, {item.sha256} expected")
+        return problems
+
+    def _store(self, key: str, item: _Item) -> None:
+        assert item.local is not None
+        dest = self._path(key)
+        with self._errors(f"copying {item.local} to {key}"):
+            _make_dirs(dest.parent, self.root)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                with open(item.local, "rb") as source, os.fdopen(fd, "wb") as target:
+                    shutil.copyfileobj(source, target, HASH_CHUNK)
+                    target.flush()
+                    os.fsync(target.fileno())
+                    # So the verification re-reads the copy from the NAS, not from the page cache.
+                    os.posix_fadvise(target.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                os.chmod(tmp, FILE_MODE)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(dest.parent)
+
+    def _exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _open(self, key: str) -> Iterator[bytes] | None:
+        path = self._path(key)
+        with self._errors(f"reading {key}"):
+            try:
+                handle = open(path, "rb")
+            except FileNotFoundError:
+                return None
+        return self._stream(handle, key)
+
+    def _stream(self, handle: Any, key: str) -> Iterator[bytes]:
+        with handle, self._errors(f"reading {key}"):
+            while chunk := handle.read(HASH_CHUNK):
+                yield chunk
+
+    def _child_names(self, key: str) -> list[str]:
+        base = self._path(key)
+        with self._errors(f"listing {key}"):
+            if not base.is_dir():
+                return []
+            return [entry.name for entry in base.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
+
+    def _delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors(f"deleting {key}"):
+            if path.exists():
+                path.unlink()
+                fsync_dir(path.parent)
+
+    def _delete_set_objects(self, key: str, manifest_key: str) -> int:
+        set_dir = self._path(key)
+        with self._errors(f"deleting {key}"):
+            if not set_dir.is_dir():
+                return 0
+            count = sum(1 for entry in set_dir.rglob("*") if entry.is_file())
+            self._delete(manifest_key)
+            shutil.rmtree(set_dir)
+            fsync_dir(set_dir.parent)
+        return count
+
+
+def offsite_from_plan(plan: Plan) -> Offsite:
+    """The offsite store the plan names (`offsite.kind`: s3 or filesystem). Connects to nothing."""
+    offsite = plan.offsite
+    if offsite.kind == "s3":
+        return S3Offsite(offsite.conn_id, offsite.bucket, offsite.prefix)
+    if offsite.kind == "filesystem":
+        return FilesystemOffsite(offsite.path)
+    raise OffsiteError(f"{plan.path}: offsite.kind: unknown kind {offsite.kind!r} (use s3 or filesystem)")
