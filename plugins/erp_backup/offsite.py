@@ -80,6 +80,7 @@ from erp_backup.manifest import (
     write_atomic,
 )
 from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet, SetState
+from erp_backup.checksum import sha256sums_text
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -166,10 +167,6 @@ def _safe_relative(relative: str, where: str) -> str:
 def _local_item(path: Path, relative: str) -> _Item:
     size, sha256 = sha256_file(path)
     return _Item(relative, size, sha256, path)
-
-
-def _sums_text(manifest: Manifest) -> bytes:
-    return "".join(f"{entry.sha256}  {entry.path}\n" for entry in manifest.files).encode()
 
 
 def _receive(chunks: Iterator[bytes], dest: Path, expected: _Item | None = None) -> None:
@@ -410,7 +407,7 @@ class _SetStore(ABC):
                 except OffsiteError as exc:  # ChecksumMismatch stays a ChecksumMismatch
                     raise type(exc)(f"{what}: {exc}") from exc
             sums = self._read(f"{base}/{SUMS_NAME}")
-            write_atomic(dest / SUMS_NAME, sums if sums is not None else _sums_text(manifest))
+            write_atomic(dest / SUMS_NAME, sums if sums is not None else sha256sums_text(manifest).encode())
             write_atomic(dest / MANIFEST_NAME, manifest_data)
         except BaseException:
             if created:
