@@ -19,6 +19,9 @@ Owns `backup_gitlab_full` (the seed's daily 04:00 full backup, kept 60 days):
 (`erp_backup.runner.DockerExecutor`) and copies files with `APIClient.get_archive`, whose
 tar stream is unpacked on the fly (`tarfile` mode `r|`), never held in memory.
 `exec_mode: local` runs the same commands on an Omnibus host without Docker.
+Plan options (services.gitlab.options): exec_mode, container, backups_dir, config_dir,
+version_manifest, gitlab_backup_cmd, compression (auto|zstd|none), exec_user, verify_copy,
+docker_url (default: the source connection's host, the Docker engine running GitLab).
 
 Restore is a runbook: `restore()` verifies the set and places the tar and config files in a
 directory, then returns the exact `include/scripts/gitlab_restore.sh` command to run on the
@@ -44,7 +47,7 @@ import socket
 import tarfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -78,6 +81,9 @@ BACKUP_INFORMATION = "backup_information.yml"
 MAX_CONFIG_BYTES = 16 << 20
 OPTION_PREFIX = "services.gitlab.options"
 
+RUNBOOK_PATH_OPTIONS = (
+    "backups_dir", "config_dir", "version_manifest", "gitlab_backup_cmd", "gitlab_ctl_cmd", "gitlab_rake_cmd", "owner",
+)
 RESTORE_SCRIPT = Path(__file__).resolve().parents[3] / "include" / "scripts" / "gitlab_restore.sh"
 
 _BACKUP_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -131,6 +137,10 @@ class GitLabOptions:
                 raise GitLabBackupError(f"{OPTION_PREFIX}.{key}: must be one of {', '.join(allowed)}, got {value!r}")
             return value
 
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GitLabBackupError(f"{OPTION_PREFIX}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
         verify_copy = options.get("verify_copy", True)
         if not isinstance(verify_copy, bool):
             raise GitLabBackupError(f"{OPTION_PREFIX}.verify_copy: must be true or false, got {verify_copy!r}")
@@ -261,11 +271,14 @@ def runbook_command(
     expected_version: str,
     decompress_cmd: str | None,
     container: str = DEFAULT_CONTAINER,
-    local_paths: Mapping[str, str] | None = None,
+    paths: Mapping[str, str] | None = None,
     dry_run: bool = False,
     script: Path = RESTORE_SCRIPT,
 ) -> tuple[str, ...]:
-    """The `gitlab_restore.sh` argv that restores a prepared directory into GitLab."""
+    """The `gitlab_restore.sh` argv that restores a prepared directory into GitLab.
+
+    `paths` overrides the script's GitLab paths and commands (`backups_dir` → `--backups-dir`...).
+    """
     argv = [str(script), "--mode", exec_mode]
     if exec_mode == "docker":
         argv += ["--container", container]
@@ -276,9 +289,10 @@ def runbook_command(
     ]
     if decompress_cmd:
         argv += ["--decompress-cmd", decompress_cmd]
-    if exec_mode == "local":
-        for flag, value in sorted((local_paths or {}).items()):
-            argv += [f"--{flag.replace('_', '-')}", value]
+    for key, value in sorted((paths or {}).items()):
+        if key not in RUNBOOK_PATH_OPTIONS:
+            raise GitLabRestoreError(f"unknown restore option {key!r} (known: {', '.join(RUNBOOK_PATH_OPTIONS)})")
+        argv += [f"--{key.replace('_', '-')}", value]
     argv.append("--dry-run" if dry_run else "--yes")
     return tuple(argv)
 
@@ -335,7 +349,8 @@ def untar_single_file(chunks: Iterable[bytes], path: str) -> Iterator[bytes]:
             raise GitLabBackupError(f"the archive Docker returned for {path} is empty")
         if member.issym() or member.islnk():
             raise GitLabBackupError(
-                f"{path} is a link to {member.linkname}; point {OPTION_PREFIX} at the real file"
+                f"{path} is a link to {member.linkname}; set {OPTION_PREFIX}.config_dir or "
+                f".backups_dir to the real location"
             )
         if not member.isfile():
             raise GitLabBackupError(f"{path} is not a regular file in the container")
@@ -378,7 +393,7 @@ def connect(ctx: BackupContext, opts: GitLabOptions, docker_client: Any | None =
     conn_id = ctx.conn_id("source")
     if opts.exec_mode == "local":
         host = socket.gethostname()
-        if not _is_executable(opts.gitlab_backup_cmd):
+        if shutil.which(opts.gitlab_backup_cmd) is None:
             raise SourceUnavailable(
                 f"{opts.gitlab_backup_cmd} is not an executable on {host} (exec_mode local, connection "
                 f"{conn_id!r}); install GitLab Omnibus here or set {OPTION_PREFIX}.exec_mode: docker"
@@ -401,10 +416,6 @@ def connect(ctx: BackupContext, opts: GitLabOptions, docker_client: Any | None =
         ContainerFiles(docker_client, opts.container),
         {"conn_id": conn_id, "exec_mode": "docker", "host": url, "container": opts.container},
     )
-
-
-def _is_executable(command: str) -> bool:
-    return shutil.which(command) is not None
 
 
 def read_version(gitlab: GitLabHost, opts: GitLabOptions) -> str:
@@ -515,7 +526,7 @@ def backup(ctx: BackupContext, *, docker_client: Any | None = None) -> BackupOut
         log.error("copy of GitLab backup %s failed; %s was left in place (%s)", gitlab_backup_id, source_tar, gitlab.executor.where)
         raise
 
-    removed = _remove_source_tar(gitlab, source_tar)
+    removed = _remove_source_tar(gitlab, source_tar, opts.verify_copy)
     copy_seconds = sum(result.seconds for result in copied.values())
     files = [result.entry for result in copied.values()]
     return BackupOutcome(
@@ -551,14 +562,15 @@ def backup(ctx: BackupContext, *, docker_client: Any | None = None) -> BackupOut
     )
 
 
-def _remove_source_tar(gitlab: GitLabHost, path: str) -> bool:
+def _remove_source_tar(gitlab: GitLabHost, path: str, verified: bool) -> bool:
     """Remove GitLab's tar after our copy is safe. A failure is logged, not fatal: the set is good."""
     try:
         gitlab.run(remove_command(path))
     except Exception as exc:
         log.warning("could not remove %s (%s): %s; remove it by hand or GitLab's disk fills", path, gitlab.executor.where, exc)
         return False
-    log.info("removed %s (%s): copied into the backup set and verified", path, gitlab.executor.where)
+    check = " and its SHA-256 matched" if verified else ""
+    log.info("removed %s (%s): it was copied into the backup set%s", path, gitlab.executor.where, check)
     return True
 
 
@@ -638,10 +650,12 @@ def restore(set_dir: Path, manifest: Manifest, target: Path, **options: Any) -> 
     """Verify the set and place `<id>_gitlab_backup.tar`, gitlab-secrets.json and gitlab.rb in `target`.
 
     GitLab itself is NOT restored here: the report's `runbook_command` does that on the GitLab
-    host. Options: `exec_mode` (docker|local, default: as backed up), `container`, and for local
-    mode the paths `backups_dir`, `config_dir`, `version_manifest`, `gitlab_backup_cmd`,
-    `gitlab_ctl_cmd`, `gitlab_rake_cmd`, `owner` passed through to the script.
+    host. Options: `exec_mode` (docker|local, default: as backed up), `container`, and
+    RUNBOOK_PATH_OPTIONS (`backups_dir`, `gitlab_ctl_cmd`...), passed through to the script.
     """
+    unknown = sorted(set(options) - {"exec_mode", "container", *RUNBOOK_PATH_OPTIONS})
+    if unknown:
+        log.warning("gitlab restore ignores options it does not know: %s", ", ".join(unknown))
     started = time.monotonic()
     details = manifest.details
     try:
@@ -670,12 +684,7 @@ def restore(set_dir: Path, manifest: Manifest, target: Path, **options: Any) -> 
     if exec_mode not in ("docker", "local"):
         raise GitLabRestoreError(f"exec_mode must be docker or local, got {exec_mode!r}")
     container = options.get("container") or details.get("container") or DEFAULT_CONTAINER
-    local_paths = {
-        key: str(options[key])
-        for key in ("backups_dir", "config_dir", "version_manifest", "gitlab_backup_cmd",
-                    "gitlab_ctl_cmd", "gitlab_rake_cmd", "owner")
-        if key in options and options[key] is not None
-    }
+    paths = {key: str(options[key]) for key in RUNBOOK_PATH_OPTIONS if options.get(key) is not None}
     command_args: dict[str, Any] = {
         "exec_mode": exec_mode,
         "prepared_dir": target,
@@ -683,7 +692,7 @@ def restore(set_dir: Path, manifest: Manifest, target: Path, **options: Any) -> 
         "expected_version": version,
         "decompress_cmd": compression.get("DECOMPRESS_CMD"),
         "container": container,
-        "local_paths": local_paths,
+        "paths": paths,
     }
     command = runbook_command(**command_args)
     dry_run = runbook_command(**command_args, dry_run=True)
