@@ -125,11 +125,11 @@ class ScratchRedis:
         if self.is_running():
             raise ScratchRedisError(f"scratch redis in {self.dir} is already running (pid {self.pid})")
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        config_file = self._write_config()
         fixed_port = self.port
         last_error = ""
         for _ in range(1 if fixed_port else PORT_ATTEMPTS):
             self.port = fixed_port or free_port(self.host)
+            config_file = self._write_config()
             argv = server_argv(
                 self.server_binary, config_file, self.host, self.port, self.dir, self.dbfilename,
                 self.pid_file, self.log_file,
