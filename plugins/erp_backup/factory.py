@@ -17,6 +17,7 @@ from erp_backup.plan import BackupJob, Plan
 
 OWNER = "ops-backup"
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
+BACKUP_QUEUE = "backup"  # served only by the worker that owns /backup (docs/deployment.md)
 TASK_IDS = ("backup", "checksum", "offsite_upload", "retention_prune")
 
 
@@ -28,6 +29,7 @@ def backup_asset(job: BackupJob) -> Asset:
 def default_args(plan: Plan) -> dict[str, Any]:
     return {
         "owner": OWNER,
+        "queue": BACKUP_QUEUE,
         "retries": 2,
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": 2.0,

@@ -20,6 +20,7 @@ from croniter import croniter
 PLAN_ENV = "ERP_BACKUP_PLAN"
 BACKUP_ROOT_ENV = "ERP_BACKUP_ROOT"
 OFFSITE_PATH_ENV = "ERP_OFFSITE_PATH"
+DISABLE_ENV = "ERP_BACKUP_DISABLE"  # comma-separated services this deployment cannot reach
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parents[2] / "include" / "backup_plan.yaml"
 
 # The services and backup types the seed strategy names. Anything else is a typo.
@@ -162,6 +163,10 @@ class _Reader:
         return value
 
 
+def _disabled_by_env() -> set[str]:
+    return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+
+
 def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -> BackupJob:
     job = svc.sub("backups").sub(type_name)
     job.only("schedule", "retention_days", "method", "enabled", "interval", "timezone", "options")
@@ -183,7 +188,7 @@ def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -
         rpo=svc.duration("rpo"),
         rto=svc.duration("rto"),
         connections=dict(connections),
-        enabled=svc.get("enabled", bool) and job.get("enabled", bool),
+        enabled=svc.get("enabled", bool) and job.get("enabled", bool) and name not in _disabled_by_env(),
         interval=job.duration("interval", None) if "interval" in job.data else None,
         options={**svc.get("options", dict, {}), **job.get("options", dict, {})},
     )
@@ -223,7 +228,7 @@ def parse_plan(path: Path, data: Any) -> Plan:
             services.fail(f"unknown service (known: {', '.join(sorted(KNOWN_SERVICES))})", name)
         svc = services.sub(name)
         svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
-        enabled[name] = svc.get("enabled", bool)
+        enabled[name] = svc.get("enabled", bool) and name not in _disabled_by_env()
         for type_name in svc.sub("backups").data:
             jobs.append(_read_job(top, name, svc, type_name, tz))
 
@@ -249,11 +254,12 @@ def parse_plan(path: Path, data: Any) -> Plan:
 def load_plan(path: str | os.PathLike[str] | None = None) -> Plan:
     """Load and validate the plan (default: $ERP_BACKUP_PLAN or include/backup_plan.yaml)."""
     resolved = Path(path or os.environ.get(PLAN_ENV) or DEFAULT_PLAN_PATH)
-    return _load_cached(resolved, os.environ.get(BACKUP_ROOT_ENV), os.environ.get(OFFSITE_PATH_ENV))
+    env = tuple(os.environ.get(name) for name in (BACKUP_ROOT_ENV, OFFSITE_PATH_ENV, DISABLE_ENV))
+    return _load_cached(resolved, env)
 
 
 @lru_cache(maxsize=8)
-def _load_cached(path: Path, _root_env: str | None, _offsite_env: str | None) -> Plan:
+def _load_cached(path: Path, _env: tuple[str | None, ...]) -> Plan:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

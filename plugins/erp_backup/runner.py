@@ -143,4 +143,5 @@ def docker_api(docker_conn_id: str | None = None, base_url: str | None = None) -
     """A low-level Docker API client through the Docker provider's hook."""
     from airflow.providers.docker.hooks.docker import DockerHook
 
-    return DockerHook(docker_conn_id=docker_conn_id, base_url=base_url).api_client
+    url = base_url or os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    return DockerHook(docker_conn_id=docker_conn_id, base_url=url).api_client
