@@ -21,4 +21,5 @@ pytest_plugins = [
     "tests.fixtures.slack",
     "tests.fixtures.postgres",
     "tests.fixtures.airflow",
+    "tests.fixtures.pg_estate",
 ]

@@ -155,15 +155,20 @@ class Chain:
             self.path.unlink(missing_ok=True)
 
 
-def open_chain(set_dir: Path, relative: str, *, compress: bool = True, level: int = 3) -> Chain:
-    """Build dump → [zstd] → sha256 → file for `set_dir/relative`."""
+def open_chain(
+    set_dir: Path, relative: str, *, compress: bool = True, level: int = 3, label: str | None = None
+) -> Chain:
+    """Build dump → [zstd] → sha256 → file for `set_dir/relative`. `label` names it in progress logs."""
     path = set_dir / relative
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Chain(path, relative, compress=compress, level=level, label=relative)
+    return Chain(path, relative, compress=compress, level=level, label=label or relative)
 
 
 def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwargs) -> StreamResult:
-    """Drain `chunks` through a new chain; on any error the partial file is removed."""
+    """Drain `chunks` through a new chain; on any error the partial file is removed.
+
+    The source is closed either way, so a generator wrapping a process stops it.
+    """
     chain = open_chain(set_dir, relative, **kwargs)
     try:
         for chunk in chunks:
@@ -172,6 +177,10 @@ def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwar
     except BaseException:
         chain.abort()
         raise
+    finally:
+        close = getattr(chunks, "close", None)
+        if close:
+            close()
 
 
 def decompress_to(source: Path, target: Path) -> int:

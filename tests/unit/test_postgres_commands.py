@@ -1,0 +1,232 @@
+"""PostgreSQL command builders, endpoints, dump file names and globals/TOC parsing: exact argv, no secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from erp_backup.runner import Command
+from erp_backup.services import postgres
+from erp_backup.services.postgres import (
+    PgEndpoint,
+    SourceServer,
+    dump_file_for,
+    pg_dump_command,
+    pg_dumpall_globals_command,
+    pg_restore_command,
+    pg_restore_list_command,
+    psql_script_command,
+    roles_created_by,
+    schema_header_entries,
+    skip_existing_roles,
+    tool_version_command,
+)
+
+SECRET = "s3cret pass'word"
+NETWORK = PgEndpoint({"host": "db.internal", "port": "5432", "user": "backup"}, SECRET)
+SOCKET = PgEndpoint({"user": "backup"}, SECRET)
+ARCHIVE = Path("/tmp/restore/database.dump")
+
+
+class FakeConnection:
+    """The fields of an Airflow connection that the service reads."""
+
+    def __init__(self, **fields):
+        self.host = fields.get("host")
+        self.port = fields.get("port")
+        self.login = fields.get("login")
+        self.password = fields.get("password")
+        self.schema = fields.get("schema")
+
+
+def assert_no_secret(command: Command) -> None:
+    assert not any(SECRET in arg for arg in command.argv)
+    assert SECRET not in command.describe()
+    assert command.env == {"PGPASSWORD": SECRET}
+
+
+def test_pg_dump_command_network():
+    command = pg_dump_command(NETWORK, "erp", "00000003-0000001B-1")
+    assert command.argv == (
+        "pg_dump", "--no-password", "--format=custom", "--compress=0", "--snapshot=00000003-0000001B-1",
+        "--dbname=host=db.internal port=5432 user=backup dbname=erp",
+    )
+    assert_no_secret(command)
+
+
+def test_pg_dump_command_docker_socket_quotes_the_database_name():
+    command = pg_dump_command(SOCKET, "odd name's db", "00000003-0000001B-1", bindir="/usr/lib/postgresql/15/bin")
+    assert command.argv == (
+        "/usr/lib/postgresql/15/bin/pg_dump", "--no-password", "--format=custom", "--compress=0",
+        "--snapshot=00000003-0000001B-1", "--dbname=user=backup dbname='odd name\\'s db'",
+    )
+    assert_no_secret(command)
+
+
+def test_pg_dumpall_globals_command():
+    assert pg_dumpall_globals_command(NETWORK, "postgres").argv == (
+        "pg_dumpall", "--no-password", "--globals-only",
+        "--dbname=host=db.internal port=5432 user=backup dbname=postgres",
+    )
+    command = pg_dumpall_globals_command(SOCKET, "maint", no_role_passwords=True)
+    assert command.argv == (
+        "pg_dumpall", "--no-password", "--globals-only", "--no-role-passwords", "--dbname=user=backup dbname=maint",
+    )
+    assert_no_secret(command)
+
+
+def test_tool_version_commands():
+    assert tool_version_command("pg_dump") == Command(("pg_dump", "--version"))
+    assert tool_version_command("pg_dumpall", "/opt/pg/bin").argv == ("/opt/pg/bin/pg_dumpall", "--version")
+
+
+def test_pg_restore_full_with_create():
+    command = pg_restore_command(NETWORK, "postgres", ARCHIVE, jobs=4, create=True)
+    assert command.argv == (
+        "pg_restore", "--no-password", "--exit-on-error", "--jobs=4", "--create",
+        "--dbname=host=db.internal port=5432 user=backup dbname=postgres", "/tmp/restore/database.dump",
+    )
+    assert_no_secret(command)
+
+
+def test_pg_restore_single_schema_and_use_list():
+    assert pg_restore_command(NETWORK, "erp", ARCHIVE, jobs=2, schema="tenant_acme").argv == (
+        "pg_restore", "--no-password", "--exit-on-error", "--jobs=2", "--schema=tenant_acme",
+        "--dbname=host=db.internal port=5432 user=backup dbname=erp", "/tmp/restore/database.dump",
+    )
+    assert pg_restore_command(SOCKET, "erp", ARCHIVE, use_list=Path("/tmp/restore/schema.list")).argv == (
+        "pg_restore", "--no-password", "--exit-on-error", "--jobs=1", "--use-list=/tmp/restore/schema.list",
+        "--dbname=user=backup dbname=erp", "/tmp/restore/database.dump",
+    )
+
+
+def test_pg_restore_list_and_psql_commands():
+    assert pg_restore_list_command(ARCHIVE) == Command(("pg_restore", "--list", "/tmp/restore/database.dump"))
+    command = psql_script_command(NETWORK, "postgres")
+    assert command.argv == (
+        "psql", "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1",
+        "--dbname=host=db.internal port=5432 user=backup dbname=postgres", "--file=-",
+    )
+    assert_no_secret(command)
+
+
+def test_target_dsn_password_moves_to_the_environment():
+    quoted_secret = SECRET.replace("'", "\\'")
+    target = PgEndpoint.parse(f"host=127.0.0.1 port=6543 user=restorer password='{quoted_secret}'")
+    assert target.password == SECRET
+    assert target.maintenance_db == "postgres"
+    command = pg_restore_command(target, "erp", ARCHIVE)
+    assert command.argv[-2] == "--dbname=user=restorer host=127.0.0.1 port=6543 dbname=erp"
+    assert_no_secret(command)
+    uri = PgEndpoint.parse("postgresql://restorer:pw@10.0.0.5:5433/maint?sslmode=require")
+    assert (uri.maintenance_db, uri.env(), uri.describe()) == (
+        "maint", {"PGPASSWORD": "pw"}, "user=restorer host=10.0.0.5 port=5433 sslmode=require"
+    )
+    assert "pw" not in repr(uri)
+
+
+def test_source_endpoints_per_exec_mode():
+    source = SourceServer.from_connection(
+        "erp_postgres", FakeConnection(host="erp-db", port=6432, login="backup", password=SECRET, schema="")
+    )
+    assert (source.address, source.maintenance_db) == ("erp-db:6432", "postgres")
+    assert source.tool_endpoint("network") == PgEndpoint({"host": "erp-db", "port": "6432", "user": "backup"}, SECRET)
+    assert source.tool_endpoint("docker") == PgEndpoint({"user": "backup"}, SECRET)
+    assert SECRET not in repr(source)
+
+
+def test_source_without_host_names_the_connection():
+    with pytest.raises(postgres.SourceUnavailable, match="'erp_postgres' has no host"):
+        SourceServer.from_connection("erp_postgres", FakeConnection(host=None))
+
+
+def test_dump_file_names():
+    assert dump_file_for("erp_prod") == "databases/erp_prod.dump.zst"
+    assert dump_file_for("a/b c%d") == "databases/a%2Fb%20c%25d.dump.zst"
+    assert dump_file_for("..") == "databases/...dump.zst"
+    assert dump_file_for("회계") == "databases/%ED%9A%8C%EA%B3%84.dump.zst"
+
+
+@given(st.text(min_size=1, max_size=63).filter(lambda s: "\x00" not in s and len(s.encode()) <= 63))
+def test_dump_file_names_are_safe_and_reversible(name):
+    """PostgreSQL names are at most 63 bytes; their file names stay within NAME_MAX (255 bytes)."""
+    relative = dump_file_for(name)
+    file_name = relative.removeprefix("databases/")
+    assert "/" not in file_name and file_name.endswith(".dump.zst")
+    assert len(file_name.encode()) <= 255
+    assert unquote(file_name.removesuffix(".dump.zst"), errors="strict") == name
+
+
+GLOBALS = '''--
+-- PostgreSQL database cluster dump
+--
+
+SET default_transaction_read_only = off;
+
+CREATE ROLE erp_app_1;
+ALTER ROLE erp_app_1 WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION NOBYPASSRLS;
+CREATE ROLE postgres;
+ALTER ROLE postgres WITH SUPERUSER INHERIT CREATEROLE CREATEDB LOGIN REPLICATION BYPASSRLS;
+CREATE ROLE "Report ""Reader""";
+ALTER ROLE "Report ""Reader""" WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB LOGIN NOREPLICATION NOBYPASSRLS;
+'''
+
+
+def test_roles_created_by_reads_plain_and_quoted_names():
+    assert roles_created_by(GLOBALS) == ["erp_app_1", "postgres", 'Report "Reader"']
+
+
+def test_skip_existing_roles_comments_out_only_their_create():
+    script = skip_existing_roles(GLOBALS, {"postgres", 'Report "Reader"', "unrelated"})
+    assert roles_created_by(script) == ["erp_app_1"]
+    assert "-- CREATE ROLE postgres; skipped: the role exists on the target\n" in script
+    assert "ALTER ROLE postgres WITH SUPERUSER" in script
+    assert script.count("\n") == GLOBALS.count("\n")
+
+
+TOC = """;
+; Archive created at 2026-11-26 11:26:56 UTC
+;
+7; 2615 16388 SCHEMA - tenant_acme postgres
+3401; 0 0 COMMENT - SCHEMA tenant_acme postgres
+3353; 0 0 ACL - SCHEMA tenant_acme postgres
+6; 2615 16392 SCHEMA - tenant_acme_old postgres
+216; 1259 16389 TABLE tenant_acme customers postgres
+3344; 0 16389 TABLE DATA tenant_acme customers postgres
+"""
+
+
+def test_schema_header_entries_select_the_schema_itself_only():
+    assert schema_header_entries(TOC, "tenant_acme") == [
+        "7; 2615 16388 SCHEMA - tenant_acme postgres",
+        "3401; 0 0 COMMENT - SCHEMA tenant_acme postgres",
+        "3353; 0 0 ACL - SCHEMA tenant_acme postgres",
+    ]
+    assert schema_header_entries(TOC, "tenant.acme") == []
+
+
+def test_dispatch_names_supported_types():
+    assert postgres.SUPPORTED_TYPES == frozenset({"full"})
+    with pytest.raises(ValueError, match="cannot restore backup type 'wal' \\(supported: full\\)"):
+        postgres._handler(postgres._RESTORES, "wal", "restore")
+
+
+DATABASES = [
+    postgres.SourceDatabase("erp", "UTF8", "C.UTF-8", "C.UTF-8", "erp_owner", False, True),
+    postgres.SourceDatabase("postgres", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", False, True),
+    postgres.SourceDatabase("template1", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", True, True),
+    postgres.SourceDatabase("archived", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", False, False),
+]
+
+
+def test_database_selection_skips_templates_and_closed_databases():
+    names = lambda options: [db.name for db in postgres._select_databases(DATABASES, options)]  # noqa: E731
+    assert names({}) == ["erp", "postgres"]
+    assert names({"databases": ["erp"]}) == ["erp"]
+    assert names({"exclude_databases": ["postgres"]}) == ["erp"]
+    with pytest.raises(postgres.PostgresBackupError, match="options.databases names 'archived', 'nope'"):
+        names({"databases": ["erp", "archived", "nope"]})
