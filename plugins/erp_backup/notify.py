@@ -56,6 +56,7 @@ class SafeSlackWebhookNotifier(SlackWebhookNotifier):
     def __call__(self, *args: Any) -> None:
         try:
             context = args[0] if len(args) == 1 else {}
+            self.__dict__.pop("hook", None)  # resolve the connection afresh on every alert
             self.text = self.build_text(context)
             self.notify(context)
         except Exception as exc:
