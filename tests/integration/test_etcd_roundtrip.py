@@ -1,0 +1,130 @@
+"""Milvus etcd snapshots against a real etcd: snapshot → verify → restore into a new data dir → read back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from erp_backup.manifest import sha256_file
+from erp_backup.runner import Command, CommandError, LocalExecutor
+from erp_backup.scratch_etcd import ScratchEtcd, free_port, start_scratch_etcd, stop_pid_file
+from erp_backup.services import milvus
+from erp_backup.services.base import SourceUnavailable
+from tests.fixtures.milvus import (  # noqa: F401  (fixtures)
+    ETCD_CONN_ID,
+    FILLER_ETCD_KEYS,
+    KNOWN_ETCD_KEY,
+    KNOWN_ETCD_VALUE,
+    Backup,
+    etcd_connection,
+    etcd_get,
+    etcd_revision,
+    etcd_server,
+    make_context,
+    write_outcome_manifest,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _backup(root: Path, connection) -> Backup:
+    ctx = make_context("etcd", root, {ETCD_CONN_ID: connection})
+    started = datetime.now(timezone.utc)
+    clock = time.monotonic()
+    outcome = milvus.backup(ctx)
+    seconds = time.monotonic() - clock
+    manifest = write_outcome_manifest(ctx, outcome, started, datetime.now(timezone.utc))
+    return Backup(ctx.backup_set, manifest, outcome, seconds)
+
+
+def test_snapshot_verify_restore_and_read_back(etcd_server: ScratchEtcd, tmp_path: Path) -> None:
+    backup = _backup(tmp_path / "backups", etcd_connection(etcd_server.endpoint))
+
+    [entry] = backup.outcome.files
+    assert entry.path == "etcd/snapshot.db.zst"
+    assert sha256_file(backup.backup_set.path / entry.path) == (entry.size, entry.sha256)
+    assert (backup.backup_set.path / entry.path).stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in backup.backup_set.path.iterdir()) == ["etcd", "manifest.json"]  # temp file gone
+    snapshot = backup.outcome.details["snapshot"]
+    assert snapshot["total_keys"] >= 1 + FILLER_ETCD_KEYS
+    assert snapshot["revision"] == etcd_revision(etcd_server.endpoint)
+    assert entry.size < snapshot["total_size"]  # zstd pays off on a bbolt file
+    assert backup.outcome.tools["etcdctl"].startswith("3.")
+    assert backup.manifest.source == {"conn_id": ETCD_CONN_ID, "endpoint": etcd_server.endpoint}
+
+    assert milvus.verify(backup.backup_set, backup.manifest) == []
+
+    data_dir = tmp_path / "restored-etcd"
+    report = milvus.restore(backup.backup_set.path, backup.manifest, data_dir)
+    assert report["snapshot"]["hash"] == snapshot["hash"] and report["data_dir"] == str(data_dir)
+    assert (data_dir / "member" / "wal").is_dir()
+    with start_scratch_etcd(data_dir) as restored:
+        assert restored.endpoint != etcd_server.endpoint
+        assert etcd_get(restored.endpoint, KNOWN_ETCD_KEY) == KNOWN_ETCD_VALUE
+        assert etcd_get(restored.endpoint, "by-dev/meta/datacoord-meta/s/00499") is not None
+    assert not restored.pid_file.exists()
+
+
+def test_verify_names_a_corrupt_snapshot_and_a_changed_revision(etcd_server: ScratchEtcd, tmp_path: Path) -> None:
+    backup = _backup(tmp_path / "backups", etcd_connection(etcd_server.endpoint))
+    details = dict(backup.manifest.details, snapshot={**backup.outcome.details["snapshot"], "revision": 1})
+    problems = milvus.verify(backup.backup_set, replace(backup.manifest, details=details))
+    assert problems == [
+        f"backup {backup.backup_set.key}: snapshot revision is {backup.outcome.details['snapshot']['revision']}, "
+        "the manifest says 1"
+    ]
+
+    (backup.backup_set.path / "etcd" / "snapshot.db.zst").write_bytes(b"\x28\xb5\x2f\xfdnot a zstd frame")
+    [problem] = milvus.verify(backup.backup_set, backup.manifest)
+    assert "etcd/snapshot.db.zst is not a readable etcd snapshot" in problem
+    assert not list(backup.backup_set.path.parent.glob(".*verify*"))  # scratch space removed
+
+
+def test_restore_refuses_an_existing_data_dir_and_dry_run_touches_nothing(
+    etcd_server: ScratchEtcd, tmp_path: Path
+) -> None:
+    backup = _backup(tmp_path / "backups", etcd_connection(etcd_server.endpoint))
+    existing = tmp_path / "etcd-data"
+    existing.mkdir()
+    with pytest.raises(milvus.RestoreConflict, match=f"etcd data dir {existing} already exists"):
+        milvus.restore(backup.backup_set.path, backup.manifest, existing)
+    planned = milvus.restore(backup.backup_set.path, backup.manifest, tmp_path / "new-data", dry_run=True)
+    assert planned["dry_run"] is True and not (tmp_path / "new-data").exists()
+
+
+def test_credentials_travel_in_the_environment(tmp_path: Path) -> None:
+    with start_scratch_etcd(tmp_path / "etcd-auth") as etcd:
+        executor = LocalExecutor()
+        env = {"ETCDCTL_API": "3"}
+        executor.run(Command(("etcdctl", f"--endpoints={etcd.endpoint}", "user", "add", "root:etcd-Secret-1"), env))
+        executor.run(Command(("etcdctl", f"--endpoints={etcd.endpoint}", "auth", "enable"), env))
+
+        backup = _backup(tmp_path / "ok", etcd_connection(etcd.endpoint, login="root", password="etcd-Secret-1"))
+        assert backup.outcome.details["snapshot"]["total_keys"] >= 1
+        assert "etcd-Secret-1" not in (backup.backup_set.path / "manifest.json").read_text()
+
+        with pytest.raises(CommandError, match="authentication failed"):
+            _backup(tmp_path / "bad", etcd_connection(etcd.endpoint, login="root", password="wrong"))
+        assert not list((tmp_path / "bad").rglob(".etcd-snapshot.db*"))  # no temp file left behind
+
+
+def test_unreachable_etcd_names_connection_and_endpoint(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SourceUnavailable, match=f"etcd connection '{ETCD_CONN_ID}' \\({endpoint}\\) is unreachable"):
+        _backup(tmp_path, etcd_connection(endpoint))
+
+
+def test_stop_pid_file_stops_a_leftover_scratch_etcd_only(tmp_path: Path) -> None:
+    etcd = start_scratch_etcd(tmp_path / "leftover")
+    assert etcd.pid_file.read_text().splitlines() == [str(etcd.pid), str(tmp_path / "leftover")]
+    assert stop_pid_file(etcd.pid_file) is True
+    etcd.process.wait(timeout=10)
+    assert not etcd.pid_file.exists()
+
+    stale = tmp_path / "stale.etcd.pid"
+    stale.write_text(f"{etcd.pid}\n{tmp_path / 'stale'}\n")  # that pid is gone now
+    assert stop_pid_file(stale) is False and not stale.exists()
