@@ -16,6 +16,7 @@ export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://localhost:8080}
 export ERP_BACKUP_ROOT=$ERP_ESTATE_DIR/backup
 export ERP_SCRATCH_ROOT=$ERP_ESTATE_DIR/scratch
 export PYTHONPATH=$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}
+export PATH=$ROOT/.venv/bin:$PATH
 set -a; source include/estate/dev.env; set +a
 
 stop() {

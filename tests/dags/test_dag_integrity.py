@@ -76,3 +76,12 @@ def test_parsing_makes_no_connection_or_variable_lookup(monkeypatch):
     assert bag.import_errors == {}
     assert bag.dags
     assert calls == []
+
+
+def test_plugin_loader_skips_the_package():
+    """Airflow's plugin loader execs plugins/*.py under bare names (redis.py as `redis`); it must skip ours."""
+    from airflow._shared.module_loading import find_path_from_directory
+
+    plugins = PLAN.path.parents[1] / "plugins"
+    assert (plugins / "erp_backup" / "services" / "redis.py").exists()
+    assert list(find_path_from_directory(str(plugins), ".airflowignore", "glob")) == []
