@@ -11,14 +11,14 @@ import yaml
 from erp_backup.plan import DEFAULT_PLAN_PATH
 
 
-def write_plan(path: Path, edit=None, **offsite: Any) -> Path:
+def write_plan(plan_path: Path, /, edit=None, **offsite: Any) -> Path:
     """A copy of the committed plan with offsite settings (and any other edit) changed."""
     data = yaml.safe_load(DEFAULT_PLAN_PATH.read_text())
     data["offsite"].update(offsite)
     if edit:
         edit(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    plan_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return plan_path
 
 
 def run_dag(dagbag, dag_id: str, logical_date: datetime, *, retries: int | None = 0, conf: dict | None = None):
