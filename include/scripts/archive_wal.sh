@@ -1,0 +1,87 @@
+#!/bin/sh
+# archive_wal.sh: PostgreSQL archive_command. Copies one finished WAL file into
+# the local WAL archive, durably, and never overwrites.
+#
+#   archive_command = '/opt/erp-backup/archive_wal.sh %p %f /backup/postgres/wal_archive'
+#
+# The archive directory is the 3rd argument, else $ERP_WAL_ARCHIVE_DIR, else
+# $ERP_BACKUP_ROOT/postgres/wal_archive. Exit 0 only once the file, its
+# directory entry and its archive.log line are on disk. If the file is already
+# archived: exit 0 when the bytes are identical, 1 when they differ.
+# archive.log gets one line per archived file, appended after the durable copy:
+#   <UTC time, ISO 8601> <file name> <sha256> <size in bytes>
+# Failures go to stderr, which PostgreSQL writes to its server log.
+# POSIX sh plus cmp, sha256sum, stat -c, sync FILE (GNU coreutils >= 8.24 or busybox).
+
+set -u
+# Files 0640: the backup worker reads them through the archive directory's group (setgid dir, docs/pitr.md).
+umask 027
+
+prog=archive_wal.sh
+fail() {
+    echo "$prog: ERROR: $*" >&2
+    exit 1
+}
+
+[ $# -ge 2 ] || fail "usage: $prog <%p: path of the WAL file> <%f: its file name> [archive dir]"
+source_path=$1
+file_name=$2
+if [ $# -ge 3 ] && [ -n "$3" ]; then
+    archive_dir=$3
+elif [ -n "${ERP_WAL_ARCHIVE_DIR:-}" ]; then
+    archive_dir=$ERP_WAL_ARCHIVE_DIR
+elif [ -n "${ERP_BACKUP_ROOT:-}" ]; then
+    archive_dir=$ERP_BACKUP_ROOT/postgres/wal_archive
+else
+    fail "no archive directory: pass it as the 3rd argument of archive_command, or set ERP_WAL_ARCHIVE_DIR or ERP_BACKUP_ROOT in the server's environment"
+fi
+
+case $file_name in
+    ''|*/*|.*) fail "refusing file name '$file_name' (%f must be a bare WAL file name)" ;;
+esac
+[ -f "$source_path" ] || fail "$file_name: source $source_path does not exist (cwd $(pwd))"
+[ -d "$archive_dir" ] || fail "archive directory $archive_dir does not exist: create it, writable by the server's OS user"
+
+target=$archive_dir/$file_name
+log_file=$archive_dir/archive.log
+
+# Record the archive time of a file that is in the archive but not yet in the log.
+record() {
+    if [ -f "$log_file" ] && grep -qF " $file_name " "$log_file"; then
+        return 0
+    fi
+    hashed=$(sha256sum "$target") || fail "$file_name: cannot hash $target"
+    sum=${hashed%% *}
+    size=$(stat -c %s "$target") || fail "$file_name: cannot stat $target"
+    stamp=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
+    case $stamp in *N*|*%*) stamp=$(date -u +%Y-%m-%dT%H:%M:%SZ) ;; esac  # date without %N
+    printf '%s %s %s %s\n' "$stamp" "$file_name" "$sum" "$size" >>"$log_file" \
+        || fail "$file_name: cannot append to $log_file"
+    sync "$log_file" || fail "$file_name: fsync of $log_file failed"
+}
+
+if [ -e "$target" ]; then
+    if cmp -s "$source_path" "$target"; then
+        echo "$prog: $file_name is already archived with identical content; nothing to do" >&2
+        record
+        exit 0
+    fi
+    fail "$file_name is already archived in $archive_dir with DIFFERENT content; refusing to overwrite. Is a second server archiving into the same directory, or was the cluster restored without a new timeline? Investigate before moving $target aside"
+fi
+
+tmp=$archive_dir/.$file_name.tmp.$$
+trap 'rm -f "$tmp"' EXIT
+cp "$source_path" "$tmp" || fail "$file_name: copy to $tmp failed (disk full? permissions?)"
+sync "$tmp" || fail "$file_name: fsync of $tmp failed"
+# A hard link is an atomic "create if absent": it never replaces an existing file.
+if ! ln "$tmp" "$target" 2>/dev/null; then
+    if [ -e "$target" ] && cmp -s "$tmp" "$target"; then
+        echo "$prog: $file_name was archived concurrently with identical content" >&2
+    else
+        fail "$file_name: cannot create $target (exists with different content, or the directory is not writable)"
+    fi
+fi
+rm -f "$tmp"
+sync "$archive_dir" || fail "$file_name: fsync of directory $archive_dir failed"
+record
+exit 0

@@ -1,0 +1,549 @@
+"""Point-in-time restore of PostgreSQL from a base backup plus WAL.
+
+Owns: what the backups cover (per base: from its consistency point to the
+last unbroken WAL), choosing the newest base before a target time, checking
+checksums against the manifests, filling a local WAL directory the server's
+`restore_command` decompresses from, writing the recovery settings, starting
+the scratch cluster and measuring the replay. Also the runbook CLI:
+
+    python -m erp_backup.services.postgres_pitr restore --target-time 2026-11-26T10:15:00+09:00
+    python -m erp_backup.services.postgres_pitr coverage
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import zstandard
+
+from erp_backup.manifest import Manifest, ManifestError, sha256_file
+from erp_backup.scratch_pg import ScratchPostgres, ScratchError, chown_to_cluster_user
+from erp_backup.services.postgres_chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
+from erp_backup.services.postgres_snapshot import BASE_FILE, extract_base, prepare_data_dir, scratch_target
+from erp_backup.services.postgres_wal import (
+    DEFAULT_SEGMENT_SIZE,
+    SERVICE,
+    Segment,
+    archive_dir_for,
+    parse_lsn,
+    read_archive_log,
+    usable_sets,
+    wal_file_kind,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOOKAHEAD = timedelta(hours=6)
+DEFAULT_TIMEOUT_S = 2 * 3600
+WAL_DIR_NAME = "wal_restore"
+POLL_S = 0.2
+NOT_REACHED = "recovery ended before configured recovery target was reached"
+_REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+).*?elapsed: ([0-9.]+) s")
+_STOPPING = re.compile(r"recovery stopping (?:before|after) .*")
+
+
+class RestoreError(RuntimeError):
+    """The restore failed. The message names the backup, file or setting to look at."""
+
+
+class TargetOutsideArchive(RestoreError):
+    """No base + unbroken WAL reaches the target time. The message lists what is covered."""
+
+
+class SetFetcher(Protocol):
+    """The offsite store as the restore uses it (implemented by erp_backup.offsite)."""
+
+    def list_backup_ids(self, service: str, backup_type: str) -> list[str]: ...
+
+    def read_manifest(self, service: str, backup_type: str, backup_id: str) -> Manifest | None: ...
+
+    def fetch_set(self, service: str, backup_type: str, backup_id: str, dest: Path) -> Manifest: ...
+
+
+# --- what is available -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WalFile:
+    """One WAL file a restore can use: in a WAL set (compressed) or in the local archive (raw)."""
+
+    name: str
+    archived_at: datetime
+    set_id: str | None  # None: the local archive
+    path: str  # relative to the set dir, or the file name in the archive
+
+    @property
+    def kind(self) -> str | None:
+        return wal_file_kind(self.name)
+
+
+@dataclass
+class Inventory:
+    bases: list[tuple[BaseInfo, Manifest]]
+    wal: dict[str, WalFile]
+    wal_manifests: dict[str, Manifest]
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+
+
+def build_inventory(
+    base_manifests: Iterable[Manifest],
+    wal_manifests: Iterable[Manifest],
+    archive_entries: Iterable[tuple[str, datetime]] = (),
+) -> Inventory:
+    """Everything restorable: bases, and WAL files from sets first, then the local archive."""
+    bases = []
+    for manifest in base_manifests:
+        try:
+            bases.append((BaseInfo.from_manifest(manifest), manifest))
+        except (KeyError, ValueError) as exc:
+            log.warning("base %s has no usable WAL range in its manifest: %s", manifest.backup_id, exc)
+    wal: dict[str, WalFile] = {}
+    sets: dict[str, Manifest] = {}
+    size = DEFAULT_SEGMENT_SIZE
+    for manifest in sorted(wal_manifests, key=lambda m: m.backup_id):
+        sets[manifest.backup_id] = manifest
+        size = int(manifest.details.get("wal_segment_size", size))
+        for record in manifest.details.get("wal", []):
+            when = datetime.fromisoformat(record["archived_at"])
+            wal.setdefault(record["name"], WalFile(record["name"], when, manifest.backup_id, record["file"]))
+    for name, when in archive_entries:
+        wal.setdefault(name, WalFile(name, when, None, name))
+    if bases:
+        size = bases[0][0].start.size
+    return Inventory(sorted(bases, key=lambda b: (b[0].consistent_at, b[0].backup_id)), wal, sets, size)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """A base and the span of targets it reaches with unbroken WAL."""
+
+    base_id: str
+    earliest: datetime  # the base's consistency point (backup end)
+    latest: datetime  # archive time of the last segment of the unbroken run after the base
+    last_segment: str
+
+    def contains(self, moment: datetime) -> bool:
+        return self.earliest <= moment <= self.latest
+
+    def describe(self) -> str:
+        return f"{self.earliest.isoformat()} .. {self.latest.isoformat()} (base {self.base_id}, WAL to {self.last_segment})"
+
+
+def coverage(inventory: Inventory) -> list[Coverage]:
+    """Per base: from its consistency point to the archive time of the last segment reached without a gap."""
+    by_position: dict[int, list[WalFile]] = {}
+    for wal_file in inventory.wal.values():
+        if wal_file.kind == "segment":
+            by_position.setdefault(Segment.parse(wal_file.name, inventory.segment_size).segno, []).append(wal_file)
+    spans = []
+    for base, _ in inventory.bases:
+        position, latest, last = base.end.segno, base.consistent_at, base.end.name
+        while position + 1 in by_position:
+            position += 1
+            newest = max(by_position[position], key=lambda f: (f.name[:8], f.archived_at))
+            latest, last = max(latest, newest.archived_at), newest.name
+        spans.append(Coverage(base.backup_id, base.consistent_at, latest, last))
+    return spans
+
+
+def describe_coverage(spans: list[Coverage]) -> str:
+    if not spans:
+        return "nothing: there is no usable base backup (backup_postgres_snapshot)"
+    merged: list[list[datetime]] = []
+    for span in sorted(spans, key=lambda s: s.earliest):
+        if merged and span.earliest <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], span.latest)
+        else:
+            merged.append([span.earliest, span.latest])
+    return "; ".join(f"{start.isoformat()} .. {end.isoformat()}" for start, end in merged)
+
+
+@dataclass
+class RecoveryPlan:
+    target_time: datetime
+    base: BaseInfo
+    base_manifest: Manifest
+    coverage: Coverage
+    wal: list[WalFile] = field(default_factory=list)
+
+    @property
+    def wal_sets(self) -> list[str]:
+        return sorted({f.set_id for f in self.wal if f.set_id})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target_time": self.target_time.isoformat(),
+            "base_backup_id": self.base.backup_id,
+            "base_start_segment": self.base.start.name,
+            "base_consistent_at": self.base.consistent_at.isoformat(),
+            "covered": self.coverage.describe(),
+            "wal_sets": self.wal_sets,
+            "wal_files": len(self.wal),
+            "wal_from_local_archive": sum(1 for f in self.wal if f.set_id is None),
+        }
+
+
+def plan_recovery(inventory: Inventory, target_time: datetime, lookahead: timedelta = DEFAULT_LOOKAHEAD) -> RecoveryPlan:
+    """Pick the newest base whose unbroken WAL reaches the target, and the WAL files to stage. Pure."""
+    if target_time.tzinfo is None:
+        raise RestoreError(f"target time {target_time} has no timezone; give one, e.g. 2026-11-26T10:15:00+09:00")
+    spans = {span.base_id: span for span in coverage(inventory)}
+    for base, manifest in reversed(inventory.bases):
+        span = spans[base.backup_id]
+        if not span.contains(target_time):
+            continue
+        horizon = target_time + lookahead
+        chosen = [
+            f
+            for f in inventory.wal.values()
+            if f.kind == "history"
+            or (f.kind == "segment" and Segment.parse(f.name, inventory.segment_size).segno >= base.start.segno and f.archived_at <= horizon)
+        ]
+        return RecoveryPlan(target_time, base, manifest, span, sorted(chosen, key=lambda f: f.name))
+    raise TargetOutsideArchive(
+        f"target time {target_time.isoformat()} is outside what the backups cover: {describe_coverage(list(spans.values()))}. "
+        f"Choose a target in that range (a base backup's end is the earliest point; the last archived WAL is the latest)"
+    )
+
+
+# --- server settings (pure) --------------------------------------------------------------------
+
+
+def restore_command(wal_dir: Path) -> str:
+    """restore_command: decompress `<wal_dir>/%f.zst` into %p (fails, as it must, when absent)."""
+    return f"zstd -d -q -f --no-progress -o %p {shlex.quote(str(wal_dir))}/%f.zst"
+
+
+def _conf_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def recovery_settings(wal_dir: Path, target_time: datetime | None) -> dict[str, str]:
+    """postgresql.auto.conf lines for archive recovery to `target_time` (None: to the end of the WAL)."""
+    settings = {
+        "restore_command": _conf_string(restore_command(wal_dir)),
+        "recovery_target_timeline": "'latest'",
+        "recovery_target_action": "'promote'",
+    }
+    if target_time is not None:
+        stamp = target_time.astimezone(timezone.utc).isoformat(sep=" ")
+        settings["recovery_target_time"] = _conf_string(stamp)
+    else:
+        settings["recovery_target_time"] = "''"
+    return settings
+
+
+# --- staging the files -------------------------------------------------------------------------
+
+
+def verify_set_files(set_dir: Path, manifest: Manifest, only: Iterable[str] | None = None) -> int:
+    """Check files against the manifest's SHA-256; raise naming the first bad file. Returns files checked."""
+    wanted = set(only) if only is not None else None
+    checked = 0
+    for entry in manifest.files:
+        if wanted is not None and entry.path not in wanted:
+            continue
+        path = set_dir / entry.path
+        if not path.is_file():
+            raise RestoreError(f"backup {manifest.service}/{manifest.backup_type}/{manifest.backup_id}: {entry.path} is missing")
+        size, digest = sha256_file(path)
+        if (size, digest) != (entry.size, entry.sha256):
+            raise RestoreError(
+                f"backup {manifest.service}/{manifest.backup_type}/{manifest.backup_id}: {entry.path} does not match "
+                f"its manifest (sha256 {digest[:12]}…, expected {entry.sha256[:12]}…); use another backup"
+            )
+        checked += 1
+    return checked
+
+
+def _compress_into(source: Path, target: Path) -> None:
+    compressor = zstandard.ZstdCompressor(level=1)
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        compressor.copy_stream(src, dst)
+
+
+class SetLocator:
+    """Where a set's files are: staging, or fetched from offsite into a work dir on first use."""
+
+    def __init__(self, root: Path, offsite: SetFetcher | None, work: Path):
+        self.root, self.offsite, self.work = root, offsite, work
+        self._fetched: dict[tuple[str, str], Path] = {}
+
+    def set_dir(self, backup_type: str, backup_id: str) -> Path:
+        if self.offsite is None:
+            return self.root / SERVICE / backup_type / backup_id
+        key = (backup_type, backup_id)
+        if key not in self._fetched:
+            dest = self.work / "fetched" / backup_type / backup_id
+            dest.mkdir(parents=True, exist_ok=True)
+            log.info("fetching %s/%s/%s from offsite", SERVICE, backup_type, backup_id)
+            self.offsite.fetch_set(SERVICE, backup_type, backup_id, dest)
+            self._fetched[key] = dest
+        return self._fetched[key]
+
+
+def stage_wal(plan: RecoveryPlan, inventory: Inventory, locator: SetLocator, archive_dir: Path | None, wal_dir: Path) -> int:
+    """Fill `wal_dir` with `<name>.zst` for every planned WAL file, checking set files' checksums."""
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    by_set: dict[str, list[WalFile]] = {}
+    for wal_file in plan.wal:
+        by_set.setdefault(wal_file.set_id or "", []).append(wal_file)
+    staged = 0
+    for set_id, files in sorted(by_set.items()):
+        if set_id:
+            set_dir = locator.set_dir(WAL_TYPE, set_id)
+            verify_set_files(set_dir, inventory.wal_manifests[set_id], [f.path for f in files])
+            for wal_file in files:
+                shutil.copyfile(set_dir / wal_file.path, wal_dir / f"{wal_file.name}.zst")
+                staged += 1
+        else:
+            assert archive_dir is not None
+            for wal_file in files:
+                _compress_into(archive_dir / wal_file.name, wal_dir / f"{wal_file.name}.zst")
+                staged += 1
+    return staged
+
+
+# --- running the recovery ----------------------------------------------------------------------
+
+
+def _query(cluster: ScratchPostgres, sql: str) -> tuple[Any, ...] | None:
+    import psycopg
+
+    with psycopg.connect(cluster.conninfo(), autocommit=True, connect_timeout=5) as db:
+        return db.execute(sql).fetchone()
+
+
+def wait_for_promotion(cluster: ScratchPostgres, timeout: float) -> None:
+    """Poll pg_is_in_recovery() until false; raise with the server log if the server stops instead."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not cluster.is_running():
+            raise RestoreError(f"PostgreSQL stopped during recovery: {_log_tail(cluster)}")
+        try:
+            row = _query(cluster, "SELECT pg_is_in_recovery()")
+            if row is not None and row[0] is False:
+                return
+        except psycopg.OperationalError:
+            pass
+        time.sleep(POLL_S)
+    raise RestoreError(f"recovery did not finish within {timeout:.0f} s (raise --timeout): {_log_tail(cluster)}")
+
+
+def _log_tail(cluster: ScratchPostgres, lines: int = 15) -> str:
+    return " | ".join(cluster.server_log().strip().splitlines()[-lines:])
+
+
+def _start_recovery(cluster: ScratchPostgres, wal_dir: Path, target_time: datetime | None, timeout: float) -> None:
+    cluster.configure(recovery_settings(wal_dir, target_time))
+    (cluster.data_dir / "recovery.signal").touch()
+    chown_to_cluster_user(cluster.data_dir)
+    try:
+        cluster.start(timeout=timeout)
+    except ScratchError as exc:
+        raise RestoreError(f"{exc} | server log: {_log_tail(cluster)}") from exc
+    wait_for_promotion(cluster, timeout)
+
+
+def restore_to_time(
+    target_time: datetime,
+    *,
+    root: Path,
+    cluster: ScratchPostgres | None = None,
+    offsite: SetFetcher | None = None,
+    archive_dir: Path | None = None,
+    use_local_archive: bool = True,
+    lookahead: timedelta = DEFAULT_LOOKAHEAD,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    dry_run: bool = False,
+    owner: str = "pitr",
+    superuser: str = "postgres",
+) -> dict[str, Any]:
+    """Restore the cluster as it was at `target_time` into a scratch cluster, and report the replay.
+
+    Sets come from staging under `root`, or from `offsite` when given (fetched
+    into the cluster's work dir). The local WAL archive adds what no set holds
+    yet (the current window). The cluster is left running; the caller destroys it.
+    `superuser` is a superuser role of the source cluster (to check the recovery).
+    """
+    if offsite is not None:
+        base_manifests = _offsite_manifests(offsite, SNAPSHOT_TYPE)
+        wal_manifests = _offsite_manifests(offsite, WAL_TYPE)
+    else:
+        base_manifests = [m for _, m in usable_sets(root, SNAPSHOT_TYPE)]
+        wal_manifests = [m for _, m in usable_sets(root, WAL_TYPE)]
+    archive_dir = archive_dir or archive_dir_for(root, {})
+    entries: list[tuple[str, datetime]] = []
+    if use_local_archive and archive_dir.is_dir():
+        entries = [(e.name, e.archived_at) for e in read_archive_log(archive_dir) if (archive_dir / e.name).is_file()]
+    inventory = build_inventory(base_manifests, wal_manifests, entries)
+    plan = plan_recovery(inventory, target_time, lookahead)
+    report: dict[str, Any] = {**plan.as_dict(), "dry_run": dry_run}
+    log.info("PITR plan: %s", json.dumps(report))
+    if dry_run:
+        return report
+
+    cluster = cluster or ScratchPostgres.new("pitr", owner=owner)
+    cluster.user = superuser
+    locator = SetLocator(root, offsite, cluster.base_dir)
+    base_dir = locator.set_dir(SNAPSHOT_TYPE, plan.base.backup_id)
+    report["base_files_verified"] = verify_set_files(base_dir, plan.base_manifest)
+    wal_dir = cluster.base_dir / WAL_DIR_NAME
+    report["wal_files_staged"] = stage_wal(plan, inventory, locator, archive_dir, wal_dir)
+
+    extract_base(base_dir / BASE_FILE, cluster.data_dir)
+    prepare_data_dir(cluster)
+    chown_to_cluster_user(cluster.base_dir)
+    started = time.monotonic()
+    fallback = False
+    try:
+        _start_recovery(cluster, wal_dir, target_time, timeout)
+    except RestoreError:
+        if NOT_REACHED not in cluster.server_log():
+            raise
+        # No commit after the target exists in the WAL we have: replaying all of it gives the same state.
+        log.warning("no commit after %s in the available WAL; recovering to the end of the WAL instead", target_time)
+        fallback = True
+        if cluster.is_running():
+            cluster.stop("immediate")
+        _start_recovery(cluster, wal_dir, None, timeout)
+    wall_seconds = time.monotonic() - started
+
+    row = _query(cluster, "SELECT pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()")
+    assert row is not None
+    base_start_lsn = parse_lsn(plan.base_manifest.details["start_lsn"])
+    replayed = max(0, parse_lsn(row[0]) - base_start_lsn) if row[0] else 0
+    server_log = cluster.server_log()
+    redo = _REDO_DONE.findall(server_log)  # one line per start (two after a fallback)
+    redo_seconds = sum(float(elapsed) for _, elapsed in redo) if redo else wall_seconds
+    stop = _STOPPING.findall(server_log)
+    report.update(
+        data_dir=str(cluster.data_dir),
+        port=cluster.port,
+        conninfo=cluster.conninfo(),
+        replay_lsn=row[0],
+        last_replayed_commit=row[1].isoformat() if row[1] else None,
+        stop=stop[-1] if stop else "end of available WAL",
+        recovered_to_end_of_wal=fallback,
+        wal_bytes_replayed=replayed,
+        redo_seconds=round(redo_seconds, 3),
+        wall_seconds=round(wall_seconds, 3),
+        replay_mb_per_s=round(replayed / 1e6 / redo_seconds, 1) if redo_seconds > 0 else None,
+    )
+    log.info("PITR finished: %s", json.dumps(report))
+    return report
+
+
+def restore(set_dir: Path, manifest: Manifest, target: ScratchPostgres | str | Path, **options: Any) -> dict[str, Any]:
+    """The service verb for a `wal` set: PITR to the end of its window (or options["target_time"]).
+
+    The base and the other WAL sets come from the same backup root as `set_dir`.
+    """
+    if manifest.backup_type != WAL_TYPE:
+        raise RestoreError(f"postgres_pitr.restore takes a wal set, got {manifest.backup_type} {manifest.backup_id}")
+    target_time = options.pop("target_time", None) or manifest.details.get("last_archived_at")
+    if target_time is None:
+        raise RestoreError(f"WAL set {manifest.backup_id} shipped no WAL; give target_time")
+    if isinstance(target_time, str):
+        target_time = datetime.fromisoformat(target_time)
+    root = Path(set_dir).resolve().parents[2]
+    return restore_to_time(target_time, root=root, cluster=scratch_target(target, options.pop("port", None)), **options)
+
+
+def _offsite_manifests(offsite: SetFetcher, backup_type: str) -> list[Manifest]:
+    found = []
+    for backup_id in sorted(offsite.list_backup_ids(SERVICE, backup_type)):
+        try:
+            manifest = offsite.read_manifest(SERVICE, backup_type, backup_id)
+        except ManifestError as exc:
+            log.warning("offsite %s/%s/%s: %s", SERVICE, backup_type, backup_id, exc)
+            continue
+        if manifest is not None:
+            found.append(manifest)
+    return found
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-26T10:15:00+09:00)") from exc
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no timezone offset (e.g. +09:00 for Asia/Seoul)")
+    return moment
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", type=Path, help="backup root (default: the plan's backup_root / $ERP_BACKUP_ROOT)")
+    common.add_argument("--archive-dir", type=Path, help="local WAL archive (default: the plan's wal_archive_dir or <root>/postgres/wal_archive)")
+    parser = argparse.ArgumentParser(prog="python -m erp_backup.services.postgres_pitr", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    restore = commands.add_parser("restore", parents=[common], help="restore into a new scratch cluster as of --target-time")
+    restore.add_argument("--target-time", required=True, type=_parse_time, help="ISO 8601 with offset, e.g. 2026-11-26T10:15:00+09:00")
+    restore.add_argument("--dry-run", action="store_true", help="only show the base and WAL that would be used")
+    restore.add_argument("--no-local-archive", action="store_true", help="use WAL sets only")
+    restore.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for recovery (default 7200)")
+    restore.add_argument("--stop", action="store_true", help="stop the restored cluster when done (default: leave it running)")
+    restore.add_argument("--superuser", default="postgres", help="a superuser role of the source cluster (default postgres)")
+    commands.add_parser("coverage", parents=[common], help="list the span of target times each base backup reaches")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+
+    root = args.root
+    options: Mapping[str, Any] = {}
+    if root is None:
+        from erp_backup.plan import load_plan
+
+        plan = load_plan()
+        root = plan.backup_root
+        options = plan.job(SERVICE, WAL_TYPE).options
+    archive_dir = args.archive_dir or archive_dir_for(root, options)
+
+    if args.command == "coverage":
+        entries = [(e.name, e.archived_at) for e in read_archive_log(archive_dir)] if archive_dir.is_dir() else []
+        inventory = build_inventory(
+            [m for _, m in usable_sets(root, SNAPSHOT_TYPE)], [m for _, m in usable_sets(root, WAL_TYPE)], entries
+        )
+        print(json.dumps([span.describe() for span in coverage(inventory)], indent=2))
+        return 0
+    try:
+        report = restore_to_time(
+            args.target_time,
+            root=root,
+            archive_dir=archive_dir,
+            use_local_archive=not args.no_local_archive,
+            timeout=args.timeout,
+            dry_run=args.dry_run,
+            owner="pitr-cli",
+            superuser=args.superuser,
+        )
+    except RestoreError as exc:
+        print(f"PITR failed: {exc}", file=sys.stderr)
+        return 2
+    if args.stop and not args.dry_run:
+        ScratchPostgres(Path(report["data_dir"]).parent, port=report["port"]).stop()
+        report["stopped"] = True
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

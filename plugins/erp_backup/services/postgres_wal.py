@@ -1,0 +1,722 @@
+"""PostgreSQL WAL shipping: the 6-hourly `wal` backup type, and WAL naming.
+
+Owns: WAL file names and LSN arithmetic, the local WAL archive written by
+`include/scripts/archive_wal.sh` (and its `archive.log`), the continuity check
+(gap detection across sets and timelines), the `pg_stat_archiver` check, and
+the `wal` backup set: every file archived in the run's window [start, end),
+by its archive.log time, compressed with zstd as `wal/<name>.zst`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from erp_backup.manifest import FileEntry, Manifest, ManifestError
+from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
+from erp_backup.sets import BackupSet, SetState, list_sets
+from erp_backup.stream import stream_to_file
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = frozenset({"wal"})
+SERVICE = "postgres"
+BACKUP_TYPE = "wal"
+ARCHIVE_DIR = (SERVICE, "wal_archive")
+ARCHIVE_LOG = "archive.log"
+SET_SUBDIR = "wal"
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+DEFAULT_ARCHIVE_TIMEOUT = timedelta(seconds=60)
+DEFAULT_ARCHIVE_MARGIN = timedelta(minutes=10)
+READ_CHUNK = 1 << 20
+
+_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+_HISTORY = re.compile(r"^([0-9A-F]{8})\.history$")
+_BACKUP_LABEL = re.compile(r"^([0-9A-F]{24})\.[0-9A-F]{8}\.backup$")
+_PARTIAL = re.compile(r"^([0-9A-F]{24})\.partial$")
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+_DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|min)?$")
+
+
+class WalBackupError(RuntimeError):
+    """The WAL backup cannot be made as asked (bad archive, window not closed...)."""
+
+
+class WalGapError(WalBackupError):
+    """The WAL sequence has a hole. The message names the missing file(s)."""
+
+
+class ArchiverError(WalBackupError):
+    """pg_stat_archiver shows archiving is failing or stale."""
+
+
+# --- names and LSNs ---------------------------------------------------------------------------
+
+
+def parse_lsn(text: str) -> int:
+    match = _LSN.match(text.strip())
+    if not match:
+        raise ValueError(f"not an LSN: {text!r} (expected e.g. 0/3000028)")
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def _segments_per_xlogid(segment_size: int) -> int:
+    if segment_size <= 0 or segment_size & (segment_size - 1) or not (1 << 20) <= segment_size <= (1 << 30):
+        raise ValueError(f"invalid WAL segment size {segment_size}: must be a power of two from 1 MB to 1 GB")
+    return 0x100000000 // segment_size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One WAL segment: timeline + segment number (position = segno * size)."""
+
+    timeline: int
+    segno: int
+    size: int = DEFAULT_SEGMENT_SIZE
+
+    @classmethod
+    def parse(cls, name: str, size: int = DEFAULT_SEGMENT_SIZE) -> Segment:
+        if not _SEGMENT.match(name):
+            raise ValueError(f"not a WAL segment name: {name!r} (24 hex digits TTTTTTTTXXXXXXXXYYYYYYYY)")
+        per_id = _segments_per_xlogid(size)
+        low = int(name[16:24], 16)
+        if low >= per_id:
+            raise ValueError(f"{name}: segment part {name[16:24]} is out of range for {size}-byte segments")
+        return cls(int(name[0:8], 16), int(name[8:16], 16) * per_id + low, size)
+
+    @classmethod
+    def of_lsn(cls, lsn: int, timeline: int, size: int = DEFAULT_SEGMENT_SIZE) -> Segment:
+        return cls(timeline, lsn // size, size)
+
+    @property
+    def name(self) -> str:
+        per_id = _segments_per_xlogid(self.size)
+        return f"{self.timeline:08X}{self.segno // per_id:08X}{self.segno % per_id:08X}"
+
+    @property
+    def start_lsn(self) -> int:
+        return self.segno * self.size
+
+    @property
+    def end_lsn(self) -> int:
+        return (self.segno + 1) * self.size
+
+    def on(self, timeline: int, segno: int) -> Segment:
+        return Segment(timeline, segno, self.size)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def wal_file_kind(name: str) -> str | None:
+    """'segment', 'history', 'backup' (backup history file), 'partial', or None for anything else."""
+    if _SEGMENT.match(name):
+        return "segment"
+    if _HISTORY.match(name):
+        return "history"
+    if _BACKUP_LABEL.match(name):
+        return "backup"
+    if _PARTIAL.match(name):
+        return "partial"
+    return None
+
+
+def segment_part(name: str) -> str | None:
+    """The 24-hex segment a WAL file belongs to (segments, .backup and .partial files)."""
+    for pattern in (_SEGMENT, _BACKUP_LABEL, _PARTIAL):
+        match = pattern.match(name)
+        if match:
+            return name[:24]
+    return None
+
+
+def parse_history(text: str) -> list[tuple[int, int]]:
+    """A timeline history file: [(parent timeline, switch LSN)], oldest first."""
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise ValueError(f"malformed timeline history line: {line!r}")
+        entries.append((int(parts[0]), parse_lsn(parts[1])))
+    return entries
+
+
+# --- the local archive -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    """One archive.log line: when archive_wal.sh made the file durable, and its content hash."""
+
+    name: str
+    archived_at: datetime
+    sha256: str
+    size: int
+
+
+def parse_archive_log(text: str, origin: str = ARCHIVE_LOG) -> list[ArchivedFile]:
+    """Parse archive.log. The first line for a name wins; malformed lines are skipped with a warning."""
+    seen: dict[str, ArchivedFile] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            when, name, digest, size = parts
+            entry = ArchivedFile(name, datetime.fromisoformat(when.replace("Z", "+00:00")), digest, int(size))
+            if entry.archived_at.tzinfo is None or len(digest) != 64 or wal_file_kind(name) is None:
+                raise ValueError("bad field")
+        except ValueError:
+            log.warning("%s:%d: skipping malformed line %r", origin, number, line[:200])
+            continue
+        seen.setdefault(entry.name, entry)
+    return list(seen.values())
+
+
+def read_archive_log(archive_dir: Path) -> list[ArchivedFile]:
+    path = archive_dir / ARCHIVE_LOG
+    if not archive_dir.is_dir():
+        raise WalBackupError(
+            f"WAL archive directory {archive_dir} does not exist: check archive_command and the "
+            f"postgres option wal_archive_dir (see docs/pitr.md)"
+        )
+    if not path.is_file():
+        return []
+    return parse_archive_log(path.read_text(encoding="utf-8", errors="replace"), origin=str(path))
+
+
+def files_in_window(entries: list[ArchivedFile], start: datetime, end: datetime) -> list[ArchivedFile]:
+    """Entries archived in [start, end), by name (so the set is the same whatever the log order)."""
+    return sorted((e for e in entries if start <= e.archived_at < end), key=lambda e: e.name)
+
+
+def segment_size_of(entries: list[ArchivedFile], default: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """The WAL segment size: every segment file is exactly that long."""
+    for entry in entries:
+        if wal_file_kind(entry.name) == "segment":
+            return entry.size
+    return default
+
+
+def timeline_switches(archive_dir: Path) -> dict[int, tuple[int, int]]:
+    """For each timeline with an archived history file: (parent timeline, switch LSN)."""
+    switches: dict[int, tuple[int, int]] = {}
+    for path in archive_dir.glob("*.history"):
+        match = _HISTORY.match(path.name)
+        if not match:
+            continue
+        try:
+            entries = parse_history(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot read timeline history: %s", path, exc)
+            continue
+        if entries:
+            switches[int(match.group(1), 16)] = entries[-1]
+    return switches
+
+
+# --- continuity --------------------------------------------------------------------------------
+
+
+@dataclass
+class Continuity:
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.problems
+
+
+def check_continuity(
+    previous_last: Segment | None,
+    segments: list[Segment],
+    switches: Mapping[int, tuple[int, int]],
+) -> Continuity:
+    """Find holes in a window's segments, continuing from the previous set's last segment.
+
+    Within a timeline segment numbers must be consecutive. A window may overlap
+    the previous set (manual runs), so only numbers past the last shipped one
+    must be present. A newer timeline starts at the segment holding its switch
+    point (from its .history file); its parent must reach the segment before.
+    """
+    result = Continuity()
+    if not segments:
+        return result
+    size = segments[0].size
+    last_seen: dict[int, int] = {}
+    if previous_last is not None:
+        last_seen[previous_last.timeline] = previous_last.segno
+
+    def missing(timeline: int, first: int, stop: int) -> None:
+        result.missing.extend(Segment(timeline, segno, size).name for segno in range(first, stop))
+
+    by_timeline: dict[int, list[int]] = {}
+    for segment in segments:
+        by_timeline.setdefault(segment.timeline, []).append(segment.segno)
+    for timeline in sorted(by_timeline):
+        numbers = sorted(by_timeline[timeline])
+        if timeline in last_seen:
+            if numbers[0] > last_seen[timeline] + 1:
+                missing(timeline, last_seen[timeline] + 1, numbers[0])
+        elif timeline in switches:
+            parent, switch_lsn = switches[timeline]
+            first_on_timeline = switch_lsn // size
+            if previous_last is not None and numbers[0] > first_on_timeline:
+                missing(timeline, first_on_timeline, numbers[0])
+            if parent in last_seen and last_seen[parent] < first_on_timeline - 1:
+                missing(parent, last_seen[parent] + 1, first_on_timeline)
+        elif previous_last is not None and timeline > previous_last.timeline:
+            result.problems.append(
+                f"timeline {timeline} starts at {Segment(timeline, numbers[0], size).name} but "
+                f"{timeline:08X}.history is not in the archive"
+            )
+        for before, after in zip(numbers, numbers[1:]):
+            if after > before + 1:
+                missing(timeline, before + 1, after)
+        last_seen[timeline] = max(numbers[-1], last_seen.get(timeline, -1))
+    result.missing.sort()
+    return result
+
+
+def last_segment(segments: list[Segment]) -> Segment | None:
+    """The head of the newest timeline: where the next set must continue."""
+    return max(segments, key=lambda s: (s.timeline, s.segno), default=None)
+
+
+# --- pg_stat_archiver --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiverStatus:
+    checked_at: datetime
+    server_version: str
+    archive_mode: str
+    archive_timeout_s: int
+    archived_count: int
+    last_archived_wal: str | None
+    last_archived_time: datetime | None
+    failed_count: int
+    last_failed_wal: str | None
+    last_failed_time: datetime | None
+    stats_reset: datetime | None
+    ready_count: int | None  # .ready files waiting in pg_wal/archive_status (None: not readable)
+    oldest_ready: str | None
+    oldest_ready_since: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            key: (value.isoformat() if isinstance(value, datetime) else value)
+            for key, value in self.__dict__.items()
+        }
+
+
+def archiver_findings(
+    status: ArchiverStatus,
+    previous: Mapping[str, Any] | None,
+    archive_timeout: timedelta,
+    margin: timedelta,
+) -> tuple[list[str], list[str]]:
+    """(problems that fail the task, warnings recorded in the manifest). Pure.
+
+    `previous` is the archiver record of the most recently captured WAL set.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    if status.archive_mode not in ("on", "always"):
+        problems.append(f"archive_mode is {status.archive_mode!r} on the server: WAL is not archived (set archive_mode=on and restart)")
+    if status.archive_timeout_s == 0:
+        warnings.append("archive_timeout is 0 on the server: a quiet database can leave commits unarchived for hours")
+    elif status.archive_timeout_s > archive_timeout.total_seconds():
+        warnings.append(
+            f"archive_timeout on the server is {status.archive_timeout_s}s, longer than the plan's "
+            f"{int(archive_timeout.total_seconds())}s"
+        )
+
+    failing_now = status.last_failed_time is not None and (
+        status.last_archived_time is None or status.last_failed_time >= status.last_archived_time
+    )
+    if failing_now:
+        problems.append(
+            f"WAL archiving is failing: last failure on {status.last_failed_wal} at "
+            f"{status.last_failed_time.isoformat()} (failed_count {status.failed_count}), nothing archived since; "
+            f"see 'archive command failed' in the PostgreSQL server log"
+        )
+
+    grew_by = _failed_count_growth(status, previous)
+    if grew_by and not failing_now:
+        warnings.append(
+            f"failed_count grew by {grew_by} since the previous WAL backup (last failure {status.last_failed_wal} "
+            f"at {status.last_failed_time.isoformat() if status.last_failed_time else '?'}), "
+            f"but archiving has succeeded since; the continuity check decides whether anything was lost"
+        )
+
+    limit = archive_timeout + margin
+    if status.oldest_ready_since is not None and status.checked_at - status.oldest_ready_since > limit:
+        problems.append(
+            f"{status.oldest_ready} has been waiting to be archived since {status.oldest_ready_since.isoformat()} "
+            f"({status.ready_count} file(s) waiting), longer than archive_timeout + margin ({_span(limit)})"
+        )
+    elif status.ready_count is None and status.last_archived_time is not None and status.checked_at - status.last_archived_time > limit:
+        problems.append(
+            f"last WAL archived at {status.last_archived_time.isoformat()}, more than archive_timeout + margin "
+            f"({_span(limit)}) ago (grant pg_monitor to the backup role so waiting files can be checked instead)"
+        )
+    return problems, warnings
+
+
+def _failed_count_growth(status: ArchiverStatus, previous: Mapping[str, Any] | None) -> int:
+    if not previous or "failed_count" not in previous:
+        return 0
+    before = previous.get("stats_reset")
+    same_epoch = (datetime.fromisoformat(before) if before else None) == status.stats_reset
+    baseline = int(previous["failed_count"]) if same_epoch else 0
+    return max(0, status.failed_count - baseline)
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    return f"{seconds // 60} min" if seconds % 60 == 0 and seconds >= 60 else f"{seconds}s"
+
+
+def connect_kwargs(conn: Any) -> dict[str, Any]:
+    """psycopg keyword arguments from an Airflow connection (password stays out of any argv)."""
+    kwargs: dict[str, Any] = {
+        "host": conn.host or "127.0.0.1",
+        "port": int(conn.port or 5432),
+        "user": conn.login or "postgres",
+        "dbname": conn.schema or "postgres",
+        "connect_timeout": 10,
+        "application_name": "erp_backup",
+    }
+    if conn.password:
+        kwargs["password"] = conn.password
+    return kwargs
+
+
+def read_archiver_status(conn: Any, conn_id: str) -> ArchiverStatus:
+    """Query pg_stat_archiver and the waiting .ready files over psycopg."""
+    import psycopg
+
+    kwargs = connect_kwargs(conn)
+    try:
+        with psycopg.connect(**kwargs, autocommit=True) as db:
+            row = db.execute(
+                "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
+                " last_failed_time, stats_reset, now(), current_setting('server_version'),"
+                " current_setting('archive_mode'),"
+                " (SELECT setting::int FROM pg_settings WHERE name = 'archive_timeout')"
+                " FROM pg_stat_archiver"
+            ).fetchone()
+            assert row is not None
+            ready_count = oldest_ready = oldest_since = None
+            try:
+                ready = db.execute(
+                    "SELECT count(*) OVER (), name, modification FROM pg_ls_archive_statusdir()"
+                    " WHERE name LIKE '%.ready' ORDER BY modification, name LIMIT 1"
+                ).fetchone()
+                ready_count = ready[0] if ready else 0
+                if ready:
+                    oldest_ready, oldest_since = ready[1].removesuffix(".ready"), ready[2]
+            except psycopg.errors.InsufficientPrivilege:
+                log.warning("%s: cannot list pg_wal/archive_status (needs pg_monitor); using last_archived_time", conn_id)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailable(
+            f"cannot connect to PostgreSQL connection {conn_id!r} at {kwargs['host']}:{kwargs['port']} "
+            f"to check pg_stat_archiver: {str(exc).strip()}"
+        ) from exc
+    return ArchiverStatus(
+        checked_at=row[7],
+        server_version=row[8],
+        archive_mode=row[9],
+        archive_timeout_s=int(row[10]),
+        archived_count=row[0],
+        last_archived_wal=row[1],
+        last_archived_time=row[2],
+        failed_count=row[3],
+        last_failed_wal=row[4],
+        last_failed_time=row[5],
+        stats_reset=row[6],
+        ready_count=ready_count,
+        oldest_ready=oldest_ready,
+        oldest_ready_since=oldest_since,
+    )
+
+
+# --- options -----------------------------------------------------------------------------------
+
+
+def duration_option(options: Mapping[str, Any], key: str, default: timedelta) -> timedelta:
+    """A duration option: seconds as a number, or '60s', '10m', '1h', '7d'."""
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    match = _DURATION.match(str(value).strip())
+    if not match:
+        raise WalBackupError(f"postgres option {key}: invalid duration {value!r} (use e.g. 60s, 10m, 1h)")
+    unit = {"s": "seconds", None: "seconds", "m": "minutes", "min": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+    return timedelta(**{unit: int(match.group(1))})
+
+
+def archive_dir_for(root: Path, options: Mapping[str, Any]) -> Path:
+    """The local WAL archive: option wal_archive_dir, else $ERP_WAL_ARCHIVE_DIR, else $BACKUP_ROOT/postgres/wal_archive."""
+    configured = options.get("wal_archive_dir") or os.environ.get("ERP_WAL_ARCHIVE_DIR")
+    return Path(configured) if configured else root.joinpath(*ARCHIVE_DIR)
+
+
+# --- sets --------------------------------------------------------------------------------------
+
+
+def usable_sets(root: Path, backup_type: str) -> list[tuple[BackupSet, Manifest]]:
+    """Sets of a type that hold a readable manifest and are not marked corrupt, oldest id first."""
+    found = []
+    for backup_set in list_sets(root, SERVICE, backup_type):
+        if backup_set.state in (SetState.INCOMPLETE, SetState.CORRUPT):
+            continue
+        try:
+            found.append((backup_set, backup_set.manifest()))
+        except ManifestError as exc:
+            log.warning("skipping %s: %s", backup_set.key, exc)
+    return found
+
+
+def previous_chain_set(root: Path, before_id: str) -> tuple[str, Segment] | None:
+    """The newest earlier WAL set that shipped segments: (its id, its last segment)."""
+    for backup_set, manifest in reversed(usable_sets(root, BACKUP_TYPE)):
+        if backup_set.backup_id >= before_id:
+            continue
+        last = manifest.details.get("last_segment")
+        if last:
+            size = int(manifest.details.get("wal_segment_size", DEFAULT_SEGMENT_SIZE))
+            return backup_set.backup_id, Segment.parse(last, size)
+    return None
+
+
+def previous_archiver_record(root: Path, current_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The archiver status recorded by the most recently *captured* WAL set (not the previous window)."""
+    best: tuple[datetime, str, dict[str, Any]] | None = None
+    for backup_set, manifest in usable_sets(root, BACKUP_TYPE):
+        record = manifest.details.get("archive_check", {}).get("archiver")
+        if backup_set.backup_id == current_id or not record:
+            continue
+        captured = manifest.captured_finished_at
+        if captured.tzinfo is None:
+            captured = captured.replace(tzinfo=timezone.utc)
+        if best is None or captured > best[0]:
+            best = (captured, backup_set.backup_id, record)
+    return (best[1], best[2]) if best else None
+
+
+# --- shipping ----------------------------------------------------------------------------------
+
+
+def _read_chunks(path: Path, digest: Any) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            digest.update(chunk)
+            yield chunk
+
+
+def ship_file(entry: ArchivedFile, archive_dir: Path, set_dir: Path, level: int) -> tuple[FileEntry, dict[str, Any]]:
+    """Compress one archived file into the set, checking its bytes against archive.log."""
+    source = archive_dir / entry.name
+    raw = hashlib.sha256()
+    relative = f"{SET_SUBDIR}/{entry.name}.zst"
+    result = stream_to_file(_read_chunks(source, raw), set_dir, relative, level=level)
+    if raw.hexdigest() != entry.sha256 or result.raw_bytes != entry.size:
+        (set_dir / relative).unlink(missing_ok=True)
+        raise WalBackupError(
+            f"{source}: content does not match its archive.log line (sha256 {raw.hexdigest()[:12]}… "
+            f"size {result.raw_bytes}, logged {entry.sha256[:12]}… size {entry.size}): the archived copy is damaged"
+        )
+    return result.entry, {
+        "name": entry.name,
+        "kind": wal_file_kind(entry.name),
+        "archived_at": entry.archived_at.isoformat(),
+        "raw_size": entry.size,
+        "raw_sha256": entry.sha256,
+        "file": relative,
+    }
+
+
+def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
+    """Ship the WAL archived in the run's window; fail on a gap or an unhealthy archiver."""
+    options = ctx.options
+    root = ctx.backup_set.root
+    archive_dir = archive_dir_for(root, options)
+    start, end = ctx.run.window(ctx.job.interval)
+    now = now or datetime.now(timezone.utc)
+    if start >= end:
+        raise WalBackupError(f"{ctx.job.dag_id}: empty window [{start}, {end}): the plan needs interval: 6h for postgres wal")
+    if end > now:
+        raise WalBackupError(
+            f"{ctx.job.dag_id}: window [{start.isoformat()}, {end.isoformat()}) has not closed yet "
+            f"(now {now.isoformat()}); a run ships a window only after it ends"
+        )
+
+    entries = read_archive_log(archive_dir)
+    chosen = files_in_window(entries, start, end)
+    size = segment_size_of(entries)
+    absent = [e.name for e in chosen if not (archive_dir / e.name).is_file()]
+    present = [e for e in chosen if e.name not in absent]
+    segments = [Segment.parse(e.name, size) for e in present if wal_file_kind(e.name) == "segment"]
+
+    previous = previous_chain_set(root, ctx.backup_set.backup_id)
+    continuity = check_continuity(previous[1] if previous else None, segments, timeline_switches(archive_dir))
+    missing = sorted(set(continuity.missing) | {n for n in absent if wal_file_kind(n) == "segment"})
+    problems = list(continuity.problems)
+    problems += [f"{name} is in archive.log but missing from {archive_dir}" for name in absent]
+    if absent:
+        problems.append(
+            "if the local archive was pruned after shipping, this window's set is safe offsite: "
+            "do not rerun windows older than the local archive keeps"
+        )
+    if missing:
+        after = f" after {previous[1].name} (last segment of WAL set {previous[0]})" if previous else ""
+        raise WalGapError(
+            f"WAL gap in window [{start.isoformat()}, {end.isoformat()}){after}: missing {', '.join(missing)}. "
+            f"PITR across the gap is impossible; take a new base backup (backup_postgres_snapshot) "
+            f"and check the archive_command log. " + "; ".join(problems)
+        )
+    if problems:
+        raise WalGapError(f"WAL archive problem in window [{start.isoformat()}, {end.isoformat()}): " + "; ".join(problems))
+
+    archive_check: dict[str, Any] = {
+        "continuity": {
+            "status": "ok",
+            "previous_set": previous[0] if previous else None,
+            "previous_last_segment": previous[1].name if previous else None,
+            "checked_segments": len(segments),
+        },
+        "problems": [],
+        "warnings": [],
+    }
+    source: dict[str, Any] = {"archive_dir": str(archive_dir), "window_start": start.isoformat(), "window_end": end.isoformat()}
+    tools: dict[str, str] = {"archive_command": "include/scripts/archive_wal.sh"}
+    if options.get("check_archiver", True):
+        conn_id = ctx.conn_id("source")
+        conn = ctx.connection("source")
+        status = read_archiver_status(conn, conn_id)
+        prior = previous_archiver_record(root, ctx.backup_set.backup_id)
+        problems, warnings = archiver_findings(
+            status,
+            prior[1] if prior else None,
+            duration_option(options, "archive_timeout", DEFAULT_ARCHIVE_TIMEOUT),
+            duration_option(options, "archive_margin", DEFAULT_ARCHIVE_MARGIN),
+        )
+        archive_check["archiver"] = status.as_dict()
+        archive_check["archiver_previous_set"] = prior[0] if prior else None
+        archive_check["failed_count_grew_by"] = _failed_count_growth(status, prior[1] if prior else None)
+        archive_check["problems"], archive_check["warnings"] = problems, warnings
+        source.update(conn_id=conn_id, host=conn.host, port=conn.port)
+        tools["server"] = status.server_version
+        if problems:
+            raise ArchiverError(f"WAL archiving on {conn_id} ({conn.host}) is unhealthy: " + "; ".join(problems))
+        for warning in warnings:
+            log.warning("%s: %s", ctx.job.dag_id, warning)
+    archive_check["status"] = "warning" if archive_check["warnings"] else "ok"
+
+    level = int(options.get("compress_level", 3))
+    files: list[FileEntry] = []
+    shipped: list[dict[str, Any]] = []
+    for entry in present:
+        file_entry, record = ship_file(entry, archive_dir, ctx.set_dir, level)
+        files.append(file_entry)
+        shipped.append(record)
+    log.info("%s: shipped %d WAL file(s) archived in [%s, %s)", ctx.job.dag_id, len(files), start, end)
+
+    first = min(segments, key=lambda s: (s.segno, s.timeline), default=None)
+    last = last_segment(segments)
+    details = {
+        "window": {"start": start.isoformat(), "end": end.isoformat()},
+        "wal_segment_size": size,
+        "segment_count": len(segments),
+        "first_segment": first.name if first else None,
+        "last_segment": last.name if last else None,
+        "start_lsn": format_lsn(first.start_lsn) if first else None,
+        "end_lsn": format_lsn(last.end_lsn) if last else None,
+        "timeline": last.timeline if last else None,
+        "timelines": sorted({s.timeline for s in segments}),
+        "first_archived_at": min((e.archived_at.isoformat() for e in present), default=None),
+        "last_archived_at": max((e.archived_at.isoformat() for e in present), default=None),
+        "wal": shipped,
+        "archive_check": archive_check,
+    }
+    return BackupOutcome(files=files, source=source, tools=tools, details=details)
+
+
+def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
+    """Decompress every shipped file and check it against its recorded raw SHA-256 and size."""
+    problems = []
+    size = int(manifest.details.get("wal_segment_size", DEFAULT_SEGMENT_SIZE))
+    for record in manifest.details.get("wal", []):
+        path = backup_set.path / record["file"]
+        digest = hashlib.sha256()
+        count = 0
+        try:
+            with open(path, "rb") as handle, zstandard.ZstdDecompressor().stream_reader(handle) as reader:
+                while chunk := reader.read(READ_CHUNK):
+                    digest.update(chunk)
+                    count += len(chunk)
+        except (OSError, zstandard.ZstdError) as exc:
+            problems.append(f"{backup_set.key}/{record['file']}: cannot decompress: {exc}")
+            continue
+        if digest.hexdigest() != record["raw_sha256"] or count != record["raw_size"]:
+            problems.append(f"{backup_set.key}/{record['file']}: decompressed content differs from the archived {record['name']}")
+        if record["kind"] == "segment" and count != size:
+            problems.append(f"{backup_set.key}/{record['file']}: {count} bytes, a WAL segment has {size}")
+    segments = [Segment.parse(r["name"], size) for r in manifest.details.get("wal", []) if r["kind"] == "segment"]
+    inner = check_continuity(None, segments, {})
+    if inner.missing:
+        problems.append(f"{backup_set.key}: segments missing inside the set: {', '.join(inner.missing)}")
+    return problems
+
+
+def prune_local_archive(
+    root: Path,
+    archive_dir: Path,
+    now: datetime,
+    keep: timedelta,
+    *,
+    dry_run: bool,
+) -> list[str]:
+    """Remove files from the local archive once an offsite-verified WAL set holds them and they are older than `keep`.
+
+    History files are never removed (they are tiny and every later timeline needs them).
+    archive.log is append-only and is not rewritten.
+    """
+    shipped: set[str] = set()
+    for backup_set, manifest in usable_sets(root, BACKUP_TYPE):
+        if backup_set.state is SetState.OFFSITE:
+            shipped.update(record["name"] for record in manifest.details.get("wal", []))
+    removed = []
+    for entry in read_archive_log(archive_dir):
+        path = archive_dir / entry.name
+        if entry.name not in shipped or wal_file_kind(entry.name) == "history" or not path.is_file():
+            continue
+        if now - entry.archived_at <= keep:
+            continue
+        verb = "would remove" if dry_run else "removing"
+        log.info("WAL archive: %s %s (archived %s, in an offsite-verified WAL set)", verb, entry.name, entry.archived_at.isoformat())
+        if not dry_run:
+            path.unlink()
+        removed.append(entry.name)
+    return removed

@@ -1,0 +1,163 @@
+"""include/scripts/archive_wal.sh: durable copy, never overwrite, archive.log, and a real archiver using it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from erp_backup.scratch_pg import as_cluster_user, chown_to_cluster_user, scratch_root
+from erp_backup.services.postgres_wal import parse_archive_log
+from tests.fixtures.pitr import ARCHIVE_SCRIPT, archiving_pg_factory  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.integration
+
+SEGMENT = "00000001000000000000002A"
+
+
+def run_script(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the script as the server's OS user, as archive_command does."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ERP_")}
+    return subprocess.run(
+        as_cluster_user(["env", *(f"{k}={v}" for k, v in (env or {}).items()), str(ARCHIVE_SCRIPT), *args]),
+        capture_output=True, text=True, env=base, cwd=cwd,
+    )
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A scratch dir the server's OS user can reach (pytest's tmp dirs are 0700 root)."""
+    path = Path(tempfile.mkdtemp(prefix="erp-archive-test-", dir=scratch_root()))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(work: Path) -> tuple[Path, Path]:
+    """(pg_wal-like source dir, archive dir), both owned by the server's OS user."""
+    source, archive = work / "pg_wal", work / "archive"
+    source.mkdir()
+    archive.mkdir()
+    (source / SEGMENT).write_bytes(os.urandom(1 << 20))
+    chown_to_cluster_user(work)
+    return source, archive
+
+
+def test_new_segment_is_copied_logged_and_private(dirs: tuple[Path, Path]) -> None:
+    source, archive = dirs
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    done = run_script(str(source / SEGMENT), SEGMENT, str(archive))
+    assert done.returncode == 0, done.stderr
+    data = (source / SEGMENT).read_bytes()
+    assert (archive / SEGMENT).read_bytes() == data
+    assert (archive / SEGMENT).stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in archive.iterdir()) == [SEGMENT, "archive.log"]  # no temp file left
+    [entry] = parse_archive_log((archive / "archive.log").read_text())
+    assert entry.name == SEGMENT and entry.size == len(data)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert before <= entry.archived_at <= datetime.now(timezone.utc)
+
+
+def test_identical_segment_exits_0_and_is_logged_once(dirs: tuple[Path, Path]) -> None:
+    source, archive = dirs
+    assert run_script(str(source / SEGMENT), SEGMENT, str(archive)).returncode == 0
+    again = run_script(str(source / SEGMENT), SEGMENT, str(archive))
+    assert again.returncode == 0 and "identical content" in again.stderr
+    assert len((archive / "archive.log").read_text().splitlines()) == 1
+
+
+def test_different_content_fails_and_keeps_the_archived_copy(dirs: tuple[Path, Path]) -> None:
+    source, archive = dirs
+    assert run_script(str(source / SEGMENT), SEGMENT, str(archive)).returncode == 0
+    archived = (archive / SEGMENT).read_bytes()
+    (source / SEGMENT).write_bytes(os.urandom(1 << 20))
+    clash = run_script(str(source / SEGMENT), SEGMENT, str(archive))
+    assert clash.returncode != 0
+    assert f"{SEGMENT} is already archived" in clash.stderr and "DIFFERENT content" in clash.stderr
+    assert (archive / SEGMENT).read_bytes() == archived
+    assert sorted(p.name for p in archive.iterdir()) == [SEGMENT, "archive.log"]
+
+
+def test_archived_but_unlogged_file_gets_its_log_line(dirs: tuple[Path, Path]) -> None:
+    """A crash between the durable copy and the log line: the retry records it."""
+    source, archive = dirs
+    shutil.copyfile(source / SEGMENT, archive / SEGMENT)
+    chown_to_cluster_user(archive)
+    assert run_script(str(source / SEGMENT), SEGMENT, str(archive)).returncode == 0
+    assert [e.name for e in parse_archive_log((archive / "archive.log").read_text())] == [SEGMENT]
+
+
+def test_archive_dir_from_the_environment(dirs: tuple[Path, Path], work: Path) -> None:
+    source, archive = dirs
+    assert run_script(str(source / SEGMENT), SEGMENT, env={"ERP_WAL_ARCHIVE_DIR": str(archive)}).returncode == 0
+    assert (archive / SEGMENT).exists()
+    root_archive = work / "root" / "postgres" / "wal_archive"
+    root_archive.mkdir(parents=True)
+    chown_to_cluster_user(work / "root")
+    assert run_script(str(source / SEGMENT), SEGMENT, env={"ERP_BACKUP_ROOT": str(work / "root")}).returncode == 0
+    assert (root_archive / SEGMENT).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "usage"),
+        (("pg_wal/missing", SEGMENT, "{archive}"), "does not exist"),
+        (("{source}", SEGMENT, "{archive}/nowhere"), "archive directory"),
+        (("{source}", "../escape", "{archive}"), "refusing file name"),
+        (("{source}", SEGMENT), "no archive directory"),
+    ],
+)
+def test_bad_calls_fail_with_a_message(dirs: tuple[Path, Path], args: tuple[str, ...], message: str) -> None:
+    source, archive = dirs
+    filled = [a.format(source=source / SEGMENT, archive=archive) for a in args]
+    done = run_script(*filled)
+    assert done.returncode != 0 and message in done.stderr and "archive_wal.sh: ERROR" in done.stderr
+    assert not (archive / "archive.log").exists()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+def test_copy_is_fsynced_before_it_appears_and_the_directory_after(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    source, archive = dirs
+    trace = tmp_path / "trace"
+    done = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,fsync,fdatasync,link,linkat",
+         str(ARCHIVE_SCRIPT), str(source / SEGMENT), SEGMENT, str(archive)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines() if " " in line]
+    link = next(i for i, c in enumerate(calls) if c.startswith(("link(", "linkat(")) and SEGMENT in c)
+
+    def fsynced(path_part: str) -> list[int]:
+        """Indexes of fsync calls on a file descriptor opened for a path containing path_part."""
+        found = []
+        for i, call in enumerate(calls):
+            if call.startswith("fsync("):
+                fd = call.split("(")[1].split(")")[0]
+                opened = [c for c in calls[:i] if c.startswith("openat(") and c.rstrip().endswith(f"= {fd}")]
+                if opened and path_part in opened[-1]:
+                    found.append(i)
+        return found
+
+    assert any(i < link for i in fsynced(f".{SEGMENT}.tmp")), "the temp copy must be fsynced before it is linked"
+    assert any(i > link for i in fsynced(f'"{archive}"')), "the directory must be fsynced after the link"
+    assert any(i > link for i in fsynced("archive.log")), "archive.log must be fsynced"
+
+
+def test_a_real_archiver_uses_the_script(archiving_pg_factory) -> None:  # noqa: F811
+    pg = archiving_pg_factory(name="archscript")
+    name = pg.switch_wal()
+    entries = parse_archive_log((pg.archive_dir / "archive.log").read_text())
+    assert name in [e.name for e in entries]
+    assert pg.sql("SELECT failed_count FROM pg_stat_archiver")[0][0] == 0
+    with open(pg.archive_dir / name, "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == next(e.sha256 for e in entries if e.name == name)
