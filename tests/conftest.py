@@ -22,4 +22,6 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.airflow",
     "tests.fixtures.pg_estate",
+    "tests.fixtures.pitr",
+    "tests.fixtures.milvus",
 ]

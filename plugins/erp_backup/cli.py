@@ -729,18 +729,23 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
             console.say(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
+# PostgreSQL WAL and base backups restore as a chain to a point in time (postgres_pitr), not one set alone.
+CLI_RESTORE_TYPES = {"postgres": frozenset({"full"})}
+
+
 def cmd_restore(args: argparse.Namespace, console: Console) -> int:
     from erp_backup.services import get_service
 
     source = open_source(args)
     check_service_type(args.service, args.type)
     module = get_service(args.service)
-    if args.type not in module.SUPPORTED_TYPES:
+    restorable = CLI_RESTORE_TYPES.get(args.service, module.SUPPORTED_TYPES)
+    if args.type not in restorable:
         hint = (" For a point-in-time restore from base backups and WAL, use "
-                "`python -m erp_backup.services.postgres_pitr restore --target-time ...`."
+                "`include/scripts/pitr_restore.sh --target-time ...`."
                 if args.service == "postgres" else "")
-        raise UsageError(f"the {args.service} module cannot restore {args.type!r} backups "
-                         f"(supported: {', '.join(sorted(module.SUPPORTED_TYPES))}).{hint}")
+        raise UsageError(f"the {args.service} module cannot restore {args.type!r} backups here "
+                         f"(supported: {', '.join(sorted(restorable))}).{hint}")
     target, target_options = restore_target(args.service, args.type, args.target, args.target_conn)
     options = {**target_options, **restore_options(args)}
     require_backup(source, args.service, args.type, args.backup_id)

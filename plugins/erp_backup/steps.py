@@ -157,15 +157,14 @@ def retention_prune(
     from erp_backup.offsite import offsite_from_plan
 
     service = get_service(job.service)
+    store = offsite or offsite_from_plan(plan)
+    now = now or utcnow()
     protected_for = getattr(service, "protected_sets", None)
-    protected = protected_for(plan, job) if protected_for else {}
+    protected = protected_for(plan, job, now=now, offsite=store) if protected_for else {}
     report = retention.prune(
-        job,
-        plan.backup_root,
-        offsite or offsite_from_plan(plan),
-        now or utcnow(),
-        dry_run=dry_run,
-        current_id=backup_id,
-        protected=protected,
-    )
-    return report.as_dict() if hasattr(report, "as_dict") else {"report": str(report)}
+        job, plan.backup_root, store, now, dry_run=dry_run, current_id=backup_id, protected=protected,
+    ).as_dict()
+    after_prune = getattr(service, "after_prune", None)
+    if after_prune:
+        report["after_prune"] = after_prune(plan, job, now=now, dry_run=dry_run)
+    return report

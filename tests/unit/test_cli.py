@@ -219,7 +219,7 @@ def test_redis_dry_run_goes_through_the_service(root: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(("argv", "message"), [
     (("postgres", "full", "--target", "not a dsn"), "--target is not a PostgreSQL connection string or URL"),
     (("postgres", "full"), "postgres restores need --target"),
-    (("postgres", "wal", "--target", "/tmp/x"), "cannot restore 'wal' backups (supported: full). For a point-in-time"),
+    (("postgres", "wal", "--target", "/tmp/x"), "cannot restore 'wal' backups here (supported: full). For a point-in-time"),
     (("minio", "full", "--target", "s3://bucket/p"), "minio restores need --target-conn"),
     (("minio", "full", "--target", "/tmp/dir", "--target-conn", "x"), "need --target s3://bucket[/prefix]"),
     (("redis", "rdb", "--target", "/tmp/x", "--schema", "tenant_acme"), "--schema and --database apply to postgres"),

@@ -210,9 +210,9 @@ def test_schema_header_entries_select_the_schema_itself_only():
 
 
 def test_dispatch_names_supported_types():
-    assert postgres.SUPPORTED_TYPES == frozenset({"full"})
-    with pytest.raises(ValueError, match="cannot restore backup type 'wal' \\(supported: full\\)"):
-        postgres._handler(postgres._RESTORES, "wal", "restore")
+    assert postgres.SUPPORTED_TYPES == frozenset({"full", "wal", "snapshot"})
+    with pytest.raises(ValueError, match="cannot restore backup type 'hourly' \\(supported: full, snapshot, wal\\)"):
+        postgres._handler(postgres._RESTORES, "hourly", "restore")
 
 
 DATABASES = [

@@ -795,7 +795,7 @@ def backup(ctx: BackupContext) -> BackupOutcome:
     )
 
 
-def protected_sets(plan: Any, job: Any) -> dict[str, str]:
+def protected_sets(plan: Any, job: Any, **_context: Any) -> dict[str, str]:
     """Sets retention must keep for other sets' sake: none, since every set is self-contained (hardlinks)."""
     return {}
 

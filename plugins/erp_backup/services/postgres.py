@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -42,7 +43,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from erp_backup import pg_content
 from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.pg_content import TableContent
+from erp_backup.plan import BackupJob, Plan
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
+from erp_backup.services import postgres_chain, postgres_pitr, postgres_snapshot, postgres_wal
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.sets import BackupSet
 from erp_backup.stream import StreamResult, decompress_to, stream_to_file
@@ -760,9 +763,21 @@ def restore_full(
 # Dispatch on the backup type
 # ---------------------------------------------------------------------------
 
-_BACKUPS: dict[str, Callable[[BackupContext], BackupOutcome]] = {"full": backup_full}
-_VERIFIES: dict[str, Callable[..., list[str]]] = {"full": verify_full}
-_RESTORES: dict[str, Callable[..., dict[str, Any]]] = {"full": restore_full}
+_BACKUPS: dict[str, Callable[[BackupContext], BackupOutcome]] = {
+    "full": backup_full,
+    "wal": postgres_wal.backup,
+    "snapshot": postgres_snapshot.backup,
+}
+_VERIFIES: dict[str, Callable[..., list[str]]] = {
+    "full": verify_full,
+    "wal": postgres_wal.verify,
+    "snapshot": postgres_snapshot.verify,
+}
+_RESTORES: dict[str, Callable[..., dict[str, Any]]] = {
+    "full": restore_full,
+    "wal": postgres_pitr.restore,
+    "snapshot": postgres_snapshot.restore,
+}
 SUPPORTED_TYPES = frozenset(_BACKUPS)
 
 
@@ -783,5 +798,23 @@ def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
     return _handler(_VERIFIES, manifest.backup_type, "verify")(backup_set, manifest)
 
 
-def restore(set_dir: Path, manifest: Manifest, target: str, **options: Any) -> dict[str, Any]:
+def restore(set_dir: Path, manifest: Manifest, target: Any, **options: Any) -> dict[str, Any]:
     return _handler(_RESTORES, manifest.backup_type, "restore")(set_dir, manifest, target, **options)
+
+
+def protected_sets(plan: Plan, job: BackupJob, *, now: datetime, offsite: Any = None) -> Mapping[str, str]:
+    """WAL and base backups retention must keep so the PITR chain stays whole (postgres_chain)."""
+    if job.backup_type not in (postgres_chain.WAL_TYPE, postgres_chain.SNAPSHOT_TYPE):
+        return {}
+    wal_retention = plan.job(job.service, postgres_chain.WAL_TYPE).retention
+    return postgres_chain.chain_protection(plan.backup_root, now, wal_retention, offsite)[job.backup_type]
+
+
+def after_prune(plan: Plan, job: BackupJob, *, now: datetime, dry_run: bool) -> dict[str, Any]:
+    """For the WAL job: drop raw archive files already held in offsite-verified WAL sets."""
+    if job.backup_type != postgres_chain.WAL_TYPE:
+        return {}
+    archive_dir = postgres_wal.archive_dir_for(plan.backup_root, job.options)
+    keep = postgres_wal.duration_option(job.options, "archive_keep", timedelta(days=1))
+    removed = postgres_wal.prune_local_archive(plan.backup_root, archive_dir, now, keep, dry_run=dry_run)
+    return {"archive_dir": str(archive_dir), "archive_files_removed": len(removed), "dry_run": dry_run}
