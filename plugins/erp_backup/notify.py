@@ -1,11 +1,10 @@
-"""Slack alerts through the Slack provider's webhook notifier. Alerts never raise."""
+"""Slack alerts through the Slack provider's webhook notifier, imported only when sending. Alerts never raise."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
-
-from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
 log = logging.getLogger(__name__)
 
@@ -42,34 +41,36 @@ def failure_text(context: dict[str, Any]) -> str:
     )
 
 
-class SafeSlackWebhookNotifier(SlackWebhookNotifier):
-    """SlackWebhookNotifier whose text comes from a function of the context, and which never raises.
+class FailureAlert:
+    """A task failure callback that posts through the Slack provider's SlackWebhookNotifier.
 
-    A broken Slack connection is logged and swallowed, so the task's own failure
-    stays the visible cause.
+    The provider is imported only when a task fails, so DAG parsing stays cheap. The
+    connection is resolved afresh on every alert, and a broken Slack connection is
+    logged and swallowed, so the task's own failure stays the visible cause.
     """
 
-    def __init__(self, *, slack_webhook_conn_id: str, build_text=failure_text, **kwargs: Any):
-        super().__init__(slack_webhook_conn_id=slack_webhook_conn_id, text="", **kwargs)
+    def __init__(self, slack_conn_id: str, build_text: Callable[[dict[str, Any]], str] = failure_text):
+        self.slack_conn_id = slack_conn_id
         self.build_text = build_text
 
-    def __call__(self, *args: Any) -> None:
+    def __call__(self, context: dict[str, Any]) -> None:
         try:
-            context = args[0] if len(args) == 1 else {}
-            self.__dict__.pop("hook", None)  # resolve the connection afresh on every alert
-            self.text = self.build_text(context)
-            self.notify(context)
+            from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
+
+            SlackWebhookNotifier(slack_webhook_conn_id=self.slack_conn_id, text=self.build_text(context)).notify(context)
         except Exception as exc:
-            log.error("Slack alert via %r failed (original failure unchanged): %s", self.slack_webhook_conn_id, exc)
+            log.error("Slack alert via %r failed (original failure unchanged): %s", self.slack_conn_id, exc)
 
 
-def failure_notifier(slack_conn_id: str) -> SafeSlackWebhookNotifier:
-    return SafeSlackWebhookNotifier(slack_webhook_conn_id=slack_conn_id)
+def failure_notifier(slack_conn_id: str) -> FailureAlert:
+    return FailureAlert(slack_conn_id)
 
 
 def send(slack_conn_id: str, text: str) -> bool:
     """Post a message (drill summaries, watchdog breaches). Returns False instead of raising."""
     try:
+        from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
+
         SlackWebhookNotifier(slack_webhook_conn_id=slack_conn_id, text=text).notify({})
         return True
     except Exception as exc:
