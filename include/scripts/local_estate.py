@@ -7,7 +7,11 @@
   ERP data, WAL archiving on.
 - S3 stand-ins (moto server): one for MinIO with sample documents (port 19000), one as the
   offsite store (port 19100).
+- milvus-lite: .estate/milvus.db with two sample collections (one with partitions and a dynamic field).
+- etcd (port 12379), Redis (port 16379) with sample keys; RabbitMQ is the machine's own broker.
 - A Slack sink on port 18090 that appends every alert to .estate/slack.jsonl.
+
+GitLab cannot run here, so `make run` disables its DAG (ERP_BACKUP_DISABLE=gitlab).
 
 Connections for these come from include/estate/dev.env (dummy secrets).
 """
@@ -33,6 +37,8 @@ PG_PORT = 15432
 MINIO_PORT = 19000
 OFFSITE_PORT = 19100
 SLACK_PORT = 18090
+ETCD_PORT = 12379
+REDIS_PORT = 16379
 PY = sys.executable
 
 
@@ -157,15 +163,73 @@ def start_slack() -> None:
     log(f"Slack sink on 127.0.0.1:{SLACK_PORT}: alerts land in {ESTATE / 'slack.jsonl'}")
 
 
+def start_etcd() -> None:
+    data = ESTATE / "etcd"
+    spawn("etcd", [
+        "etcd", "--name", "estate", "--data-dir", str(data),
+        "--listen-client-urls", f"http://127.0.0.1:{ETCD_PORT}", "--advertise-client-urls", f"http://127.0.0.1:{ETCD_PORT}",
+        "--listen-peer-urls", f"http://127.0.0.1:{ETCD_PORT + 1}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{ETCD_PORT + 1}",
+        "--initial-cluster", f"estate=http://127.0.0.1:{ETCD_PORT + 1}",
+    ])
+    wait_http(f"http://127.0.0.1:{ETCD_PORT}/health")
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    subprocess.run(["etcdctl", f"--endpoints=127.0.0.1:{ETCD_PORT}", "put", "/milvus/meta/estate", "sample"],
+                   check=True, env=env, capture_output=True)
+    log(f"etcd on 127.0.0.1:{ETCD_PORT}")
+
+
+def start_redis() -> None:
+    (ESTATE / "redis").mkdir(exist_ok=True)
+    spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "",
+                    "--appendonly", "no", "--dir", str(ESTATE / "redis")])
+    for _ in range(50):
+        if subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "ping"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.2)
+    commands = "".join(f"SET session:{i} tenant-{i % 3}\n" for i in range(200)) + "HSET cache:rates krw 1 usd 1390\n"
+    subprocess.run(["redis-cli", "-p", str(REDIS_PORT)], input=commands.encode(), check=True, capture_output=True)
+    log(f"Redis on 127.0.0.1:{REDIS_PORT} (sample keys)")
+
+
+def seed_milvus() -> None:
+    path = ESTATE / "milvus.db"
+    if path.exists():
+        return
+    import random
+
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(uri=str(path))
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=True)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=32)
+    index = client.prepare_index_params()
+    index.add_index(field_name="embedding", index_type="AUTOINDEX", metric_type="COSINE")
+    rng = random.Random(7)
+    for name, partitions in (("rag_chunks", ["tenant_acme", "tenant_globex"]), ("product_vectors", [])):
+        client.create_collection(name, schema=schema, index_params=index)
+        for partition in partitions:
+            client.create_partition(name, partition)
+        for offset, target in enumerate(partitions or ["_default"]):
+            rows = [{"id": offset * 10_000 + i, "embedding": [rng.random() for _ in range(32)],
+                     "tenant": target} for i in range(500)]
+            client.insert(name, rows, partition_name=target)
+    client.close()
+    log(f"milvus-lite sample collections in {path}")
+
+
 def start() -> None:
     ESTATE.mkdir(parents=True, exist_ok=True)
     start_postgres()
     start_s3()
+    start_etcd()
+    start_redis()
+    seed_milvus()
     start_slack()
 
 
 def stop() -> None:
-    for name in ("slack", "offsite", "minio"):
+    for name in ("slack", "offsite", "minio", "etcd", "redis"):
         path = pidfile(name)
         if running(name):
             os.killpg(int(path.read_text()), signal.SIGTERM)
@@ -178,7 +242,7 @@ def stop() -> None:
 
 
 def status() -> None:
-    print(json.dumps({name: running(name) for name in ("minio", "offsite", "slack")}
+    print(json.dumps({name: running(name) for name in ("minio", "offsite", "slack", "etcd", "redis")}
                      | {"postgres": postgres().is_running()}, indent=2))
 
 

@@ -15,13 +15,18 @@ export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=30
 export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://localhost:8080}
 export ERP_BACKUP_ROOT=$ERP_ESTATE_DIR/backup
 export ERP_SCRATCH_ROOT=$ERP_ESTATE_DIR/scratch
+export ERP_WAL_ARCHIVE_DIR=$ERP_ESTATE_DIR/wal_archive
+export ERP_BACKUP_DISABLE=gitlab   # no GitLab can run on this machine (README)
 export PYTHONPATH=$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}
 export PATH=$ROOT/.venv/bin:$PATH
 set -a; source include/estate/dev.env; set +a
 
 stop() {
   if [[ -f $ERP_ESTATE_DIR/airflow.pid ]] && kill -0 "$(cat "$ERP_ESTATE_DIR/airflow.pid")" 2>/dev/null; then
-    kill -TERM -- "-$(cat "$ERP_ESTATE_DIR/airflow.pid")" 2>/dev/null || true
+    group=$(cat "$ERP_ESTATE_DIR/airflow.pid")
+    kill -TERM -- "-$group" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 -- "-$group" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$group" 2>/dev/null || true
     echo "run: stopped Airflow"
   fi
   rm -f "$ERP_ESTATE_DIR/airflow.pid"
