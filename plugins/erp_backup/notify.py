@@ -34,7 +34,7 @@ def failure_text(context: dict[str, Any]) -> str:
     except Exception:  # a broken base_url must not hide the alert
         log_url = "(log url unavailable)"
     return (
-        f":red_circle: *Backup failure* `{dag_id}` task `{task_id}`\n"
+        f":red_circle: *Failed* `{dag_id}` task `{task_id}`\n"
         f"run `{run_id}`, try {tries}\n"
         f"error: {one_line(context.get('exception'))}\n"
         f"log: {log_url}"

@@ -28,9 +28,14 @@ def run_dag(dagbag, dag_id: str, logical_date: datetime, *, retries: int | None 
     retry policy itself is asserted by tests/dags.
     """
     dag = dagbag.dags[dag_id]
-    if retries is not None:
-        for task in dag.tasks:
-            task.retries = retries
-    dag_run = dag.test(logical_date=logical_date, run_conf=conf)
+    original = {task.task_id: task.retries for task in dag.tasks}
+    try:
+        if retries is not None:
+            for task in dag.tasks:
+                task.retries = retries
+        dag_run = dag.test(logical_date=logical_date, run_conf=conf)
+    finally:
+        for task in dag.tasks:  # the DagBag is shared: leave the DAG as parsed
+            task.retries = original[task.task_id]
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     return dag_run, states

@@ -1,0 +1,79 @@
+"""DR drill: restore random backup sets into scratch targets, verify and time them (erp_backup.drill)."""
+
+from __future__ import annotations
+
+from airflow.sdk import CronTriggerTimetable, TriggerRule, dag, get_current_context, task, task_group
+
+from erp_backup.drill import DAG_ID, render_doc
+from erp_backup.drill.params import drill_params
+from erp_backup.drill.tasks import fail_fast, report_or_fail, run_info
+from erp_backup.factory import START_DATE, default_args
+from erp_backup.plan import load_plan
+
+PLAN = load_plan()
+
+
+@dag(
+    dag_id=DAG_ID,
+    description="Weekly DR drill: random complete sets restored into scratch targets, verified, timed",
+    schedule=CronTriggerTimetable(PLAN.drill.schedule, timezone=PLAN.drill.timezone),
+    start_date=START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    tags=["drill", "dr"],
+    doc_md=render_doc(PLAN),
+    default_args=default_args(PLAN),
+    params=drill_params(PLAN),
+)
+def dr_drill():
+    from erp_backup.drill import runner
+
+    @task(task_id="pick")
+    def pick() -> list[dict]:
+        context = get_current_context()
+        return fail_fast(lambda: runner.pick(load_plan(), context["params"], run_info(context)))
+
+    @task(task_id="clean_leftovers")
+    def clean_leftovers() -> list[str]:
+        context = get_current_context()
+        return runner.clean_leftovers(load_plan(), context["dag_run"].run_id, context["params"]["backend"])
+
+    @task(task_id="start_target")
+    def start_target(chosen: dict) -> dict:
+        return fail_fast(lambda: runner.start_target(load_plan(), chosen))
+
+    @task(task_id="fetch")
+    def fetch(chosen: dict) -> dict:
+        return fail_fast(lambda: runner.fetch(load_plan(), chosen))
+
+    @task(task_id="restore")
+    def restore(chosen: dict) -> dict:
+        return fail_fast(lambda: runner.restore(load_plan(), chosen))
+
+    @task(task_id="verify")
+    def verify(chosen: dict) -> dict:
+        return fail_fast(lambda: runner.verify(load_plan(), chosen))
+
+    @task(task_id="teardown")
+    def teardown(chosen: dict) -> dict:
+        return runner.teardown(load_plan(), chosen)
+
+    @task_group(group_id="drill")
+    def drill(chosen: dict) -> None:
+        target = start_target(chosen)
+        removed = teardown(chosen)
+        [target, fetch(chosen)] >> restore(chosen) >> verify(chosen) >> removed.as_teardown(setups=target)
+        removed.operator.trigger_rule = TriggerRule.ALL_DONE  # also after a failed setup: it may have left a half-started target
+
+    @task(task_id="report", trigger_rule=TriggerRule.ALL_DONE)
+    def report() -> dict:
+        return report_or_fail(get_current_context()["dag_run"].run_id)
+
+    picks = pick()
+    drills = drill.expand(chosen=picks)
+    reported = report()
+    picks >> clean_leftovers() >> drills >> reported
+    drills.children["drill.teardown"] >> reported  # the report records what teardown removed
+
+
+dr_drill()

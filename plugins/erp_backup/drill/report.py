@@ -1,0 +1,352 @@
+"""The drill report (JSON + Markdown), the drill ledger, and the Slack summary.
+
+RTO, per drilled set:
+
+- measured RTO = fetch + restore + verify seconds (starting the scratch target and
+  teardown are not part of a recovery's critical path here and are reported apart);
+- extrapolated RTO = measured RTO × production bytes / drilled bytes, where both
+  sizes use the same measure from the manifests: the source size in the details
+  (`source_bytes`, `database_bytes`, `raw_bytes` or `rdb_bytes`, the first present),
+  else the set size; "production" is the newest complete set of the same service
+  and type. Linear in size, fixed start-up costs included, so it errs high for
+  small sets. When the drilled set is the newest, both RTOs are equal.
+
+The ledger (`$BACKUP_ROOT/drills/ledger.jsonl`, one line per drilled set, and
+`drills/ledger.jsonl` offsite) is append-only; a rerun of the report step does
+not add a run's lines twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from erp_backup.drill.runner import (
+    LEDGER_KEY,
+    ServiceState,
+    _offsite,
+    _read_json,
+    _write_json,
+    ledger_path,
+    parse_ledger,
+    run_dir,
+    utcnow,
+    work_dir,
+)
+from erp_backup.manifest import write_atomic
+from erp_backup.plan import Plan
+
+log = logging.getLogger(__name__)
+
+STEPS = ("start_target", "fetch", "restore", "verify", "teardown")
+RTO_STEPS = ("fetch", "restore", "verify")
+RTO_FORMULA = (
+    "measured RTO = fetch + restore + verify; extrapolated RTO = measured RTO × production bytes / drilled bytes "
+    "(same size measure from both manifests: details source_bytes/database_bytes/raw_bytes/rdb_bytes, else set size; "
+    "production = newest complete set of the same service and type)"
+)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "–"
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= factor:
+            return f"{value / factor:.2f} {unit}"
+    return f"{value} B"
+
+
+def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
+    """One drilled set: what happened in each step, timings, throughput and RTO."""
+    state = ServiceState(plan, pick["run_id"], pick["service"])
+    steps = {name: state.read(name) for name in STEPS}
+    durations = {name: (record or {}).get("seconds") for name, record in steps.items()}
+    failed = next((name for name in STEPS[:-1] if (steps[name] or {}).get("status") == "failed"), None)
+    not_run = next((name for name in STEPS[:-1] if steps[name] is None), None)
+    verify = steps["verify"] or {}
+    if failed:
+        status = "failed"
+    elif not_run or verify.get("status") not in ("ok", "prepared"):
+        status, failed = "failed", not_run or "verify"
+    else:
+        status = "prepared" if verify.get("status") == "prepared" else "passed"
+    error = (steps[failed] or {}).get("error") if failed else None
+    if failed and error is None:
+        error = f"{failed} did not run (an earlier step failed or was skipped)"
+
+    measured = prepare = None
+    if all(isinstance(durations.get(name), (int, float)) for name in RTO_STEPS) and status != "failed":
+        elapsed = round(sum(durations[name] for name in RTO_STEPS), 3)
+        measured, prepare = (None, elapsed) if status == "prepared" else (elapsed, None)
+    drilled_bytes = int((pick.get("size_measure") or {}).get("bytes") or pick.get("set_bytes") or 0)
+    production_bytes = int((pick.get("production") or {}).get("bytes") or drilled_bytes)
+    scale = production_bytes / drilled_bytes if drilled_bytes else 1.0
+    extrapolated = round(measured * scale, 3) if measured is not None else None
+    target = float(pick.get("rto_target_s") or 0) or None
+    fetch, restore = steps["fetch"] or {}, steps["restore"] or {}
+    restore_report = restore.get("report") or {}
+    return {
+        "service": pick["service"],
+        "backup_type": pick["backup_type"],
+        "backup_id": pick["backup_id"],
+        "captured_at": pick.get("captured_at"),
+        "pitr": pick.get("pitr"),
+        "source": pick.get("source"),
+        "source_description": pick.get("source_description"),
+        "backend": pick.get("backend"),
+        "target": (steps["start_target"] or {}).get("target"),
+        "status": status,
+        "failed_step": failed,
+        "error": error,
+        "seed": pick.get("seed"),
+        "choice": pick.get("choice"),
+        "sizes": {
+            "set_bytes": pick.get("set_bytes"),
+            "files": pick.get("files"),
+            "fetched_bytes": fetch.get("bytes"),
+            "restored_bytes": restore.get("restored_bytes"),
+            "size_measure": pick.get("size_measure"),
+            "production": pick.get("production"),
+        },
+        "durations_s": durations,
+        "throughput_mb_s": {"fetch": fetch.get("mb_per_s"), "restore": restore.get("mb_per_s")},
+        "rto": {
+            "measured_s": measured,
+            "target_s": target,
+            "extrapolated_s": extrapolated,
+            "scale": round(scale, 4),
+            "within_target": (extrapolated <= target) if (extrapolated is not None and target) else None,
+            "formula": RTO_FORMULA,
+            **({"prepare_s": prepare, "note": "not restored here, so no RTO was measured"} if prepare is not None else {}),
+        },
+        "checks": verify.get("checks") or [],
+        "problems": verify.get("problems") or [],
+        "restore_summary": {k: restore_report[k] for k in ("tables_checked", "rows_checked", "keys_restored",
+                                                          "runbook_command_text", "replay_mb_per_s", "wal_bytes_replayed")
+                            if k in restore_report},
+        "teardown": (steps["teardown"] or {}).get("done"),
+    }
+
+
+def build_report(plan: Plan, run_id: str) -> dict[str, Any]:
+    pick_record = _read_json(run_dir(plan, run_id) / "pick.json") or {}
+    results = [service_result(plan, pick) for pick in pick_record.get("picks") or []]
+    for problem in pick_record.get("problems") or []:
+        results.append({"service": problem["service"], "status": "failed", "failed_step": "pick",
+                        "error": problem["error"], "backup_type": None, "backup_id": None})
+    if pick_record.get("status") != "ok":
+        error = pick_record.get("error") or "the pick step did not run"
+        status = "failed"
+    else:
+        error = None
+        status = "passed" if results and all(r["status"] in ("passed", "prepared") for r in results) else "failed"
+        if not results:
+            error = "nothing was drilled"
+    return {
+        "run_id": run_id,
+        "status": status,
+        "error": error,
+        "finished_at": utcnow().isoformat(),
+        "request": pick_record.get("request") or {"params": pick_record.get("params")},
+        "plan": str(plan.path),
+        "services": results,
+    }
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    request = report.get("request") or {}
+    icon = "PASSED" if report["status"] == "passed" else "FAILED"
+    lines = [
+        f"# DR drill {report['run_id']}: {icon}",
+        "",
+        f"- Finished: {report['finished_at']}",
+        f"- Request: service `{request.get('service')}`, source `{request.get('source')}`, backend `{request.get('backend')}`, "
+        f"seed {request.get('seed')} (from {request.get('seed_from')}), keep_scratch {request.get('keep_scratch')}"
+        + (f", target_time {request['target_time']}" if request.get("target_time") else ""),
+    ]
+    if report.get("error"):
+        lines.append(f"- Error: {report['error']}")
+    lines += ["", "| Service | Set | Status | Fetch | Restore | Verify | Measured RTO | Extrapolated RTO | RTO target |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for result in report["services"]:
+        durations = result.get("durations_s") or {}
+        rto = result.get("rto") or {}
+        status = result["status"] + (f" at {result['failed_step']}" if result.get("failed_step") else "")
+        lines.append(
+            f"| {result['service']} | {result.get('backup_type')}/{result.get('backup_id')} | {status} | "
+            f"{_duration(durations.get('fetch'))} | {_duration(durations.get('restore'))} | {_duration(durations.get('verify'))} | "
+            f"{_duration(rto.get('measured_s'))} | {_duration(rto.get('extrapolated_s'))} | {_duration(rto.get('target_s'))} |"
+        )
+    for result in report["services"]:
+        lines += ["", f"## {result['service']} {result.get('backup_type')}/{result.get('backup_id')}: {result['status']}", ""]
+        if result.get("error"):
+            lines.append(f"- **Failed at {result.get('failed_step')}**: {result['error']}")
+        if result.get("status") == "prepared":
+            lines.append("- **Prepared, not restored**: the files were fetched, verified and placed for the restore "
+                         "runbook; the service itself was not restored in this drill.")
+        if result.get("source_description"):
+            sizes = result.get("sizes") or {}
+            choice = result.get("choice") or {}
+            lines += [
+                f"- From: {result['source']} ({result['source_description']}), captured {result.get('captured_at')}",
+                f"- Picked: probability {choice.get('probability')} among {choice.get('candidates')} sets "
+                f"(last drilled: {choice.get('last_drilled') or 'never'}), seed {result.get('seed')}",
+                f"- Target: {result.get('target')}",
+                f"- Size: {_size(sizes.get('set_bytes'))} in {sizes.get('files')} files; restored "
+                f"{_size(sizes.get('restored_bytes'))}; size measure {_size((sizes.get('size_measure') or {}).get('bytes'))} "
+                f"({(sizes.get('size_measure') or {}).get('from')}); production (newest set "
+                f"{(sizes.get('production') or {}).get('backup_id')}) {_size((sizes.get('production') or {}).get('bytes'))}",
+            ]
+            durations = result.get("durations_s") or {}
+            lines.append("- Steps: " + ", ".join(f"{name} {_duration(durations.get(name))}" for name in STEPS))
+            throughput = result.get("throughput_mb_s") or {}
+            lines.append(f"- Throughput: fetch {throughput.get('fetch')} MB/s, restore {throughput.get('restore')} MB/s")
+            rto = result.get("rto") or {}
+            if rto.get("note"):
+                lines.append(f"- RTO: {rto['note']}; fetch, checks and preparing the runbook files took "
+                             f"{_duration(rto.get('prepare_s'))} (target {_duration(rto.get('target_s'))})")
+            else:
+                verdict = {True: "within", False: "OVER", None: "not measured against"}[rto.get("within_target")]
+                lines.append(
+                    f"- RTO: measured {_duration(rto.get('measured_s'))}, extrapolated {_duration(rto.get('extrapolated_s'))} "
+                    f"(× {rto.get('scale')}), {verdict} the target {_duration(rto.get('target_s'))}"
+                )
+        if result.get("pitr"):
+            pitr = result["pitr"]
+            lines.append(f"- PITR: target {pitr.get('target_time')}, base {pitr.get('base_backup_id')}, "
+                         f"WAL sets {', '.join(pitr.get('wal_sets') or []) or 'none'}")
+        for check in result.get("checks") or []:
+            lines.append(f"- ✓ {check}")
+        for problem in result.get("problems") or []:
+            lines.append(f"- ✗ {problem}")
+        if result.get("teardown"):
+            lines.append("- Teardown: " + "; ".join(result["teardown"]))
+    lines += ["", f"RTO formula: {RTO_FORMULA}.", ""]
+    return "\n".join(lines)
+
+
+def slack_text(report: Mapping[str, Any]) -> str:
+    ok = report["status"] == "passed"
+    head = f"{':white_check_mark:' if ok else ':red_circle:'} *DR drill {'passed' if ok else 'FAILED'}* run `{report['run_id']}`"
+    lines = [head]
+    if report.get("error"):
+        lines.append(f"error: {report['error']}")
+    for result in report["services"]:
+        rto = result.get("rto") or {}
+        where = f"{result['service']} {result.get('backup_type')}/{result.get('backup_id')}"
+        if result["status"] == "prepared":
+            lines.append(f"• {where}: prepared (fetched, checksums verified, files placed for the runbook; not restored)")
+        elif result["status"] == "passed":
+            lines.append(
+                f"• {where}: {result['status']} from {result.get('source')}, RTO {_duration(rto.get('measured_s'))} "
+                f"(extrapolated {_duration(rto.get('extrapolated_s'))}, target {_duration(rto.get('target_s'))})"
+            )
+        else:
+            lines.append(f"• {where}: failed at {result.get('failed_step')}: {result.get('error')}")
+    return "\n".join(lines)
+
+
+def ledger_lines(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    lines = []
+    for result in report["services"]:
+        if not result.get("backup_id"):
+            continue
+        rto = result.get("rto") or {}
+        lines.append({
+            "run_id": report["run_id"],
+            "finished_at": report["finished_at"],
+            "service": result["service"],
+            "backup_type": result["backup_type"],
+            "backup_id": result["backup_id"],
+            "status": result["status"],
+            "failed_step": result.get("failed_step"),
+            "source": result.get("source"),
+            "backend": result.get("backend"),
+            "seed": result.get("seed"),
+            "rto_measured_s": rto.get("measured_s"),
+            "rto_extrapolated_s": rto.get("extrapolated_s"),
+            "rto_target_s": rto.get("target_s"),
+        })
+    return lines
+
+
+def _merge(existing: str, new: list[dict[str, Any]]) -> tuple[str, int]:
+    """Append the lines of `new` not already in `existing` (same run, service, type and backup)."""
+    def key(entry: Mapping[str, Any]) -> tuple:
+        return entry.get("run_id"), entry.get("service"), entry.get("backup_type"), entry.get("backup_id")
+
+    have = {key(entry) for entry in parse_ledger(existing)}
+    added = [entry for entry in new if key(entry) not in have]
+    text = existing if not existing or existing.endswith("\n") else existing + "\n"
+    return text + "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in added), len(added)
+
+
+def append_ledger(plan: Plan, lines: list[dict[str, Any]], offsite: Any = None) -> dict[str, Any]:
+    """Append to the local ledger, then to the offsite one (fetched first, so other workers' lines stay)."""
+    local = ledger_path(plan)
+    local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    text, added = _merge(local.read_text() if local.is_file() else "", lines)
+    write_atomic(local, text.encode())
+    result: dict[str, Any] = {"local": str(local), "local_added": added}
+    if offsite is not None:
+        scratch = work_dir(plan, "ledger-write") / "ledger.jsonl"
+        try:
+            scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            existing = scratch.read_text() if offsite.get_file(LEDGER_KEY, scratch) else ""
+            merged, added_offsite = _merge(existing, lines)
+            write_atomic(scratch, merged.encode())
+            offsite.put_file(LEDGER_KEY, scratch)
+            result.update(offsite=f"{offsite.description}/{LEDGER_KEY}", offsite_added=added_offsite)
+        finally:
+            shutil.rmtree(scratch.parent, ignore_errors=True)
+    return result
+
+
+def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True) -> dict[str, Any]:
+    """Write report.json and report.md, append the ledger (local and offsite), post the Slack summary.
+
+    Returns the report; the caller fails the run when `report["status"]` is not "passed".
+    A broken offsite store or Slack does not hide the drill's result: both are recorded in the report.
+    """
+    from erp_backup.notify import send
+
+    report = build_report(plan, run_id)
+    directory = run_dir(plan, run_id)
+    store = None
+    try:
+        store = _offsite(plan, offsite)
+    except Exception as exc:
+        report.setdefault("warnings", []).append(f"offsite store unavailable for the ledger: {exc}")
+    try:
+        report["ledger"] = append_ledger(plan, ledger_lines(report), store)
+    except Exception as exc:
+        report.setdefault("warnings", []).append(f"offsite ledger not updated: {exc}")
+        report["ledger"] = {"local": str(ledger_path(plan))}
+    markdown = render_markdown(report)
+    _write_json(directory / "report.json", report)
+    write_atomic(directory / "report.md", markdown.encode())
+    if store is not None:
+        try:
+            store.put_file(f"drills/runs/{directory.name}/report.md", directory / "report.md")
+            store.put_file(f"drills/runs/{directory.name}/report.json", directory / "report.json")
+        except Exception as exc:
+            log.warning("drill report not copied offsite: %s", exc)
+    report["report_files"] = {"json": str(directory / "report.json"), "markdown": str(directory / "report.md")}
+    if notify:
+        report["slack_sent"] = send(plan.slack_conn_id, slack_text(report))
+    _write_json(directory / "report.json", report)
+    log.info("DR drill %s %s; report %s\n%s", run_id, report["status"], directory / "report.md", markdown)
+    return report
