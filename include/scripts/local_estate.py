@@ -5,8 +5,8 @@
 
 - PostgreSQL: a cluster made with initdb in .estate/pg (port 15432), sample multi-tenant
   ERP data, WAL archiving on.
-- S3 stand-ins (moto server): one for MinIO with sample documents (port 19000), one as the
-  offsite store (port 19100).
+- An S3 stand-in for MinIO (moto server, port 19000) with sample documents, and a NAS-style
+  offsite directory, .estate/offsite-nas.
 - milvus-lite: .estate/milvus.db with two sample collections (one with partitions and a dynamic field).
 - etcd (port 12379), Redis (port 16379) with sample keys; RabbitMQ is the machine's own broker.
 - A Slack sink on port 18090 that appends every alert to .estate/slack.jsonl.
@@ -35,7 +35,6 @@ from erp_backup.scratch_pg import ScratchPostgres, chown_to_cluster_user  # noqa
 ESTATE = Path(os.environ.get("ERP_ESTATE_DIR", ROOT / ".estate"))
 PG_PORT = 15432
 MINIO_PORT = 19000
-OFFSITE_PORT = 19100
 SLACK_PORT = 18090
 ETCD_PORT = 12379
 REDIS_PORT = 16379
@@ -123,23 +122,18 @@ def seed_postgres(cluster: ScratchPostgres) -> None:
 def start_s3() -> None:
     moto = str(Path(PY).parent / "moto_server")
     spawn("minio", [moto, "-H", "127.0.0.1", "-p", str(MINIO_PORT)])
-    spawn("offsite", [moto, "-H", "127.0.0.1", "-p", str(OFFSITE_PORT)])
-    for port in (MINIO_PORT, OFFSITE_PORT):
-        wait_http(f"http://127.0.0.1:{port}/")
+    wait_http(f"http://127.0.0.1:{MINIO_PORT}/")
     import boto3
 
-    def client(port: int):
-        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="dev-access-key",
-                            aws_secret_access_key="dev-secret-key", region_name="us-east-1")
-
-    client(OFFSITE_PORT).create_bucket(Bucket="all-erp-backups")
-    docs = client(MINIO_PORT)
+    docs = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{MINIO_PORT}", aws_access_key_id="dev-access-key",
+                        aws_secret_access_key="dev-secret-key", region_name="us-east-1")
     docs.create_bucket(Bucket="erp-documents")
     for index in range(50):
         docs.put_object(Bucket="erp-documents", Key=f"tenant_acme/manuals/doc-{index:03d}.md",
                         Body=f"# Manual {index}\n\nSample RAG document.\n".encode(), ContentType="text/markdown",
                         Metadata={"tenant": "acme"})
-    log(f"S3 stand-ins: MinIO 127.0.0.1:{MINIO_PORT} (erp-documents), offsite 127.0.0.1:{OFFSITE_PORT} (all-erp-backups)")
+    (ESTATE / "offsite-nas").mkdir(mode=0o700, exist_ok=True)
+    log(f"MinIO stand-in on 127.0.0.1:{MINIO_PORT} (erp-documents); offsite NAS {ESTATE / 'offsite-nas'}")
 
 
 SLACK_SINK = """
@@ -229,7 +223,7 @@ def start() -> None:
 
 
 def stop() -> None:
-    for name in ("slack", "offsite", "minio", "etcd", "redis"):
+    for name in ("slack", "minio", "etcd", "redis"):
         path = pidfile(name)
         if running(name):
             os.killpg(int(path.read_text()), signal.SIGTERM)
@@ -242,7 +236,7 @@ def stop() -> None:
 
 
 def status() -> None:
-    print(json.dumps({name: running(name) for name in ("minio", "offsite", "slack", "etcd", "redis")}
+    print(json.dumps({name: running(name) for name in ("minio", "slack", "etcd", "redis")}
                      | {"postgres": postgres().is_running()}, indent=2))
 
 

@@ -16,8 +16,13 @@ export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://localhost:8080}
 export ERP_BACKUP_ROOT=$ERP_ESTATE_DIR/backup
 export ERP_SCRATCH_ROOT=$ERP_ESTATE_DIR/scratch
 export ERP_WAL_ARCHIVE_DIR=$ERP_ESTATE_DIR/wal_archive
+# Offsite is a NAS-style directory here: it survives `make stop` (moto's S3 keeps nothing on disk).
+export ERP_OFFSITE_KIND=filesystem
+export ERP_OFFSITE_PATH=$ERP_ESTATE_DIR/offsite-nas
 export ERP_BACKUP_DISABLE=gitlab   # no GitLab can run on this machine (README)
-export PYTHONPATH=$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$ROOT/plugins:$ROOT/include/estate${PYTHONPATH:+:$PYTHONPATH}
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=airflow_sqlite.CONNECT_ARGS
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=airflow_sqlite.CONNECT_ARGS
 export PATH=$ROOT/.venv/bin:$PATH
 set -a; source include/estate/dev.env; set +a
 

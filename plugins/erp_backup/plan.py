@@ -20,6 +20,7 @@ from croniter import croniter
 PLAN_ENV = "ERP_BACKUP_PLAN"
 BACKUP_ROOT_ENV = "ERP_BACKUP_ROOT"
 OFFSITE_PATH_ENV = "ERP_OFFSITE_PATH"
+OFFSITE_KIND_ENV = "ERP_OFFSITE_KIND"
 DISABLE_ENV = "ERP_BACKUP_DISABLE"  # comma-separated services this deployment cannot reach
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parents[2] / "include" / "backup_plan.yaml"
 
@@ -206,12 +207,12 @@ def parse_plan(path: Path, data: Any) -> Plan:
 
     offsite = top.sub("offsite")
     offsite.only("kind", "conn_id", "bucket", "prefix", "path")
-    kind = offsite.get("kind", str)
+    kind = os.environ.get(OFFSITE_KIND_ENV) or offsite.get("kind", str)
     if kind not in ("s3", "filesystem"):
         offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
 
     for needed in ("conn_id", "bucket") if kind == "s3" else ("path",):
-        if not offsite.get(needed, str, ""):
+        if not offsite.get(needed, str, "") and not (needed == "path" and os.environ.get(OFFSITE_PATH_ENV)):
             offsite.fail(f"required when kind is {kind!r}", needed)
 
     drill = top.sub("drill")
@@ -254,7 +255,7 @@ def parse_plan(path: Path, data: Any) -> Plan:
 def load_plan(path: str | os.PathLike[str] | None = None) -> Plan:
     """Load and validate the plan (default: $ERP_BACKUP_PLAN or include/backup_plan.yaml)."""
     resolved = Path(path or os.environ.get(PLAN_ENV) or DEFAULT_PLAN_PATH)
-    env = tuple(os.environ.get(name) for name in (BACKUP_ROOT_ENV, OFFSITE_PATH_ENV, DISABLE_ENV))
+    env = tuple(os.environ.get(name) for name in (BACKUP_ROOT_ENV, OFFSITE_PATH_ENV, OFFSITE_KIND_ENV, DISABLE_ENV))
     return _load_cached(resolved, env)
 
 

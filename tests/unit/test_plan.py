@@ -111,3 +111,13 @@ def test_bad_plan_fails_dag_import_with_the_message(tmp_path, monkeypatch):
     bag = DagBag(dag_folder=str(DEFAULT_PLAN_PATH.parents[1] / "dags"))
     errors = "\n".join(bag.import_errors.values())
     assert f"{bad}: plan.services.postgres.backups.full.schedule: invalid cron expression 'nope'" in errors
+
+
+def test_offsite_kind_and_path_env_choose_a_nas(monkeypatch, tmp_path):
+    monkeypatch.setenv("ERP_OFFSITE_KIND", "filesystem")
+    monkeypatch.setenv("ERP_OFFSITE_PATH", str(tmp_path))
+    offsite = load_plan(DEFAULT_PLAN_PATH).offsite
+    assert (offsite.kind, offsite.path) == ("filesystem", str(tmp_path))
+    monkeypatch.setenv("ERP_OFFSITE_KIND", "tape")
+    with pytest.raises(PlanError, match="plan.offsite.kind: must be 's3' or 'filesystem', got 'tape'"):
+        load_plan(DEFAULT_PLAN_PATH)
