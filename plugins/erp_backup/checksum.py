@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from erp_backup.manifest import Manifest, sha256_file, write_atomic
+from erp_backup.manifest import FileEntry, Manifest, sha256_file, write_atomic
 from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet
 
 log = logging.getLogger(__name__)
@@ -23,19 +23,22 @@ class ChecksumReport:
     bytes: int
 
 
+def entry_problem(set_dir: Path, entry: FileEntry) -> str | None:
+    """How one file differs from its manifest entry (missing, size, SHA-256), or None."""
+    path = set_dir / entry.path
+    if not path.is_file():
+        return f"{entry.path}: missing"
+    size, digest = sha256_file(path)
+    if size != entry.size:
+        return f"{entry.path}: size {size} != manifest {entry.size}"
+    if digest != entry.sha256:
+        return f"{entry.path}: sha256 {digest} != manifest {entry.sha256}"
+    return None
+
+
 def find_problems(set_dir: Path, manifest: Manifest) -> list[str]:
     """Every difference between the files on disk and the manifest, as readable lines."""
-    problems = []
-    for entry in manifest.files:
-        path = set_dir / entry.path
-        if not path.is_file():
-            problems.append(f"{entry.path}: missing")
-            continue
-        size, digest = sha256_file(path)
-        if size != entry.size:
-            problems.append(f"{entry.path}: size {size} != manifest {entry.size}")
-        elif digest != entry.sha256:
-            problems.append(f"{entry.path}: sha256 {digest} != manifest {entry.sha256}")
+    problems = [problem for entry in manifest.files if (problem := entry_problem(set_dir, entry))]
     listed = {entry.path for entry in manifest.files}
     for path in sorted(p for p in set_dir.rglob("*") if p.is_file()):
         relative = path.relative_to(set_dir).as_posix()

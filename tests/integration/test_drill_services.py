@@ -31,7 +31,6 @@ from erp_backup.scratch_redis import ScratchRedis
 from erp_backup.services.base import RunInfo, airflow_connection
 from tests.fixtures.s3 import S3Endpoint
 from tests.integration.dagrun import write_plan
-from tests.fixtures.pitr import archiving_pg_factory  # noqa: F401  (fixture)
 from tests.integration.test_drill import only_services, remove_scratch_root, scratch_left
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from erp_backup.runner import Command, CommandError, LocalExecutor
 from erp_backup.scratch_etcd import ScratchEtcd, free_port, start_scratch_etcd, stop_pid_file
 from erp_backup.services import milvus
 from erp_backup.services.base import SourceUnavailable
-from tests.fixtures.milvus import (  # noqa: F401  (fixtures)
+from tests.fixtures.milvus import (
     ETCD_CONN_ID,
     FILLER_ETCD_KEYS,
     KNOWN_ETCD_KEY,
@@ -23,7 +23,6 @@ from tests.fixtures.milvus import (  # noqa: F401  (fixtures)
     etcd_connection,
     etcd_get,
     etcd_revision,
-    etcd_server,
     make_context,
     write_outcome_manifest,
 )

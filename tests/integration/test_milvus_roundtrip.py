@@ -20,7 +20,7 @@ from erp_backup.services import milvus
 from erp_backup.services.base import SourceUnavailable
 from erp_backup.scratch_etcd import free_port
 from erp_backup.sets import BackupSet
-from tests.fixtures.milvus import (  # noqa: F401  (fixtures)
+from tests.fixtures.milvus import (
     CHUNKS,
     DOCS,
     DOCS_ALIAS,
@@ -28,10 +28,8 @@ from tests.fixtures.milvus import (  # noqa: F401  (fixtures)
     MILVUS_CONN_ID,
     Backup,
     MilvusSample,
-    fresh_milvus_uri,
     make_context,
     milvus_connection,
-    milvus_sample,
     write_outcome_manifest,
 )
 

@@ -28,15 +28,12 @@ from erp_backup.services.postgres_chain import chain_protection
 from erp_backup.services.postgres_pitr import TargetOutsideArchive, restore_to_time
 from erp_backup.services.postgres_wal import ArchiverError, Segment, WalGapError
 from erp_backup.sets import BackupSet, list_sets
-from tests.fixtures.pitr import (  # noqa: F401  (fixtures)
+from tests.fixtures.pitr import (
     ARCHIVE_SUBDIR,
     ArchivingCluster,
-    archiving_pg,
-    archiving_pg_factory,
     make_backup_root,
     manual_run,
     postgres_job,
-    scratch_cluster,
     take_backup,
     wait_until_after,
     wal_job,

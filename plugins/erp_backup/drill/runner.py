@@ -43,9 +43,10 @@ from erp_backup.drill.targets import (
     owner_for,
     slug,
 )
+from erp_backup.checksum import entry_problem
 from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, write_atomic
 from erp_backup.notify import one_line
-from erp_backup.offsite import ChecksumMismatch, OffsiteError
+from erp_backup.offsite import ChecksumMismatch
 from erp_backup.plan import Plan
 from erp_backup.services.base import airflow_connection
 from erp_backup.sets import SetState, list_sets
@@ -525,14 +526,10 @@ def _start(plan: Plan, pick: Mapping[str, Any], get_connection: Callable[[str], 
 def verify_in_place(set_dir: Path, manifest: Manifest) -> int:
     """Check every file of a staging set against its manifest; ChecksumMismatch names the first bad file."""
     for entry in manifest.files:
-        path = set_dir / entry.path
-        if not path.is_file():
-            raise OffsiteError(f"backup {manifest.backup_id}: file {entry.path} is missing from {set_dir}")
-        size, digest = sha256_file(path)
-        if (size, digest) != (entry.size, entry.sha256):
+        problem = entry_problem(set_dir, entry)
+        if problem:
             raise ChecksumMismatch(
-                f"backup {manifest.backup_id}: file {entry.path} ({path}) does not match the manifest: got {size} bytes "
-                f"with sha256 {digest}, expected {entry.size} bytes with sha256 {entry.sha256}"
+                f"backup {manifest.backup_id}: file {entry.path} in {set_dir} does not match the manifest: {problem}"
             )
     return len(manifest.files)
 

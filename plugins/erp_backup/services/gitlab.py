@@ -53,7 +53,8 @@ from typing import Any, Literal, Protocol
 
 import zstandard
 
-from erp_backup.manifest import DIR_MODE, FILE_MODE, FileEntry, Manifest, sha256_file
+from erp_backup.checksum import entry_problem
+from erp_backup.manifest import DIR_MODE, FILE_MODE, FileEntry, Manifest
 from erp_backup.runner import CHUNK, Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.sets import BackupSet
@@ -715,14 +716,10 @@ def restore(set_dir: Path, manifest: Manifest, target: Path, **options: Any) -> 
 
 
 def _check_entry(set_dir: Path, entry: FileEntry, manifest: Manifest) -> None:
-    path = set_dir / entry.path
-    if not path.is_file():
-        raise GitLabRestoreError(f"backup {manifest.backup_id}: {entry.path} is missing from {set_dir}")
-    size, digest = sha256_file(path)
-    if (size, digest) != (entry.size, entry.sha256):
+    problem = entry_problem(set_dir, entry)
+    if problem:
         raise GitLabRestoreError(
-            f"backup {manifest.backup_id}: {entry.path} does not match the manifest "
-            f"(size {size} vs {entry.size}, sha256 {digest} vs {entry.sha256}); use another backup"
+            f"backup {manifest.backup_id}: {entry.path} does not match the manifest ({problem}); use another backup"
         )
 
 

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import zstandard
 
-from erp_backup.manifest import Manifest, ManifestError, sha256_file
+from erp_backup.checksum import entry_problem
+from erp_backup.manifest import Manifest, ManifestError
 from erp_backup.scratch_pg import ScratchPostgres, ScratchError, chown_to_cluster_user
 from erp_backup.services.postgres_chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
 from erp_backup.services.postgres_snapshot import BASE_FILE, extract_base, prepare_data_dir, scratch_target
@@ -255,14 +256,11 @@ def verify_set_files(set_dir: Path, manifest: Manifest, only: Iterable[str] | No
     for entry in manifest.files:
         if wanted is not None and entry.path not in wanted:
             continue
-        path = set_dir / entry.path
-        if not path.is_file():
-            raise RestoreError(f"backup {manifest.service}/{manifest.backup_type}/{manifest.backup_id}: {entry.path} is missing")
-        size, digest = sha256_file(path)
-        if (size, digest) != (entry.size, entry.sha256):
+        problem = entry_problem(set_dir, entry)
+        if problem:
             raise RestoreError(
                 f"backup {manifest.service}/{manifest.backup_type}/{manifest.backup_id}: {entry.path} does not match "
-                f"its manifest (sha256 {digest[:12]}…, expected {entry.sha256[:12]}…); use another backup"
+                f"its manifest ({problem}); use another backup"
             )
         checked += 1
     return checked
