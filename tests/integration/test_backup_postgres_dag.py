@@ -82,6 +82,21 @@ def env(monkeypatch, tmp_path, source, s3_endpoint, s3_bucket, slack_receiver, a
     return e
 
 
+def asset_event(run_id: str):
+    """The Asset event the run's offsite_upload emitted for `backup_postgres_full`."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        event = session.scalars(
+            select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == "x-erp-backup://postgres/full", AssetEvent.source_run_id == run_id)
+        ).one()
+        session.expunge(event)
+        return event
+
+
 def offsite_keys(client, bucket: str) -> dict[str, str]:
     listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/")
     return {item["Key"]: item["ETag"] for item in listing.get("Contents", [])}
@@ -137,6 +152,11 @@ def test_full_backup_end_to_end_restores_with_standard_tools(env, scratch_pg, da
     assert manifest.tools and "pg_dump" in json.dumps(manifest.tools)
     for path in [env.set.path, *env.set.path.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path
+
+    event = asset_event(dag_run.run_id)
+    assert event.source_task_id == "offsite_upload"
+    assert event.extra == {"backup_id": BACKUP_ID, "size": manifest.total_size,
+                           "captured_at": manifest.captured_finished_at.isoformat()}
 
     client = env.s3.client()
     keys = offsite_keys(client, env.bucket)
