@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--backup-id", required=True)
     parser.add_argument("--database", action="append", help="back up only these databases (default: all)")
-    parser.add_argument("--compress-level", type=int, default=3)
+    parser.add_argument("--compress-level", type=int, default=None, help="default: the plan's postgres compress_level")
     parser.add_argument("--no-inventory", action="store_true", help="diagnostic: skip the table hashing")
     parser.add_argument("--no-compress", action="store_true", help="diagnostic: write the dumps uncompressed")
     args = parser.parse_args()
@@ -66,6 +66,10 @@ def main() -> None:
             )
         )
 
+    if args.compress_level is None:
+        from erp_backup.plan import load_plan
+
+        args.compress_level = int(load_plan().job("postgres", "full").options.get("compress_level", 3))
     options: dict[str, Any] = {"exec_mode": "network", "compress_level": args.compress_level}
     if args.database:
         options["databases"] = args.database
