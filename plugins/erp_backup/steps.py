@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from erp_backup import notify
 from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
@@ -105,6 +106,9 @@ def backup(
         "%s complete: %d files, %d bytes, captured %s → %s",
         backup_set.key, len(manifest.files), manifest.total_size, started.isoformat(), finished.isoformat(),
     )
+    for warning in outcome.warnings:
+        log.warning("%s: %s", backup_set.key, warning)
+        notify.send(plan.slack_conn_id, f":warning: *{job.dag_id}* `{backup_set.backup_id}`: {warning}")
     return backup_set.backup_id
 
 

@@ -94,3 +94,35 @@ def test_missing_segment_fails_the_wal_dag_with_a_gap_alert(wal_env, dagbag, sla
     assert states["backup"] == "failed", states
     alerts = [text for text in slack_receiver.texts() if "`backup_postgres_wal`" in text and "task `backup`" in text]
     assert alerts and lost in alerts[-1], slack_receiver.texts()
+
+
+def test_archive_failure_that_recovered_is_announced_once_in_slack(wal_env, dagbag, slack_receiver):
+    """failed_count grew since the last WAL backup but archiving recovered: the run passes and Slack hears it."""
+    pg = wal_env
+    pg.switch_wal()
+    time.sleep(1.1)
+    _, states = run_dag(dagbag, "backup_postgres_wal", now_s())
+    assert set(states.values()) == {"success"}, states
+
+    pg.sql("CREATE TABLE t AS SELECT 1 AS x")
+    current = pg.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+    squatter = pg.root / ARCHIVE_SUBDIR / current
+    squatter.write_bytes(b"not this segment")  # archive_wal.sh refuses to overwrite different content
+    pg.sql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 60
+    while pg.sql("SELECT failed_count FROM pg_stat_archiver")[0][0] == 0:
+        assert time.monotonic() < deadline, "the archiver never reported the failure"
+        time.sleep(0.1)
+    squatter.unlink()
+    pg.sql("SELECT pg_reload_conf()")
+    pg.wait_archived(current)
+    time.sleep(1.1)
+
+    moment = now_s()
+    _, states = run_dag(dagbag, "backup_postgres_wal", moment)
+    assert set(states.values()) == {"success"}, states
+    warnings = [text for text in slack_receiver.texts() if text.startswith(":warning:")]
+    assert len(warnings) == 1 and "backup_postgres_wal" in warnings[0] and "failed_count grew" in warnings[0]
+    _, states = run_dag(dagbag, "backup_postgres_wal", moment)  # a rerun of the same run: no second alert
+    assert set(states.values()) == {"success"}
+    assert len([text for text in slack_receiver.texts() if text.startswith(":warning:")]) == 1

@@ -114,6 +114,8 @@ class BackupOutcome:
     source: dict[str, Any]
     tools: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # Things an operator must hear about that do not fail the backup; posted to Slack once.
+    warnings: list[str] = field(default_factory=list)
 
 
 def airflow_connection(conn_id: str) -> Any:

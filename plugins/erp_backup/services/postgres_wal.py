@@ -633,6 +633,7 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
         for warning in warnings:
             log.warning("%s: %s", ctx.job.dag_id, warning)
     archive_check["status"] = "warning" if archive_check["warnings"] else "ok"
+    alerts = [w for w in archive_check["warnings"] if w.startswith("failed_count grew")]
 
     level = int(options.get("compress_level", 3))
     files: list[FileEntry] = []
@@ -660,7 +661,7 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
         "wal": shipped,
         "archive_check": archive_check,
     }
-    return BackupOutcome(files=files, source=source, tools=tools, details=details)
+    return BackupOutcome(files=files, source=source, tools=tools, details=details, warnings=alerts)
 
 
 def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
