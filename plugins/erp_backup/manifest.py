@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -108,13 +110,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Write `data` to `path` so readers see either nothing or all of it."""
+@contextmanager
+def atomic_file(path: Path, mode: int = FILE_MODE) -> Iterator[BinaryIO]:
+    """Yield a handle to a hidden temp file; on a clean exit fsync it, rename it to `path`, fsync the dir.
+
+    Readers see either nothing or the whole file. If the block raises, the temp file is removed.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -123,6 +129,12 @@ def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Write `data` to `path` so readers see either nothing or all of it."""
+    with atomic_file(path, mode) as handle:
+        handle.write(data)
 
 
 def write_manifest(set_dir: Path, manifest: Manifest) -> Path:

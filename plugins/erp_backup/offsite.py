@@ -68,19 +68,19 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from erp_backup.checksum import sha256sums_text
 from erp_backup.manifest import (
     DIR_MODE,
-    FILE_MODE,
     HASH_CHUNK,
     MANIFEST_NAME,
     Manifest,
     ManifestError,
+    atomic_file,
     fsync_dir,
     sha256_file,
     write_atomic,
 )
 from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet, SetState
-from erp_backup.checksum import sha256sums_text
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -171,28 +171,17 @@ def _local_item(path: Path, relative: str) -> _Item:
 
 def _receive(chunks: Iterator[bytes], dest: Path, expected: _Item | None = None) -> None:
     """Write a stream to `dest` atomically (0600, fsync), checking size and SHA-256 before the rename."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
     digest, size = hashlib.sha256(), 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                digest.update(chunk)
-                size += len(chunk)
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_file(dest) as handle:
+        for chunk in chunks:
+            digest.update(chunk)
+            size += len(chunk)
+            handle.write(chunk)
         if expected is not None and (size, digest.hexdigest()) != (expected.size, expected.sha256):
             raise ChecksumMismatch(
                 f"does not match the manifest: got {size} bytes with sha256 {digest.hexdigest()}, "
                 f"expected {expected.size} bytes with sha256 {expected.sha256}"
             )
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
 
 
 def _make_dirs(path: Path, stop: Path) -> None:
@@ -736,21 +725,12 @@ class FilesystemOffsite(_SetStore):
         dest = self._path(key)
         with self._errors(f"copying {item.local} to {key}"):
             _make_dirs(dest.parent, self.root)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            try:
-                with open(item.local, "rb") as source, os.fdopen(fd, "wb") as target:
-                    shutil.copyfileobj(source, target, HASH_CHUNK)
-                    target.flush()
-                    os.fsync(target.fileno())
-                    # So the verification re-reads the copy from the NAS, not from the page cache.
-                    os.posix_fadvise(target.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                os.chmod(tmp, FILE_MODE)
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            fsync_dir(dest.parent)
+            with open(item.local, "rb") as source, atomic_file(dest) as target:
+                shutil.copyfileobj(source, target, HASH_CHUNK)
+                target.flush()
+                os.fsync(target.fileno())
+                # So the verification re-reads the copy from the NAS, not from the page cache.
+                os.posix_fadvise(target.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
