@@ -24,15 +24,13 @@ OFFSITE_KIND_ENV = "ERP_OFFSITE_KIND"
 DISABLE_ENV = "ERP_BACKUP_DISABLE"  # comma-separated services this deployment cannot reach
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parents[2] / "include" / "backup_plan.yaml"
 
-# The services and backup types the seed strategy names. Anything else is a typo.
-KNOWN_SERVICES: dict[str, frozenset[str]] = {
-    "postgres": frozenset({"full", "wal", "snapshot"}),
-    "minio": frozenset({"full", "snapshot"}),
-    "milvus": frozenset({"full", "etcd"}),
-    "gitlab": frozenset({"full"}),
-    "redis": frozenset({"rdb"}),
-    "rabbitmq": frozenset({"definitions"}),
-}
+
+def known_services() -> dict[str, frozenset[str]]:
+    """Every service in the registry and the backup types its module implements. Anything else is a typo."""
+    from erp_backup.services import all_services
+
+    return {name: module.SUPPORTED_TYPES for name, module in all_services().items()}
+
 
 _DURATION = re.compile(r"^(\d+)\s*([mhd])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
@@ -171,8 +169,9 @@ def _disabled_by_env() -> set[str]:
 def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -> BackupJob:
     job = svc.sub("backups").sub(type_name)
     job.only("schedule", "retention_days", "method", "enabled", "interval", "timezone", "options")
-    if type_name not in KNOWN_SERVICES[name]:
-        job.fail(f"unknown backup type (known for {name}: {', '.join(sorted(KNOWN_SERVICES[name]))})")
+    known = known_services()[name]
+    if type_name not in known:
+        job.fail(f"unknown backup type (known for {name}: {', '.join(sorted(known))})")
     retention_days = job.get("retention_days", int)
     if retention_days < 1:
         job.fail(f"must be a positive number of days, got {retention_days}", "retention_days")
@@ -224,9 +223,10 @@ def parse_plan(path: Path, data: Any) -> Plan:
     services = top.sub("services")
     jobs: list[BackupJob] = []
     enabled: dict[str, bool] = {}
+    known = known_services()
     for name in services.data:
-        if name not in KNOWN_SERVICES:
-            services.fail(f"unknown service (known: {', '.join(sorted(KNOWN_SERVICES))})", name)
+        if name not in known:
+            services.fail(f"unknown service (known: {', '.join(sorted(known))})", name)
         svc = services.sub(name)
         svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
         enabled[name] = svc.get("enabled", bool) and name not in _disabled_by_env()

@@ -163,12 +163,11 @@ def retention_prune(
     service = get_service(job.service)
     store = offsite or offsite_from_plan(plan)
     now = now or utcnow()
-    protected_for = getattr(service, "protected_sets", None)
-    protected = protected_for(plan, job, now=now, offsite=store) if protected_for else {}
+    protected = service.protected_sets(plan, job, now=now, offsite=store)
     report = retention.prune(
         job, plan.backup_root, store, now, dry_run=dry_run, current_id=backup_id, protected=protected,
     ).as_dict()
-    after_prune = getattr(service, "after_prune", None)
-    if after_prune:
-        report["after_prune"] = after_prune(plan, job, now=now, dry_run=dry_run)
+    tidied = service.after_prune(plan, job, now=now, dry_run=dry_run)
+    if tidied:
+        report["after_prune"] = tidied
     return report

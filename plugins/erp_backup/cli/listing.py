@@ -1,0 +1,107 @@
+"""`list`: every backup set of a service and type, with its state, capture time and size."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from erp_backup.cli.console import Console, human_size, table, utc_text
+from erp_backup.cli.source import EXIT_OK, backup_ids, check_service_type, open_source
+from erp_backup.manifest import MANIFEST_NAME, ManifestError
+from erp_backup.plan import known_services
+from erp_backup.sets import BackupSet, SetState, list_sets
+
+if TYPE_CHECKING:
+    from erp_backup.offsite import Offsite
+
+OFFSITE_STATE = "offsite"  # a set offsite with its manifest (complete)
+
+
+@dataclass(frozen=True)
+class SetInfo:
+    service: str
+    backup_type: str
+    backup_id: str
+    state: str
+    captured_at: datetime | None
+    size: int | None
+    files: int | None
+    location: str
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["captured_at"] = self.captured_at.isoformat() if self.captured_at else None
+        return data
+
+
+def _disk_usage(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def local_info(backup_set: BackupSet) -> SetInfo:
+    common = {"service": backup_set.service, "backup_type": backup_set.backup_type,
+              "backup_id": backup_set.backup_id, "location": str(backup_set.path)}
+    state = backup_set.state
+    if state is SetState.INCOMPLETE:
+        size, count = _disk_usage(backup_set.path)
+        return SetInfo(state=state.value, captured_at=None, size=size, files=count,
+                       note=f"no {MANIFEST_NAME}: cannot be used", **common)
+    try:
+        manifest = backup_set.manifest()
+    except ManifestError as exc:
+        return SetInfo(state=SetState.CORRUPT.value, captured_at=None, size=None, files=None, note=str(exc), **common)
+    return SetInfo(state=state.value, captured_at=manifest.captured_finished_at, size=manifest.total_size,
+                   files=len(manifest.files), **common)
+
+
+def offsite_info(store: Offsite, service: str, backup_type: str, backup_id: str) -> SetInfo:
+    common = {"service": service, "backup_type": backup_type, "backup_id": backup_id,
+              "location": f"{store.description}/{service}/{backup_type}/{backup_id}"}
+    try:
+        manifest = store.read_manifest(service, backup_type, backup_id)
+    except ManifestError as exc:
+        return SetInfo(state=SetState.CORRUPT.value, captured_at=None, size=None, files=None, note=str(exc), **common)
+    if manifest is None:
+        return SetInfo(state=SetState.INCOMPLETE.value, captured_at=None, size=None, files=None,
+                       note=f"no {MANIFEST_NAME} offsite: cannot be used", **common)
+    return SetInfo(state=OFFSITE_STATE, captured_at=manifest.captured_finished_at, size=manifest.total_size,
+                   files=len(manifest.files), **common)
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    source = open_source(args)
+    if args.service:
+        check_service_type(args.service, args.type)
+    known = known_services()
+    services = [args.service] if args.service else sorted(known)
+    infos: list[SetInfo] = []
+    for service in services:
+        types = [args.type] if args.type else sorted(known[service])
+        for backup_type in types:
+            if source.is_local:
+                infos += [local_info(s) for s in list_sets(source.root, service, backup_type)]
+            else:
+                infos += [offsite_info(source.store, service, backup_type, backup_id)
+                          for backup_id, _ in backup_ids(source, service, backup_type)]
+    if args.json:
+        console.say(json.dumps([info.as_dict() for info in infos], indent=2))
+        return EXIT_OK
+    if not infos:
+        scope = "/".join(filter(None, (args.service, args.type))) or "any service"
+        console.say(f"no backup sets of {scope} in {source.where}")
+        return EXIT_OK
+    rows = [
+        (i.service, i.backup_type, i.backup_id, i.state, utc_text(i.captured_at), human_size(i.size),
+         "-" if i.files is None else str(i.files))
+        for i in infos
+    ]
+    console.say(table(("SERVICE", "TYPE", "BACKUP_ID", "STATE", "CAPTURED (UTC)", "SIZE", "FILES"), rows))
+    console.note(f"{len(infos)} set(s) in {source.where}")
+    return EXIT_OK
