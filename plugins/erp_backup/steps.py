@@ -167,7 +167,5 @@ def retention_prune(
     report = retention.prune(
         job, plan.backup_root, store, now, dry_run=dry_run, current_id=backup_id, protected=protected,
     ).as_dict()
-    tidied = service.after_prune(plan, job, now=now, dry_run=dry_run)
-    if tidied:
-        report["after_prune"] = tidied
+    report["after_prune"] = service.after_prune(plan, job, now=now, dry_run=dry_run)
     return report
