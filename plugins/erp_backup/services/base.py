@@ -15,6 +15,7 @@ Module attributes:
 - ``RESTORE_TYPES``: the types ``restore`` takes alone (a subset of SUPPORTED_TYPES).
 - ``DRILL_TYPES``: the types the weekly drill may pick (a subset of RESTORE_TYPES).
 - ``PITR_TYPES``: the types that together restore to a point in time (empty for most).
+- ``RESTORE_OPTIONS``: the option names ``restore`` accepts (the CLI refuses others).
 
 Verbs (see :class:`ServiceModule` for the signatures):
 
@@ -244,6 +245,7 @@ class ServiceModule(Protocol):
     RESTORE_TYPES: frozenset[str]
     DRILL_TYPES: frozenset[str]
     PITR_TYPES: frozenset[str]
+    RESTORE_OPTIONS: frozenset[str]
 
     def backup(self, ctx: BackupContext) -> BackupOutcome: ...
 
