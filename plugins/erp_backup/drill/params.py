@@ -15,23 +15,12 @@ from typing import Any, Literal
 
 from erp_backup.drill.pick import derive_seed
 from erp_backup.plan import Plan
+from erp_backup.services import get_service
 
 ALL = "all"
 RANDOM = "random"
 SOURCES = ("offsite", "local")
 BACKENDS = ("local", "docker")
-
-# Backup types a drill can restore, per service (PostgreSQL PITR uses snapshot + wal, see below).
-DRILL_TYPES: dict[str, tuple[str, ...]] = {
-    "postgres": ("full",),
-    "redis": ("rdb",),
-    "rabbitmq": ("definitions",),
-    "milvus": ("full", "etcd"),
-    "minio": ("full", "snapshot"),
-    "gitlab": ("full",),
-}
-PITR_SERVICE = "postgres"
-PITR_TYPES = ("snapshot", "wal")
 
 _BACKUP_ID = re.compile(r"^(?:(?P<type>[a-z]+)/)?(?P<id>\d{8}T\d{6}Z)$")
 
@@ -68,19 +57,25 @@ class DrillRequest:
 
 def drillable_services(plan: Plan) -> list[str]:
     """Enabled services with at least one enabled job of a type a drill restores."""
-    found = {
-        job.service for job in plan.enabled_jobs
-        if plan.services_enabled.get(job.service) and job.backup_type in DRILL_TYPES.get(job.service, ())
-    }
-    return sorted(found)
+    return sorted({job.service for job in plan.enabled_jobs if plan.services_enabled.get(job.service)
+                   and job.backup_type in get_service(job.service).DRILL_TYPES})
 
 
 def drill_types(plan: Plan, service: str) -> list[str]:
     """The enabled, drillable backup types of a service."""
-    return sorted(
-        job.backup_type for job in plan.enabled_jobs
-        if job.service == service and job.backup_type in DRILL_TYPES.get(service, ())
-    )
+    return sorted(job.backup_type for job in plan.enabled_jobs
+                  if job.service == service and job.backup_type in get_service(service).DRILL_TYPES)
+
+
+def pitr_services(plan: Plan) -> list[str]:
+    """Enabled services that can restore to a point in time, with every PITR type enabled."""
+    found = []
+    for service in sorted({job.service for job in plan.enabled_jobs if plan.services_enabled.get(job.service)}):
+        wanted = get_service(service).PITR_TYPES
+        enabled = {job.backup_type for job in plan.enabled_jobs if job.service == service}
+        if wanted and wanted <= enabled:
+            found.append(service)
+    return found
 
 
 def drill_params(plan: Plan) -> dict[str, Any]:
@@ -88,6 +83,7 @@ def drill_params(plan: Plan) -> dict[str, Any]:
     from airflow.sdk import Param
 
     services = drillable_services(plan)
+    pitr = ", ".join(pitr_services(plan)) or "none enabled"
     return {
         "service": Param(
             ALL, type="string", enum=[ALL, RANDOM, *services],
@@ -106,8 +102,8 @@ def drill_params(plan: Plan) -> dict[str, Any]:
         ),
         "target_time": Param(
             "", type="string",
-            description="PostgreSQL point-in-time restore: an ISO 8601 time with offset "
-            "(e.g. 2026-11-26T10:15:00+09:00); needs service=postgres and snapshot + WAL sets. Empty: no PITR.",
+            description="Point-in-time restore: an ISO 8601 time with offset (e.g. 2026-11-26T10:15:00+09:00); "
+            f"needs a service that can restore to a point in time ({pitr}). Empty: no PITR.",
         ),
         "keep_scratch": Param(
             False, type="boolean",
@@ -177,9 +173,10 @@ def parse_request(params: Mapping[str, Any], plan: Plan, run_id: str) -> DrillRe
     target_time = None
     raw_time = _text(params, "target_time")
     if raw_time:
-        if service != PITR_SERVICE:
+        if service not in pitr_services(plan):
             raise DrillParamError(
-                f"target_time is for PostgreSQL point-in-time restore: set service={PITR_SERVICE} "
+                f"target_time is for a point-in-time restore: set service to one of "
+                f"{', '.join(pitr_services(plan)) or '(none: no service has its PITR backups enabled)'} "
                 f"(got service={service!r}) or clear target_time"
             )
         if backup_id is not None:

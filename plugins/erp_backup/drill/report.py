@@ -24,18 +24,18 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from erp_backup.drill.runner import (
+from erp_backup.drill.choose import offsite_store
+from erp_backup.drill.records import (
     LEDGER_KEY,
     ServiceState,
-    _offsite,
-    _read_json,
-    _write_json,
     ledger_path,
     parse_ledger,
+    read_json,
     run_dir,
-    utcnow,
     work_dir,
+    write_json,
 )
+from erp_backup.runs import utcnow
 from erp_backup.manifest import write_atomic
 from erp_backup.plan import Plan
 
@@ -97,7 +97,7 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
     extrapolated = round(measured * scale, 3) if measured is not None else None
     target = float(pick.get("rto_target_s") or 0) or None
     fetch, restore = steps["fetch"] or {}, steps["restore"] or {}
-    restore_report = restore.get("report") or {}
+    restored = (restore.get("report") or {}).get("details") or {}
     return {
         "service": pick["service"],
         "backup_type": pick["backup_type"],
@@ -134,15 +134,15 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
         },
         "checks": verify.get("checks") or [],
         "problems": verify.get("problems") or [],
-        "restore_summary": {k: restore_report[k] for k in ("tables_checked", "rows_checked", "keys_restored",
-                                                          "runbook_command_text", "replay_mb_per_s", "wal_bytes_replayed")
-                            if k in restore_report},
+        "restore_summary": {k: restored[k] for k in ("tables_checked", "rows_checked", "keys_restored",
+                                                     "runbook_command_text", "replay_mb_per_s", "wal_bytes_replayed")
+                            if k in restored},
         "teardown": (steps["teardown"] or {}).get("done"),
     }
 
 
 def build_report(plan: Plan, run_id: str) -> dict[str, Any]:
-    pick_record = _read_json(run_dir(plan, run_id) / "pick.json") or {}
+    pick_record = read_json(run_dir(plan, run_id) / "pick.json") or {}
     results = [service_result(plan, pick) for pick in pick_record.get("picks") or []]
     for problem in pick_record.get("problems") or []:
         results.append({"service": problem["service"], "status": "failed", "failed_step": "pick",
@@ -226,8 +226,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 )
         if result.get("pitr"):
             pitr = result["pitr"]
-            lines.append(f"- PITR: target {pitr.get('target_time')}, base {pitr.get('base_backup_id')}, "
-                         f"WAL sets {', '.join(pitr.get('wal_sets') or []) or 'none'}")
+            replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
+            lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
+                         f"replayed {replayed}")
         for check in result.get("checks") or []:
             lines.append(f"- ✓ {check}")
         for problem in result.get("problems") or []:
@@ -327,7 +328,7 @@ def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True)
     directory = run_dir(plan, run_id)
     store = None
     try:
-        store = _offsite(plan, offsite)
+        store = offsite_store(plan, offsite)
     except Exception as exc:
         report.setdefault("warnings", []).append(f"offsite store unavailable for the ledger: {exc}")
     try:
@@ -336,7 +337,7 @@ def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True)
         report.setdefault("warnings", []).append(f"offsite ledger not updated: {exc}")
         report["ledger"] = {"local": str(ledger_path(plan))}
     markdown = render_markdown(report)
-    _write_json(directory / "report.json", report)
+    write_json(directory / "report.json", report)
     write_atomic(directory / "report.md", markdown.encode())
     if store is not None:
         try:
@@ -347,6 +348,6 @@ def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True)
     report["report_files"] = {"json": str(directory / "report.json"), "markdown": str(directory / "report.md")}
     if notify:
         report["slack_sent"] = send(plan.slack_conn_id, slack_text(report))
-    _write_json(directory / "report.json", report)
+    write_json(directory / "report.json", report)
     log.info("DR drill %s %s; report %s\n%s", run_id, report["status"], directory / "report.md", markdown)
     return report
