@@ -225,10 +225,10 @@ def verify(plan: Plan, pick: Mapping[str, Any], *, get_connection: Callable[[str
     ctx = CheckContext(guard=lambda host, port: guard.check_address(info, host, port),
                        keep_scratch=bool(pick.get("keep_scratch")),
                        at=datetime.fromisoformat(pitr["target_time"]) if pitr else None)
+    report = RestoreReport.from_dict(restored.get("report") or {})
     with state.step("verify") as record:
         with _released(info):
-            found = module.check_restored(module.scratch_target(info), set_dir, manifest,
-                                          RestoreReport.from_dict(restored.get("report") or {}), ctx)
+            found = module.check_restored(module.scratch_target(info), set_dir, manifest, report, ctx)
         problems = found.problems + list(restored.get("restore_problems") or [])  # our own findings first
         record.update(checks=found.checks, problems=problems)
         if problems:
@@ -236,7 +236,7 @@ def verify(plan: Plan, pick: Mapping[str, Any], *, get_connection: Callable[[str
             raise DrillVerificationFailed(
                 f"{pick['service']}/{pick['backup_type']}/{pick['backup_id']}: the restore does not match the manifest: {shown}"
             )
-        record["status"] = "prepared" if info.kind == "directory" else "ok"
+        record["status"] = "prepared" if report.prepared_only else "ok"
     return {"service": pick["service"], "checks": len(record["checks"]), "status": record["status"]}
 
 

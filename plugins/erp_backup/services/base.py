@@ -138,6 +138,7 @@ class RestoreReport:
     """
 
     restored_bytes: int = 0
+    prepared_only: bool = False  # placed for a by-hand runbook, not restored into a running service: no RTO
     checks: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
@@ -149,12 +150,13 @@ class RestoreReport:
         return not self.problems
 
     def as_dict(self) -> dict[str, Any]:
-        return {"restored_bytes": self.restored_bytes, "checks": list(self.checks), "problems": list(self.problems),
+        return {"restored_bytes": self.restored_bytes, "prepared_only": self.prepared_only, "checks": list(self.checks), "problems": list(self.problems),
                 "actions": list(self.actions), "dry_run": self.dry_run, "details": dict(self.details)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RestoreReport:
-        return cls(restored_bytes=int(data.get("restored_bytes") or 0), checks=list(data.get("checks") or []),
+        return cls(restored_bytes=int(data.get("restored_bytes") or 0), prepared_only=bool(data.get("prepared_only")),
+                   checks=list(data.get("checks") or []),
                    problems=list(data.get("problems") or []), actions=list(data.get("actions") or []),
                    dry_run=bool(data.get("dry_run")), details=dict(data.get("details") or {}))
 
