@@ -18,7 +18,11 @@ venv: $(STAMP)
 system:
 	bash include/scripts/ensure_system.sh
 
-test: venv system
+lint: venv
+	$(VENV)/bin/ruff check plugins dags bench
+	$(VENV)/bin/mypy
+
+test: lint system
 	$(VENV)/bin/pytest
 
 run: venv system
