@@ -23,10 +23,14 @@ import pytest
 
 from erp_backup.manifest import Manifest, sha256_file
 from erp_backup.scratch_pg import ScratchPostgres
-from erp_backup.services import postgres_pitr, postgres_snapshot, postgres_wal
-from erp_backup.services.postgres_chain import chain_protection
-from erp_backup.services.postgres_pitr import TargetOutsideArchive, restore_to_time
-from erp_backup.services.postgres_wal import ArchiverError, Segment, WalGapError
+from erp_backup.services.postgres import pitr as postgres_pitr
+from erp_backup.services.postgres import segments
+from erp_backup.services.postgres import snapshot as postgres_snapshot
+from erp_backup.services.postgres import wal as postgres_wal
+from erp_backup.services.postgres.chain import chain_protection
+from erp_backup.services.postgres.pitr import TargetOutsideArchive, restore_to_time
+from erp_backup.services.postgres.segments import Segment
+from erp_backup.services.postgres.wal import ArchiverError, WalGapError
 from erp_backup.sets import BackupSet, list_sets
 from tests.fixtures.pitr import (
     ARCHIVE_SUBDIR,
@@ -102,8 +106,8 @@ def test_snapshot_records_its_wal_range_and_passes_pg_verifybackup(history: Hist
     assert "backup successfully verified" in details["verification"]["output"]
     start, end = Segment.parse(details["start_segment"]), Segment.parse(details["end_segment"])
     assert start.timeline == end.timeline == details["timeline"] == 1
-    assert Segment.of_lsn(postgres_wal.parse_lsn(details["start_lsn"]), 1).name == details["start_segment"]
-    assert postgres_wal.parse_lsn(details["start_lsn"]) < postgres_wal.parse_lsn(details["end_lsn"])
+    assert Segment.of_lsn(segments.parse_lsn(details["start_lsn"]), 1).name == details["start_segment"]
+    assert segments.parse_lsn(details["start_lsn"]) < segments.parse_lsn(details["end_lsn"])
     assert details["system_identifier"] and details["wal_segment_size"] == 16 * 1024 * 1024
     assert postgres_snapshot.verify(history.base_set, history.base) == []
 
@@ -142,8 +146,8 @@ def test_wal_set_ships_every_segment_of_the_window_with_its_details(history: His
     segments = sorted(n for n in shipped if len(n) == 24)
     assert details["first_segment"] == segments[0] and details["last_segment"] == segments[-1]
     assert details["segment_count"] == len(segments) == Segment.parse(segments[-1]).segno - Segment.parse(segments[0]).segno + 1
-    assert details["start_lsn"] == postgres_wal.format_lsn(Segment.parse(segments[0]).start_lsn)
-    assert details["end_lsn"] == postgres_wal.format_lsn(Segment.parse(segments[-1]).end_lsn)
+    assert details["start_lsn"] == segments.format_lsn(Segment.parse(segments[0]).start_lsn)
+    assert details["end_lsn"] == segments.format_lsn(Segment.parse(segments[-1]).end_lsn)
     assert details["timeline"] == 1
     check = details["archive_check"]
     assert check["status"] == "ok" and check["continuity"]["status"] == "ok"
