@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from erp_backup.manifest import FileEntry, Manifest
+from erp_backup.services import postgres
+from erp_backup.services.base import PointInTimeUnavailable
 from erp_backup.services.postgres import archiver
 from erp_backup.services.postgres import segments as wal_names
 from erp_backup.services.postgres import snapshot as snap
@@ -450,3 +452,28 @@ def test_local_archive_extends_what_the_sets_cover() -> None:
     assert [(f.name, f.set_id) for f in plan.wal] == [
         (seg(2).name, "W1"), (seg(3).name, "W1"), (seg(4).name, "W1"), (seg(5).name, None), (seg(6).name, None)
     ]
+
+
+# --- the service verb plan_point_in_time -------------------------------------------------------
+
+
+def test_point_in_time_chain_names_the_base_and_the_wal_sets_to_replay() -> None:
+    bases = [base_manifest("B1", 1, 1, T0 + timedelta(minutes=30)), base_manifest("B2", 5, 5, T0 + timedelta(hours=5, minutes=30))]
+    wal_sets = [wal_manifest("W1", hourly(2, 6)), wal_manifest("W2", hourly(7, 12)), wal_manifest("W3", hourly(13, 14))]
+    chain = postgres.plan_point_in_time([*wal_sets, *bases], T0 + timedelta(hours=6, minutes=30))  # + 6 h lookahead
+    assert chain.base is bases[1]
+    assert chain.sets == (("snapshot", "B2"), ("wal", "W1"), ("wal", "W2"))
+    assert chain.replay_bytes == wal_sets[0].total_size + wal_sets[1].total_size
+    assert chain.details["base_backup_id"] == "B2" and chain.details["wal_sets"] == ["W1", "W2"]
+    assert chain.details["wal_bytes"] == chain.replay_bytes
+
+
+def test_point_in_time_outside_the_archive_is_unavailable_with_the_covered_range() -> None:
+    manifests = [base_manifest("B1", 1, 1, T0 + timedelta(minutes=30)), wal_manifest("W1", {**hourly(2, 4), **hourly(6, 9)})]
+    for outside in (T0, T0 + timedelta(hours=7)):
+        with pytest.raises(PointInTimeUnavailable, match=r"cover: 2026-01-10T00:30:00\+00:00 \.\. 2026-01-10T04:00:00\+00:00"):
+            postgres.plan_point_in_time(manifests, outside)
+    with pytest.raises(PointInTimeUnavailable, match="no usable base backup"):
+        postgres.plan_point_in_time(manifests[1:], T0 + timedelta(hours=3))
+    with pytest.raises(PointInTimeUnavailable, match="has no timezone"):
+        postgres.plan_point_in_time(manifests, datetime(2026, 1, 10, 3))
