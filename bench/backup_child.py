@@ -58,9 +58,10 @@ def main() -> None:
     if args.no_inventory:
         pg_content.inventory = lambda conn, schema=None, cancelled=None: []  # type: ignore[assignment]
     if args.no_compress:
+        from erp_backup.services.postgres import dump
         from erp_backup.stream import stream_to_file
 
-        postgres._stream_labelled = (  # type: ignore[assignment]
+        dump._stream_labelled = (  # type: ignore[assignment]
             lambda chunks, set_dir, relative, label, level: stream_to_file(
                 chunks, set_dir, relative, compress=False, label=label
             )

@@ -321,8 +321,9 @@ def phase_restore(res: Results, set_dir: Path, seed_file: Path, custom_dir: Path
 
     def ours(cluster: Any) -> dict[str, Any]:
         clock = time.monotonic()
-        report = postgres.restore(set_dir, manifest, cluster.conninfo(), jobs=jobs)
-        return {"seconds": time.monotonic() - clock, "durations": report["durations"]}
+        report = postgres.restore(set_dir, manifest, cluster.conninfo(), options={"jobs": jobs})
+        report.raise_for_problems(f"restore of {set_dir}")
+        return {"seconds": time.monotonic() - clock, "durations": report.details["durations"]}
 
     def pg_restore(cluster: Any) -> dict[str, Any]:
         clock = time.monotonic()

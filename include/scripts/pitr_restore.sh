@@ -24,4 +24,4 @@ if [ "${1:-}" = coverage ] || [ "${1:-}" = restore ]; then
     command=$1
     shift
 fi
-exec "$python" -m erp_backup.services.postgres_pitr "$command" "$@"
+exec "$python" -m erp_backup.services.postgres.pitr_cli "$command" "$@"

@@ -13,7 +13,7 @@ import pytest
 
 from erp_backup.offsite import offsite_from_plan
 from erp_backup.plan import load_plan
-from erp_backup.services.postgres_pitr import restore_to_time
+from erp_backup.services.postgres.pitr import restore_to_time
 from erp_backup.sets import SetState, list_sets
 from tests.fixtures.pitr import ARCHIVE_SUBDIR
 from tests.integration.dagrun import run_dag, write_plan

@@ -310,7 +310,8 @@ def test_postgres_pitr_drill_recovers_to_the_target_time(make_env, archiving_pg_
 
     from erp_backup.checksum import verify_and_seal
     from erp_backup.offsite import offsite_from_plan
-    from erp_backup.services import postgres_snapshot, postgres_wal
+    from erp_backup.services.postgres import snapshot as postgres_snapshot
+    from erp_backup.services.postgres import wal as postgres_wal
     from tests.fixtures.pitr import manual_run, postgres_job, take_backup, wal_job, wal_run
 
     env = make_env("postgres")

@@ -23,10 +23,16 @@ import pytest
 
 from erp_backup.manifest import Manifest, sha256_file
 from erp_backup.scratch_pg import ScratchPostgres
-from erp_backup.services import postgres_pitr, postgres_snapshot, postgres_wal
-from erp_backup.services.postgres_chain import chain_protection
-from erp_backup.services.postgres_pitr import TargetOutsideArchive, restore_to_time
-from erp_backup.services.postgres_wal import ArchiverError, Segment, WalGapError
+from erp_backup.services import postgres
+from erp_backup.services.base import CheckContext, RestoreReport
+from erp_backup.services.postgres import pitr as postgres_pitr
+from erp_backup.services.postgres import segments as wal_names
+from erp_backup.services.postgres import snapshot as postgres_snapshot
+from erp_backup.services.postgres import wal as postgres_wal
+from erp_backup.services.postgres.chain import chain_protection
+from erp_backup.services.postgres.pitr import TargetOutsideArchive, restore_to_time
+from erp_backup.services.postgres.segments import Segment
+from erp_backup.services.postgres.wal import ArchiverError, WalGapError
 from erp_backup.sets import BackupSet, list_sets
 from tests.fixtures.pitr import (
     ARCHIVE_SUBDIR,
@@ -102,8 +108,8 @@ def test_snapshot_records_its_wal_range_and_passes_pg_verifybackup(history: Hist
     assert "backup successfully verified" in details["verification"]["output"]
     start, end = Segment.parse(details["start_segment"]), Segment.parse(details["end_segment"])
     assert start.timeline == end.timeline == details["timeline"] == 1
-    assert Segment.of_lsn(postgres_wal.parse_lsn(details["start_lsn"]), 1).name == details["start_segment"]
-    assert postgres_wal.parse_lsn(details["start_lsn"]) < postgres_wal.parse_lsn(details["end_lsn"])
+    assert Segment.of_lsn(wal_names.parse_lsn(details["start_lsn"]), 1).name == details["start_segment"]
+    assert wal_names.parse_lsn(details["start_lsn"]) < wal_names.parse_lsn(details["end_lsn"])
     assert details["system_identifier"] and details["wal_segment_size"] == 16 * 1024 * 1024
     assert postgres_snapshot.verify(history.base_set, history.base) == []
 
@@ -142,8 +148,8 @@ def test_wal_set_ships_every_segment_of_the_window_with_its_details(history: His
     segments = sorted(n for n in shipped if len(n) == 24)
     assert details["first_segment"] == segments[0] and details["last_segment"] == segments[-1]
     assert details["segment_count"] == len(segments) == Segment.parse(segments[-1]).segno - Segment.parse(segments[0]).segno + 1
-    assert details["start_lsn"] == postgres_wal.format_lsn(Segment.parse(segments[0]).start_lsn)
-    assert details["end_lsn"] == postgres_wal.format_lsn(Segment.parse(segments[-1]).end_lsn)
+    assert details["start_lsn"] == wal_names.format_lsn(Segment.parse(segments[0]).start_lsn)
+    assert details["end_lsn"] == wal_names.format_lsn(Segment.parse(segments[-1]).end_lsn)
     assert details["timeline"] == 1
     check = details["archive_check"]
     assert check["status"] == "ok" and check["continuity"]["status"] == "ok"
@@ -335,6 +341,33 @@ def test_pitr_to_T_has_the_T1_rows_and_not_the_T2_rows(history: History, scratch
     assert datetime.fromisoformat(report["last_replayed_commit"]) <= history.target
     assert report["wal_bytes_replayed"] > BULK_ROWS * 100
     print("\nPITR replay:", json.dumps({k: report[k] for k in ("wal_bytes_replayed", "redo_seconds", "wall_seconds", "replay_mb_per_s")}))
+
+
+def test_service_verbs_plan_restore_and_check_a_point_in_time(history: History, scratch_cluster: Any) -> None:
+    chain = postgres.plan_point_in_time([history.wal, history.base], history.target)
+    assert chain.sets == (("snapshot", history.base.backup_id), ("wal", history.wal.backup_id))
+    assert chain.base.backup_id == history.base.backup_id and chain.replay_bytes == history.wal.total_size
+
+    dry = postgres.restore_to_time(history.pg.root, history.target, None, dry_run=True)
+    assert dry.dry_run and dry.restored_bytes == 0 and dry.details["base_backup_id"] == history.base.backup_id
+    assert dry.actions[0].startswith(f"restore base backup {history.base.backup_id}")
+
+    cluster = scratch_cluster("pitr-verb")
+    report = postgres.restore_to_time(history.pg.root, history.target, cluster, owner="pytest")
+    assert rows_by_phase(cluster) == {"before-base": 1, "bulk": BULK_ROWS, "t1": 10}
+    assert report.problems == [] and report.restored_bytes == report.details["wal_bytes_replayed"] > 0
+    assert "recovery stopping before commit" in report.details["stop"]
+    assert datetime.fromisoformat(report.details["last_replayed_commit"]) <= history.target
+
+    ctx = CheckContext(guard=lambda host, port: None, at=history.target)
+    found = postgres.check_restored(cluster, history.base_set.path, history.base, report, ctx)
+    assert found.problems == []
+    assert "recovery finished and the cluster was promoted" in found.checks
+    assert any(check.startswith("last replayed commit") and "<= target" in check for check in found.checks)
+    late = (history.target + timedelta(minutes=1)).isoformat()
+    claimed = RestoreReport(details={**report.details, "last_replayed_commit": late})
+    assert postgres.check_restored(cluster, history.base_set.path, history.base, claimed, ctx).problems == [
+        f"last replayed commit {late} is after the target time {history.target.isoformat()}"]
 
 
 def test_pitr_from_offsite_after_the_last_commit_replays_all_wal(history: History, scratch_cluster: Any, tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ from erp_backup.plan import BackupJob
 from erp_backup.runner import LocalExecutor
 from erp_backup.scratch_pg import free_port
 from erp_backup.services import postgres
+from erp_backup.services.postgres import dump
+from erp_backup.services.postgres.commands import read_zst_text
 from erp_backup.services.base import BackupContext, BackupOutcome, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
 from tests.fixtures.pg_estate import TENANTS, PgEstate
@@ -119,7 +121,7 @@ def test_backup_files_manifest_and_inventory(estate_backup: EstateBackup, pg_est
 
     assert manifest.details["server_version"].startswith("15")
     assert pg_estate.app_role in manifest.details["roles"]
-    assert f"CREATE ROLE {pg_estate.app_role};" in postgres.read_zst_text(set_dir / "globals.sql.zst")
+    assert f"CREATE ROLE {pg_estate.app_role};" in read_zst_text(set_dir / "globals.sql.zst")
     assert manifest.tools["pg_dump"].startswith("pg_dump (PostgreSQL)")
     assert manifest.tools["pg_dumpall"].startswith("pg_dumpall (PostgreSQL)")
     assert manifest.source["conn_id"] == "erp_postgres" and manifest.source["port"] == 5432
@@ -161,23 +163,24 @@ def test_full_restore_into_scratch_cluster(estate_backup: EstateBackup, pg_estat
     target = scratch_pg.conninfo()
 
     dry = postgres.restore(set_dir, manifest, target, dry_run=True)
-    assert dry["dry_run"] and any(f"{db}: create database and restore" in action for action in dry["actions"])
+    assert dry.dry_run and any(f"{db}: create database and restore" in action for action in dry.actions)
     assert query(target, "SELECT count(*) FROM pg_database WHERE datname = %s", (db,)) == [(0,)]
     assert query(target, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (pg_estate.app_role,)) == [(0,)]
 
-    report = postgres.restore(set_dir, manifest, target, jobs=2)
+    report = postgres.restore(set_dir, manifest, target, options={"jobs": 2})
 
-    assert report["tables_checked"] == 3 * TABLES_PER_TENANT
-    assert report["rows_checked"] == (3000 + 9000 + 300 + 1500) + (2000 + 6000 + 300 + 1000) + (1500 + 4000 + 300 + 750)
-    assert set(report["durations"]) == {"globals", "decompress", "restore", "verify"}
-    assert report["bytes"]["restored"] == manifest.details["databases"][db]["raw_bytes"]
+    assert report.problems == []
+    assert report.details["tables_checked"] == 3 * TABLES_PER_TENANT
+    assert report.details["rows_checked"] == (3000 + 9000 + 300 + 1500) + (2000 + 6000 + 300 + 1000) + (1500 + 4000 + 300 + 750)
+    assert set(report.details["durations"]) == {"globals", "decompress", "restore", "verify"}
+    assert report.details["bytes"]["restored"] == manifest.details["databases"][db]["raw_bytes"] == report.restored_bytes
     restored = scratch_pg.conninfo(db)
     assert inventory_of(restored) == inventory_of(pg_estate.conninfo())
     assert query(restored, "SELECT pg_has_role(%s, 'USAGE') IS NOT NULL, has_schema_privilege(%s, 'tenant_acme', 'USAGE'),"
                  " has_schema_privilege(%s, 'tenant_globex', 'USAGE')",
                  (pg_estate.app_role,) * 3) == [(True, True, False)]
     missing_roles = set(manifest.details["roles"]) - {r for (r,) in query(target, "SELECT rolname FROM pg_roles")}
-    assert missing_roles <= set(report["globals"]["roles_not_in_globals"])
+    assert missing_roles <= set(report.details["globals"]["roles_not_in_globals"])
     # Identity and sequences continue where the source stopped.
     next_ids = "SELECT nextval('tenant_acme.order_number_seq'), (SELECT max(id) FROM tenant_acme.orders)"
     assert query(restored, next_ids) == [(100000 + 9000, 100000 + 8999)]
@@ -190,16 +193,19 @@ def test_single_schema_restore(estate_backup: EstateBackup, pg_estate: PgEstate,
     set_dir, manifest, db = estate_backup.ctx.set_dir, estate_backup.manifest, pg_estate.dbname
     target, restored = scratch_pg.conninfo(), scratch_pg.conninfo(db)
 
-    report = postgres.restore(set_dir, manifest, target, schema="tenant_globex")
+    report = postgres.restore(set_dir, manifest, target, options={"schema": "tenant_globex"})
 
-    assert report["tables_checked"] == TABLES_PER_TENANT
+    assert report.problems == []
+    assert report.details["tables_checked"] == TABLES_PER_TENANT
     schemas = {schema for schema, _ in query(restored, "SELECT table_schema, table_name FROM information_schema.tables"
                                              " WHERE table_schema LIKE 'tenant%%'")}
     assert schemas == {"tenant_globex"}
     assert inventory_of(restored, "tenant_globex") == inventory_of(pg_estate.conninfo(), "tenant_globex")
 
     # A second tenant into the now existing database brings its schema's comment and grants.
-    postgres.restore(set_dir, manifest, target, databases=[db], schema="tenant_acme", apply_globals=False)
+    second = postgres.restore(set_dir, manifest, target, options={"databases": [db], "schema": "tenant_acme",
+                                                                  "apply_globals": False})
+    assert second.problems == [] and "globals" not in second.details
     assert {s for (s,) in query(restored, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%%'")} == {
         "tenant_globex", "tenant_acme"}
     assert query(restored, "SELECT obj_description('tenant_acme'::regnamespace),"
@@ -252,7 +258,7 @@ class PausingExecutor(LocalExecutor):
 
 def test_source_killed_mid_dump_fails_without_partial_file(pg_estate: PgEstate, tmp_path: Path, monkeypatch):
     executor = PausingExecutor()
-    monkeypatch.setattr(postgres, "executor_for", lambda options, source: executor)
+    monkeypatch.setattr(dump, "executor_for", lambda options, source: executor)
     ctx = make_context(tmp_path, pg_estate, "20260301T020000Z")
     terminated: list[int] = []
 
@@ -340,7 +346,7 @@ class LocalContainerAPI:
 def test_docker_mode_backup_through_the_api(estate_backup: EstateBackup, pg_estate: PgEstate, tmp_path: Path,
                                             monkeypatch, caplog):
     api = LocalContainerAPI()
-    monkeypatch.setattr(postgres, "docker_api", lambda conn_id=None, base_url=None: api)
+    monkeypatch.setattr(dump, "docker_api", lambda conn_id=None, base_url=None: api)
     ctx = make_context(tmp_path, pg_estate, "20260302T020000Z", exec_mode="docker")
     caplog.set_level("INFO")
 
@@ -365,7 +371,7 @@ def test_docker_mode_backup_through_the_api(estate_backup: EstateBackup, pg_esta
 
 def test_docker_mode_nonzero_exit_fails_the_backup(pg_estate: PgEstate, tmp_path: Path, monkeypatch):
     api = LocalContainerAPI(failing_dump=True)
-    monkeypatch.setattr(postgres, "docker_api", lambda conn_id=None, base_url=None: api)
+    monkeypatch.setattr(dump, "docker_api", lambda conn_id=None, base_url=None: api)
     ctx = make_context(tmp_path, pg_estate, "20260302T020000Z", exec_mode="docker")
 
     with pytest.raises(postgres.PostgresBackupError) as failure:

@@ -10,9 +10,13 @@ from typing import Any
 import pytest
 
 from erp_backup.manifest import FileEntry, Manifest
-from erp_backup.services import postgres_snapshot as snap
-from erp_backup.services import postgres_wal as wal
-from erp_backup.services.postgres_pitr import (
+from erp_backup.services import postgres
+from erp_backup.services.base import PointInTimeUnavailable
+from erp_backup.services.postgres import archiver
+from erp_backup.services.postgres import segments as wal_names
+from erp_backup.services.postgres import snapshot as snap
+from erp_backup.services.postgres import wal
+from erp_backup.services.postgres.pitr import (
     RestoreError,
     TargetOutsideArchive,
     build_inventory,
@@ -21,7 +25,9 @@ from erp_backup.services.postgres_pitr import (
     recovery_settings,
     restore_command,
 )
-from erp_backup.services.postgres_wal import ArchivedFile, ArchiverStatus, Segment, check_continuity
+from erp_backup.services.postgres.archiver import ArchiverStatus
+from erp_backup.services.postgres.segments import Segment
+from erp_backup.services.postgres.wal import ArchivedFile, check_continuity
 
 UTC = timezone.utc
 MB16 = 16 * 1024 * 1024
@@ -154,22 +160,22 @@ def test_segment_names_roll_over_after_ff() -> None:
 
 
 def test_lsn_round_trip_and_segment_of_lsn() -> None:
-    assert wal.parse_lsn("0/2000028") == 0x2000028
-    assert wal.parse_lsn("1A/FF000000") == (0x1A << 32) | 0xFF000000
-    assert wal.format_lsn(0x1A_FF000000) == "1A/FF000000"
-    assert Segment.of_lsn(wal.parse_lsn("0/2000028"), 1).name == "000000010000000000000002"
-    assert Segment.of_lsn(wal.parse_lsn("1/0"), 2).name == "000000020000000100000000"
+    assert wal_names.parse_lsn("0/2000028") == 0x2000028
+    assert wal_names.parse_lsn("1A/FF000000") == (0x1A << 32) | 0xFF000000
+    assert wal_names.format_lsn(0x1A_FF000000) == "1A/FF000000"
+    assert Segment.of_lsn(wal_names.parse_lsn("0/2000028"), 1).name == "000000010000000000000002"
+    assert Segment.of_lsn(wal_names.parse_lsn("1/0"), 2).name == "000000020000000100000000"
     with pytest.raises(ValueError, match="not an LSN"):
-        wal.parse_lsn("2000028")
+        wal_names.parse_lsn("2000028")
 
 
 def test_wal_file_kinds() -> None:
-    assert wal.wal_file_kind("000000010000000000000002") == "segment"
-    assert wal.wal_file_kind("00000002.history") == "history"
-    assert wal.wal_file_kind("000000010000000000000002.00000028.backup") == "backup"
-    assert wal.wal_file_kind("000000010000000000000009.partial") == "partial"
-    assert wal.wal_file_kind("archive.log") is None
-    assert wal.parse_history("1\t0/3000150\tbefore 2026-01-10 00:00:00+00\n\n2\t0/5000000\tno recovery target\n") == [
+    assert wal_names.wal_file_kind("000000010000000000000002") == "segment"
+    assert wal_names.wal_file_kind("00000002.history") == "history"
+    assert wal_names.wal_file_kind("000000010000000000000002.00000028.backup") == "backup"
+    assert wal_names.wal_file_kind("000000010000000000000009.partial") == "partial"
+    assert wal_names.wal_file_kind("archive.log") is None
+    assert wal_names.parse_history("1\t0/3000150\tbefore 2026-01-10 00:00:00+00\n\n2\t0/5000000\tno recovery target\n") == [
         (1, 0x3000150),
         (2, 0x5000000),
     ]
@@ -205,7 +211,7 @@ def test_window_is_half_open_and_by_archive_time() -> None:
     chosen = wal.files_in_window(entries, T0 + timedelta(hours=2), T0 + timedelta(hours=6))
     assert [e.name for e in chosen] == [seg(n).name for n in (2, 3, 4, 5)]
     assert wal.segment_size_of(entries) == MB16
-    assert wal.segment_size_of([]) == wal.DEFAULT_SEGMENT_SIZE
+    assert wal.segment_size_of([]) == wal_names.DEFAULT_SEGMENT_SIZE
 
 
 def test_duration_option() -> None:
@@ -288,18 +294,18 @@ TIMEOUT, MARGIN = timedelta(seconds=60), timedelta(minutes=10)
 
 
 def test_healthy_archiver_has_no_findings() -> None:
-    assert wal.archiver_findings(status(), None, TIMEOUT, MARGIN) == ([], [])
+    assert archiver.archiver_findings(status(), None, TIMEOUT, MARGIN) == ([], [])
 
 
 def test_archive_mode_off_is_a_problem() -> None:
-    problems, _ = wal.archiver_findings(status(archive_mode="off"), None, TIMEOUT, MARGIN)
+    problems, _ = archiver.archiver_findings(status(archive_mode="off"), None, TIMEOUT, MARGIN)
     assert problems and "archive_mode is 'off'" in problems[0]
 
 
 def test_failing_archiver_is_a_problem_naming_the_segment() -> None:
     now = T0 + timedelta(hours=6)
     failing = status(failed_count=3, last_failed_wal=seg(101).name, last_failed_time=now - timedelta(seconds=5))
-    problems, _ = wal.archiver_findings(failing, {"failed_count": 0, "stats_reset": failing.stats_reset.isoformat()}, TIMEOUT, MARGIN)
+    problems, _ = archiver.archiver_findings(failing, {"failed_count": 0, "stats_reset": failing.stats_reset.isoformat()}, TIMEOUT, MARGIN)
     assert len(problems) == 1 and f"last failure on {seg(101).name}" in problems[0]
 
 
@@ -307,41 +313,41 @@ def test_failed_count_growth_after_recovery_is_a_warning() -> None:
     now = T0 + timedelta(hours=6)
     recovered = status(failed_count=3, last_failed_wal=seg(99).name, last_failed_time=now - timedelta(minutes=5))
     previous = {"failed_count": 1, "stats_reset": recovered.stats_reset.isoformat()}
-    problems, warnings = wal.archiver_findings(recovered, previous, TIMEOUT, MARGIN)
+    problems, warnings = archiver.archiver_findings(recovered, previous, TIMEOUT, MARGIN)
     assert problems == [] and len(warnings) == 1 and "failed_count grew by 2" in warnings[0]
-    assert wal.archiver_findings(recovered, {**previous, "failed_count": 3}, TIMEOUT, MARGIN) == ([], [])
+    assert archiver.archiver_findings(recovered, {**previous, "failed_count": 3}, TIMEOUT, MARGIN) == ([], [])
 
 
 def test_stats_reset_counts_every_failure_since_the_reset() -> None:
     now = T0 + timedelta(hours=6)
     reset = status(failed_count=1, last_failed_time=now - timedelta(minutes=5), stats_reset=now - timedelta(hours=1))
-    _, warnings = wal.archiver_findings(reset, {"failed_count": 7, "stats_reset": (T0 - timedelta(days=30)).isoformat()}, TIMEOUT, MARGIN)
+    _, warnings = archiver.archiver_findings(reset, {"failed_count": 7, "stats_reset": (T0 - timedelta(days=30)).isoformat()}, TIMEOUT, MARGIN)
     assert warnings and "grew by 1" in warnings[0]
 
 
 def test_a_segment_waiting_longer_than_timeout_plus_margin_is_a_problem() -> None:
     now = T0 + timedelta(hours=6)
     stuck = status(ready_count=4, oldest_ready=seg(101).name, oldest_ready_since=now - timedelta(minutes=12))
-    problems, _ = wal.archiver_findings(stuck, None, TIMEOUT, MARGIN)
+    problems, _ = archiver.archiver_findings(stuck, None, TIMEOUT, MARGIN)
     assert len(problems) == 1 and seg(101).name in problems[0] and "4 file(s) waiting" in problems[0]
     fresh = status(ready_count=1, oldest_ready=seg(101).name, oldest_ready_since=now - timedelta(minutes=10))
-    assert wal.archiver_findings(fresh, None, TIMEOUT, MARGIN) == ([], [])
+    assert archiver.archiver_findings(fresh, None, TIMEOUT, MARGIN) == ([], [])
 
 
 def test_idle_server_with_an_old_last_archive_is_fine_when_nothing_waits() -> None:
     idle = status(last_archived_time=T0)
-    assert wal.archiver_findings(idle, None, TIMEOUT, MARGIN) == ([], [])
+    assert archiver.archiver_findings(idle, None, TIMEOUT, MARGIN) == ([], [])
 
 
 def test_without_pg_monitor_an_old_last_archive_is_a_problem() -> None:
     blind = status(last_archived_time=T0, ready_count=None)
-    problems, _ = wal.archiver_findings(blind, None, TIMEOUT, MARGIN)
+    problems, _ = archiver.archiver_findings(blind, None, TIMEOUT, MARGIN)
     assert problems and "pg_monitor" in problems[0]
 
 
 def test_server_archive_timeout_warnings() -> None:
-    assert "archive_timeout is 0" in wal.archiver_findings(status(archive_timeout_s=0), None, TIMEOUT, MARGIN)[1][0]
-    assert "longer than the plan's 60s" in wal.archiver_findings(status(archive_timeout_s=300), None, TIMEOUT, MARGIN)[1][0]
+    assert "archive_timeout is 0" in archiver.archiver_findings(status(archive_timeout_s=0), None, TIMEOUT, MARGIN)[1][0]
+    assert "longer than the plan's 60s" in archiver.archiver_findings(status(archive_timeout_s=300), None, TIMEOUT, MARGIN)[1][0]
 
 
 # --- base backup label and manifest ------------------------------------------------------------
@@ -385,7 +391,7 @@ def base_manifest(backup_id: str, start: int, end: int, finished: datetime) -> M
         service="postgres", backup_type="snapshot", backup_id=backup_id,
         captured_started_at=finished - timedelta(minutes=5), captured_finished_at=finished + timedelta(minutes=2),
         run={}, source={}, tools={}, files=[FileEntry("base.tar.zst", 1, "0" * 64)],
-        details={"start_segment": seg(start).name, "end_segment": seg(end).name, "start_lsn": wal.format_lsn(seg(start).start_lsn + 0x28),
+        details={"start_segment": seg(start).name, "end_segment": seg(end).name, "start_lsn": wal_names.format_lsn(seg(start).start_lsn + 0x28),
                  "wal_segment_size": MB16, "backup_end_time": finished.isoformat()},
     )
 
@@ -446,3 +452,28 @@ def test_local_archive_extends_what_the_sets_cover() -> None:
     assert [(f.name, f.set_id) for f in plan.wal] == [
         (seg(2).name, "W1"), (seg(3).name, "W1"), (seg(4).name, "W1"), (seg(5).name, None), (seg(6).name, None)
     ]
+
+
+# --- the service verb plan_point_in_time -------------------------------------------------------
+
+
+def test_point_in_time_chain_names_the_base_and_the_wal_sets_to_replay() -> None:
+    bases = [base_manifest("B1", 1, 1, T0 + timedelta(minutes=30)), base_manifest("B2", 5, 5, T0 + timedelta(hours=5, minutes=30))]
+    wal_sets = [wal_manifest("W1", hourly(2, 6)), wal_manifest("W2", hourly(7, 12)), wal_manifest("W3", hourly(13, 14))]
+    chain = postgres.plan_point_in_time([*wal_sets, *bases], T0 + timedelta(hours=6, minutes=30))  # + 6 h lookahead
+    assert chain.base is bases[1]
+    assert chain.sets == (("snapshot", "B2"), ("wal", "W1"), ("wal", "W2"))
+    assert chain.replay_bytes == wal_sets[0].total_size + wal_sets[1].total_size
+    assert chain.details["base_backup_id"] == "B2" and chain.details["wal_sets"] == ["W1", "W2"]
+    assert chain.details["wal_bytes"] == chain.replay_bytes
+
+
+def test_point_in_time_outside_the_archive_is_unavailable_with_the_covered_range() -> None:
+    manifests = [base_manifest("B1", 1, 1, T0 + timedelta(minutes=30)), wal_manifest("W1", {**hourly(2, 4), **hourly(6, 9)})]
+    for outside in (T0, T0 + timedelta(hours=7)):
+        with pytest.raises(PointInTimeUnavailable, match=r"cover: 2026-01-10T00:30:00\+00:00 \.\. 2026-01-10T04:00:00\+00:00"):
+            postgres.plan_point_in_time(manifests, outside)
+    with pytest.raises(PointInTimeUnavailable, match="no usable base backup"):
+        postgres.plan_point_in_time(manifests[1:], T0 + timedelta(hours=3))
+    with pytest.raises(PointInTimeUnavailable, match="has no timezone"):
+        postgres.plan_point_in_time(manifests, datetime(2026, 1, 10, 3))

@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from erp_backup.runner import Command
 from erp_backup.services import postgres
-from erp_backup.services.postgres import (
+from erp_backup.services.base import SourceUnavailable
+from erp_backup.services.postgres import dump
+from erp_backup.services.postgres.commands import (
     PgEndpoint,
+    PostgresBackupError,
     SourceServer,
     dump_file_for,
     pg_dump_command,
@@ -140,7 +143,7 @@ def test_source_endpoints_per_exec_mode():
 
 
 def test_source_without_host_names_the_connection():
-    with pytest.raises(postgres.SourceUnavailable, match="'erp_postgres' has no host"):
+    with pytest.raises(SourceUnavailable, match="'erp_postgres' has no host"):
         SourceServer.from_connection("erp_postgres", FakeConnection(host=None))
 
 
@@ -211,22 +214,24 @@ def test_schema_header_entries_select_the_schema_itself_only():
 
 def test_dispatch_names_supported_types():
     assert postgres.SUPPORTED_TYPES == frozenset({"full", "wal", "snapshot"})
-    with pytest.raises(ValueError, match="cannot restore backup type 'hourly' \\(supported: full, snapshot, wal\\)"):
+    with pytest.raises(ValueError, match="cannot back up backup type 'hourly' \\(supported: full, snapshot, wal\\)"):
+        postgres._handler(postgres._BACKUPS, "hourly", "back up")
+    with pytest.raises(ValueError, match="cannot restore backup type 'hourly' \\(supported: full\\)"):
         postgres._handler(postgres._RESTORES, "hourly", "restore")
 
 
 DATABASES = [
-    postgres.SourceDatabase("erp", "UTF8", "C.UTF-8", "C.UTF-8", "erp_owner", False, True),
-    postgres.SourceDatabase("postgres", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", False, True),
-    postgres.SourceDatabase("template1", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", True, True),
-    postgres.SourceDatabase("archived", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", False, False),
+    dump.SourceDatabase("erp", "UTF8", "C.UTF-8", "C.UTF-8", "erp_owner", False, True),
+    dump.SourceDatabase("postgres", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", False, True),
+    dump.SourceDatabase("template1", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", True, True),
+    dump.SourceDatabase("archived", "UTF8", "C.UTF-8", "C.UTF-8", "postgres", False, False),
 ]
 
 
 def test_database_selection_skips_templates_and_closed_databases():
-    names = lambda options: [db.name for db in postgres._select_databases(DATABASES, options)]  # noqa: E731
+    names = lambda options: [db.name for db in dump._select_databases(DATABASES, options)]  # noqa: E731
     assert names({}) == ["erp", "postgres"]
     assert names({"databases": ["erp"]}) == ["erp"]
     assert names({"exclude_databases": ["postgres"]}) == ["erp"]
-    with pytest.raises(postgres.PostgresBackupError, match="options.databases names 'archived', 'nope'"):
+    with pytest.raises(PostgresBackupError, match="options.databases names 'archived', 'nope'"):
         names({"databases": ["erp", "archived", "nope"]})

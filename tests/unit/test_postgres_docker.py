@@ -15,9 +15,15 @@ import pytest
 import zstandard
 
 from erp_backup.runner import Executor
-from erp_backup.services import postgres
 from erp_backup.services.base import SourceUnavailable
-from erp_backup.services.postgres import PgEndpoint, PostgresBackupError, SourceServer
+from erp_backup.services.postgres import dump
+from erp_backup.services.postgres.commands import (
+    GLOBALS_FILE,
+    PgEndpoint,
+    PostgresBackupError,
+    SourceServer,
+    pg_dump_command,
+)
 
 SECRET = "docker-s3cret"
 CONTAINER = "erp-postgres"
@@ -65,8 +71,8 @@ def docker_mode(monkeypatch) -> Iterator[Callable[[FakeDockerAPI], Executor]]:
     """Build the executor the backup would use in docker mode, over a given fake API."""
 
     def build(api: FakeDockerAPI):
-        monkeypatch.setattr(postgres, "docker_api", lambda conn_id=None, base_url=None: api)
-        return postgres.executor_for({"exec_mode": "docker", "container": CONTAINER}, SOURCE)
+        monkeypatch.setattr(dump, "docker_api", lambda conn_id=None, base_url=None: api)
+        return dump.executor_for({"exec_mode": "docker", "container": CONTAINER}, SOURCE)
 
     yield build
 
@@ -77,7 +83,7 @@ def test_globals_dump_streams_exec_output_through_zstd(docker_mode, tmp_path: Pa
     api = FakeDockerAPI({"pg_dumpall": (chunks, 0)})
     executor = docker_mode(api)
 
-    result = postgres.dump_globals(SOURCE, executor, SOURCE.tool_endpoint("docker"), tmp_path, level=3)
+    result = dump.dump_globals(SOURCE, executor, SOURCE.tool_endpoint("docker"), tmp_path, level=3)
 
     assert api.calls == [
         ("inspect_container", CONTAINER),
@@ -85,7 +91,7 @@ def test_globals_dump_streams_exec_output_through_zstd(docker_mode, tmp_path: Pa
         ("exec_start", "exec-1", True, True),
         ("exec_inspect", "exec-1"),
     ]
-    written = tmp_path / postgres.GLOBALS_FILE
+    written = tmp_path / GLOBALS_FILE
     expected = b"".join(out for out, _ in chunks if out)
     assert zstandard.ZstdDecompressor().stream_reader(written.open("rb")).read() == expected
     assert result.raw_bytes == len(expected)
@@ -99,12 +105,12 @@ def test_nonzero_exit_fails_the_dump_and_removes_the_partial_file(docker_mode, t
     executor = docker_mode(FakeDockerAPI({"pg_dumpall": (chunks, 1)}))
 
     with pytest.raises(PostgresBackupError) as failure:
-        postgres.dump_globals(SOURCE, executor, SOURCE.tool_endpoint("docker"), tmp_path, level=3)
+        dump.dump_globals(SOURCE, executor, SOURCE.tool_endpoint("docker"), tmp_path, level=3)
 
     message = str(failure.value)
     assert "'erp_postgres'" in message and "erp-db:5432" in message
     assert f"docker exec {CONTAINER}, exit 1" in message and "connection to server on socket" in message
-    assert not (tmp_path / postgres.GLOBALS_FILE).exists()
+    assert not (tmp_path / GLOBALS_FILE).exists()
 
 
 def test_tool_versions_come_from_the_container(docker_mode):
@@ -112,7 +118,7 @@ def test_tool_versions_come_from_the_container(docker_mode):
         "pg_dump --version": ([(b"pg_dump (PostgreSQL) 15.8\n", None)], 0),
         "pg_dumpall --version": ([(b"pg_dumpall (PostgreSQL) 15.8\n", None)], 0),
     })
-    versions = postgres.tool_versions(docker_mode(api))
+    versions = dump.tool_versions(docker_mode(api))
 
     assert versions["pg_dump"] == "pg_dump (PostgreSQL) 15.8"
     assert versions["pg_dumpall"] == "pg_dumpall (PostgreSQL) 15.8"
@@ -125,7 +131,7 @@ def test_tool_versions_come_from_the_container(docker_mode):
 def test_missing_tool_in_container_is_a_clear_error(docker_mode):
     api = FakeDockerAPI({"pg_dump --version": ([(None, b"exec: \"pg_dump\": executable file not found")], 126)})
     with pytest.raises(PostgresBackupError, match="pg_dump is not usable \\(docker exec erp-postgres\\).*exit 126"):
-        postgres.tool_versions(docker_mode(api))
+        dump.tool_versions(docker_mode(api))
 
 
 def test_unreachable_container_is_source_unavailable(docker_mode):
@@ -137,13 +143,13 @@ def test_unreachable_container_is_source_unavailable(docker_mode):
 
 def test_exec_mode_and_container_are_validated():
     with pytest.raises(PostgresBackupError, match="options.exec_mode must be one of network, docker, got 'ssh'"):
-        postgres.executor_for({"exec_mode": "ssh"}, SOURCE)
+        dump.executor_for({"exec_mode": "ssh"}, SOURCE)
     with pytest.raises(PostgresBackupError, match="options.container is required"):
-        postgres.executor_for({"exec_mode": "docker"}, SOURCE)
+        dump.executor_for({"exec_mode": "docker"}, SOURCE)
 
 
 def test_docker_endpoint_uses_the_container_socket_with_the_same_login():
     assert SOURCE.tool_endpoint("docker") == PgEndpoint({"user": "erp_backup"}, SECRET)
-    command = postgres.pg_dump_command(SOURCE.tool_endpoint("docker"), "erp", "00000004-1")
+    command = pg_dump_command(SOURCE.tool_endpoint("docker"), "erp", "00000004-1")
     assert command.argv[-1] == "--dbname=user=erp_backup dbname=erp"
     assert SECRET not in " ".join(command.argv)

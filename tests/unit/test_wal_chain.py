@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from erp_backup.retention import SetRecord, decide
-from erp_backup.services.postgres_chain import BaseInfo, WalSetInfo, anchor_base, protected_bases, protected_wal_sets
-from erp_backup.services.postgres_wal import Segment
+from erp_backup.services.postgres.chain import BaseInfo, WalSetInfo, anchor_base, protected_bases, protected_wal_sets
+from erp_backup.services.postgres.segments import Segment
 from erp_backup.sets import SetState
 
 UTC = timezone.utc

@@ -1,10 +1,10 @@
-"""PostgreSQL WAL shipping: the 6-hourly `wal` backup type, and WAL naming.
+"""PostgreSQL WAL shipping: the 6-hourly `wal` backup type and the local WAL archive.
 
-Owns: WAL file names and LSN arithmetic, the local WAL archive written by
-`include/scripts/archive_wal.sh` (and its `archive.log`), the continuity check
-(gap detection across sets and timelines), the `pg_stat_archiver` check, and
-the `wal` backup set: every file archived in the run's window [start, end),
-by its archive.log time, compressed with zstd as `wal/<name>.zst`.
+Owns: the local WAL archive written by `include/scripts/archive_wal.sh` (and its
+`archive.log`), the continuity check (gap detection across sets and timelines),
+and the `wal` backup set: every file archived in the run's window [start, end),
+by its archive.log time, compressed with zstd as `wal/<name>.zst`. WAL names and
+LSNs are in ``segments.py``; the `pg_stat_archiver` check is in ``archiver.py``.
 """
 
 from __future__ import annotations
@@ -22,28 +22,30 @@ from typing import Any
 import zstandard
 
 from erp_backup.manifest import FileEntry, Manifest, ManifestError
-from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
+from erp_backup.services.base import BackupContext, BackupOutcome
+from erp_backup.services.postgres.archiver import archiver_findings, failed_count_growth, read_archiver_status
+from erp_backup.services.postgres.segments import (
+    DEFAULT_SEGMENT_SIZE,
+    HISTORY_NAME,
+    Segment,
+    format_lsn,
+    parse_history,
+    wal_file_kind,
+)
 from erp_backup.sets import BackupSet, SetState, list_sets
 from erp_backup.stream import stream_to_file
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = frozenset({"wal"})
 SERVICE = "postgres"
 BACKUP_TYPE = "wal"
 ARCHIVE_DIR = (SERVICE, "wal_archive")
 ARCHIVE_LOG = "archive.log"
 SET_SUBDIR = "wal"
-DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 DEFAULT_ARCHIVE_TIMEOUT = timedelta(seconds=60)
 DEFAULT_ARCHIVE_MARGIN = timedelta(minutes=10)
 READ_CHUNK = 1 << 20
 
-_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
-_HISTORY = re.compile(r"^([0-9A-F]{8})\.history$")
-_BACKUP_LABEL = re.compile(r"^([0-9A-F]{24})\.[0-9A-F]{8}\.backup$")
-_PARTIAL = re.compile(r"^([0-9A-F]{24})\.partial$")
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|min)?$")
 
 
@@ -57,104 +59,6 @@ class WalGapError(WalBackupError):
 
 class ArchiverError(WalBackupError):
     """pg_stat_archiver shows archiving is failing or stale."""
-
-
-# --- names and LSNs ---------------------------------------------------------------------------
-
-
-def parse_lsn(text: str) -> int:
-    match = _LSN.match(text.strip())
-    if not match:
-        raise ValueError(f"not an LSN: {text!r} (expected e.g. 0/3000028)")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def _segments_per_xlogid(segment_size: int) -> int:
-    if segment_size <= 0 or segment_size & (segment_size - 1) or not (1 << 20) <= segment_size <= (1 << 30):
-        raise ValueError(f"invalid WAL segment size {segment_size}: must be a power of two from 1 MB to 1 GB")
-    return 0x100000000 // segment_size
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One WAL segment: timeline + segment number (position = segno * size)."""
-
-    timeline: int
-    segno: int
-    size: int = DEFAULT_SEGMENT_SIZE
-
-    @classmethod
-    def parse(cls, name: str, size: int = DEFAULT_SEGMENT_SIZE) -> Segment:
-        if not _SEGMENT.match(name):
-            raise ValueError(f"not a WAL segment name: {name!r} (24 hex digits TTTTTTTTXXXXXXXXYYYYYYYY)")
-        per_id = _segments_per_xlogid(size)
-        low = int(name[16:24], 16)
-        if low >= per_id:
-            raise ValueError(f"{name}: segment part {name[16:24]} is out of range for {size}-byte segments")
-        return cls(int(name[0:8], 16), int(name[8:16], 16) * per_id + low, size)
-
-    @classmethod
-    def of_lsn(cls, lsn: int, timeline: int, size: int = DEFAULT_SEGMENT_SIZE) -> Segment:
-        return cls(timeline, lsn // size, size)
-
-    @property
-    def name(self) -> str:
-        per_id = _segments_per_xlogid(self.size)
-        return f"{self.timeline:08X}{self.segno // per_id:08X}{self.segno % per_id:08X}"
-
-    @property
-    def start_lsn(self) -> int:
-        return self.segno * self.size
-
-    @property
-    def end_lsn(self) -> int:
-        return (self.segno + 1) * self.size
-
-    def on(self, timeline: int, segno: int) -> Segment:
-        return Segment(timeline, segno, self.size)
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def wal_file_kind(name: str) -> str | None:
-    """'segment', 'history', 'backup' (backup history file), 'partial', or None for anything else."""
-    if _SEGMENT.match(name):
-        return "segment"
-    if _HISTORY.match(name):
-        return "history"
-    if _BACKUP_LABEL.match(name):
-        return "backup"
-    if _PARTIAL.match(name):
-        return "partial"
-    return None
-
-
-def segment_part(name: str) -> str | None:
-    """The 24-hex segment a WAL file belongs to (segments, .backup and .partial files)."""
-    for pattern in (_SEGMENT, _BACKUP_LABEL, _PARTIAL):
-        match = pattern.match(name)
-        if match:
-            return name[:24]
-    return None
-
-
-def parse_history(text: str) -> list[tuple[int, int]]:
-    """A timeline history file: [(parent timeline, switch LSN)], oldest first."""
-    entries = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) < 2:
-            raise ValueError(f"malformed timeline history line: {line!r}")
-        entries.append((int(parts[0]), parse_lsn(parts[1])))
-    return entries
 
 
 # --- the local archive -------------------------------------------------------------------------
@@ -218,7 +122,7 @@ def timeline_switches(archive_dir: Path) -> dict[int, tuple[int, int]]:
     """For each timeline with an archived history file: (parent timeline, switch LSN)."""
     switches: dict[int, tuple[int, int]] = {}
     for path in archive_dir.glob("*.history"):
-        match = _HISTORY.match(path.name)
+        match = HISTORY_NAME.match(path.name)
         if not match:
             continue
         try:
@@ -298,165 +202,6 @@ def check_continuity(
 def last_segment(segments: list[Segment]) -> Segment | None:
     """The head of the newest timeline: where the next set must continue."""
     return max(segments, key=lambda s: (s.timeline, s.segno), default=None)
-
-
-# --- pg_stat_archiver --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArchiverStatus:
-    checked_at: datetime
-    server_version: str
-    archive_mode: str
-    archive_timeout_s: int
-    archived_count: int
-    last_archived_wal: str | None
-    last_archived_time: datetime | None
-    failed_count: int
-    last_failed_wal: str | None
-    last_failed_time: datetime | None
-    stats_reset: datetime | None
-    ready_count: int | None  # .ready files waiting in pg_wal/archive_status (None: not readable)
-    oldest_ready: str | None
-    oldest_ready_since: datetime | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            key: (value.isoformat() if isinstance(value, datetime) else value)
-            for key, value in self.__dict__.items()
-        }
-
-
-def archiver_findings(
-    status: ArchiverStatus,
-    previous: Mapping[str, Any] | None,
-    archive_timeout: timedelta,
-    margin: timedelta,
-) -> tuple[list[str], list[str]]:
-    """(problems that fail the task, warnings recorded in the manifest). Pure.
-
-    `previous` is the archiver record of the most recently captured WAL set.
-    """
-    problems: list[str] = []
-    warnings: list[str] = []
-    if status.archive_mode not in ("on", "always"):
-        problems.append(f"archive_mode is {status.archive_mode!r} on the server: WAL is not archived (set archive_mode=on and restart)")
-    if status.archive_timeout_s == 0:
-        warnings.append("archive_timeout is 0 on the server: a quiet database can leave commits unarchived for hours")
-    elif status.archive_timeout_s > archive_timeout.total_seconds():
-        warnings.append(
-            f"archive_timeout on the server is {status.archive_timeout_s}s, longer than the plan's "
-            f"{int(archive_timeout.total_seconds())}s"
-        )
-
-    failing_now = status.last_failed_time is not None and (
-        status.last_archived_time is None or status.last_failed_time >= status.last_archived_time
-    )
-    if failing_now:
-        problems.append(
-            f"WAL archiving is failing: last failure on {status.last_failed_wal} at "
-            f"{status.last_failed_time.isoformat()} (failed_count {status.failed_count}), nothing archived since; "
-            f"see 'archive command failed' in the PostgreSQL server log"
-        )
-
-    grew_by = _failed_count_growth(status, previous)
-    if grew_by and not failing_now:
-        warnings.append(
-            f"failed_count grew by {grew_by} since the previous WAL backup (last failure {status.last_failed_wal} "
-            f"at {status.last_failed_time.isoformat() if status.last_failed_time else '?'}), "
-            f"but archiving has succeeded since; the continuity check decides whether anything was lost"
-        )
-
-    limit = archive_timeout + margin
-    if status.oldest_ready_since is not None and status.checked_at - status.oldest_ready_since > limit:
-        problems.append(
-            f"{status.oldest_ready} has been waiting to be archived since {status.oldest_ready_since.isoformat()} "
-            f"({status.ready_count} file(s) waiting), longer than archive_timeout + margin ({_span(limit)})"
-        )
-    elif status.ready_count is None and status.last_archived_time is not None and status.checked_at - status.last_archived_time > limit:
-        problems.append(
-            f"last WAL archived at {status.last_archived_time.isoformat()}, more than archive_timeout + margin "
-            f"({_span(limit)}) ago (grant pg_monitor to the backup role so waiting files can be checked instead)"
-        )
-    return problems, warnings
-
-
-def _failed_count_growth(status: ArchiverStatus, previous: Mapping[str, Any] | None) -> int:
-    if not previous or "failed_count" not in previous:
-        return 0
-    before = previous.get("stats_reset")
-    same_epoch = (datetime.fromisoformat(before) if before else None) == status.stats_reset
-    baseline = int(previous["failed_count"]) if same_epoch else 0
-    return max(0, status.failed_count - baseline)
-
-
-def _span(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    return f"{seconds // 60} min" if seconds % 60 == 0 and seconds >= 60 else f"{seconds}s"
-
-
-def connect_kwargs(conn: Any) -> dict[str, Any]:
-    """psycopg keyword arguments from an Airflow connection (password stays out of any argv)."""
-    kwargs: dict[str, Any] = {
-        "host": conn.host or "127.0.0.1",
-        "port": int(conn.port or 5432),
-        "user": conn.login or "postgres",
-        "dbname": conn.schema or "postgres",
-        "connect_timeout": 10,
-        "application_name": "erp_backup",
-    }
-    if conn.password:
-        kwargs["password"] = conn.password
-    return kwargs
-
-
-def read_archiver_status(conn: Any, conn_id: str) -> ArchiverStatus:
-    """Query pg_stat_archiver and the waiting .ready files over psycopg."""
-    import psycopg
-
-    kwargs = connect_kwargs(conn)
-    try:
-        with psycopg.connect(**kwargs, autocommit=True) as db:
-            row = db.execute(
-                "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
-                " last_failed_time, stats_reset, now(), current_setting('server_version'),"
-                " current_setting('archive_mode'),"
-                " (SELECT setting::int FROM pg_settings WHERE name = 'archive_timeout')"
-                " FROM pg_stat_archiver"
-            ).fetchone()
-            assert row is not None
-            ready_count = oldest_ready = oldest_since = None
-            try:
-                ready = db.execute(
-                    "SELECT count(*) OVER (), name, modification FROM pg_ls_archive_statusdir()"
-                    " WHERE name LIKE '%.ready' ORDER BY modification, name LIMIT 1"
-                ).fetchone()
-                ready_count = ready[0] if ready else 0
-                if ready:
-                    oldest_ready, oldest_since = ready[1].removesuffix(".ready"), ready[2]
-            except psycopg.errors.InsufficientPrivilege:
-                log.warning("%s: cannot list pg_wal/archive_status (needs pg_monitor); using last_archived_time", conn_id)
-    except psycopg.OperationalError as exc:
-        raise SourceUnavailable(
-            f"cannot connect to PostgreSQL connection {conn_id!r} at {kwargs['host']}:{kwargs['port']} "
-            f"to check pg_stat_archiver: {str(exc).strip()}"
-        ) from exc
-    return ArchiverStatus(
-        checked_at=row[7],
-        server_version=row[8],
-        archive_mode=row[9],
-        archive_timeout_s=int(row[10]),
-        archived_count=row[0],
-        last_archived_wal=row[1],
-        last_archived_time=row[2],
-        failed_count=row[3],
-        last_failed_wal=row[4],
-        last_failed_time=row[5],
-        stats_reset=row[6],
-        ready_count=ready_count,
-        oldest_ready=oldest_ready,
-        oldest_ready_since=oldest_since,
-    )
 
 
 # --- options -----------------------------------------------------------------------------------
@@ -557,11 +302,8 @@ def ship_file(entry: ArchivedFile, archive_dir: Path, set_dir: Path, level: int)
     }
 
 
-def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
-    """Ship the WAL archived in the run's window; fail on a gap or an unhealthy archiver."""
-    options = ctx.options
-    root = ctx.backup_set.root
-    archive_dir = archive_dir_for(root, options)
+def closed_window(ctx: BackupContext, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The run's window [start, end), which must have ended."""
     start, end = ctx.run.window(ctx.job.interval)
     now = now or datetime.now(timezone.utc)
     if start >= end:
@@ -571,7 +313,31 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
             f"{ctx.job.dag_id}: window [{start.isoformat()}, {end.isoformat()}) has not closed yet "
             f"(now {now.isoformat()}); a run ships a window only after it ends"
         )
+    return start, end
 
+
+@dataclass(frozen=True)
+class WindowFiles:
+    """The archived files of one window, checked for continuity with the previous WAL set."""
+
+    start: datetime
+    end: datetime
+    present: list[ArchivedFile]
+    segments: list[Segment]
+    segment_size: int
+    previous: tuple[str, Segment] | None  # (WAL set id, its last segment)
+
+    def continuity(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "previous_set": self.previous[0] if self.previous else None,
+            "previous_last_segment": self.previous[1].name if self.previous else None,
+            "checked_segments": len(self.segments),
+        }
+
+
+def window_files(root: Path, archive_dir: Path, backup_id: str, start: datetime, end: datetime) -> WindowFiles:
+    """The files archived in [start, end); raise WalGapError on a hole or a file missing from the archive."""
     entries = read_archive_log(archive_dir)
     chosen = files_in_window(entries, start, end)
     size = segment_size_of(entries)
@@ -579,7 +345,7 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
     present = [e for e in chosen if e.name not in absent]
     segments = [Segment.parse(e.name, size) for e in present if wal_file_kind(e.name) == "segment"]
 
-    previous = previous_chain_set(root, ctx.backup_set.backup_id)
+    previous = previous_chain_set(root, backup_id)
     continuity = check_continuity(previous[1] if previous else None, segments, timeline_switches(archive_dir))
     missing = sorted(set(continuity.missing) | {n for n in absent if wal_file_kind(n) == "segment"})
     problems = list(continuity.problems)
@@ -598,57 +364,43 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
         )
     if problems:
         raise WalGapError(f"WAL archive problem in window [{start.isoformat()}, {end.isoformat()}): " + "; ".join(problems))
+    return WindowFiles(start, end, present, segments, size, previous)
 
-    archive_check: dict[str, Any] = {
-        "continuity": {
-            "status": "ok",
-            "previous_set": previous[0] if previous else None,
-            "previous_last_segment": previous[1].name if previous else None,
-            "checked_segments": len(segments),
-        },
-        "problems": [],
-        "warnings": [],
-    }
-    source: dict[str, Any] = {"archive_dir": str(archive_dir), "window_start": start.isoformat(), "window_end": end.isoformat()}
-    tools: dict[str, str] = {"archive_command": "include/scripts/archive_wal.sh"}
-    if options.get("check_archiver", True):
-        conn_id = ctx.conn_id("source")
-        conn = ctx.connection("source")
-        status = read_archiver_status(conn, conn_id)
-        prior = previous_archiver_record(root, ctx.backup_set.backup_id)
-        problems, warnings = archiver_findings(
-            status,
-            prior[1] if prior else None,
-            duration_option(options, "archive_timeout", DEFAULT_ARCHIVE_TIMEOUT),
-            duration_option(options, "archive_margin", DEFAULT_ARCHIVE_MARGIN),
-        )
-        archive_check["archiver"] = status.as_dict()
-        archive_check["archiver_previous_set"] = prior[0] if prior else None
-        archive_check["failed_count_grew_by"] = _failed_count_growth(status, prior[1] if prior else None)
-        archive_check["problems"], archive_check["warnings"] = problems, warnings
-        source.update(conn_id=conn_id, host=conn.host, port=conn.port)
-        tools["server"] = status.server_version
-        if problems:
-            raise ArchiverError(f"WAL archiving on {conn_id} ({conn.host}) is unhealthy: " + "; ".join(problems))
-        for warning in warnings:
-            log.warning("%s: %s", ctx.job.dag_id, warning)
-    archive_check["status"] = "warning" if archive_check["warnings"] else "ok"
-    alerts = [w for w in archive_check["warnings"] if w.startswith("failed_count grew")]
 
-    level = int(options.get("compress_level", 3))
-    files: list[FileEntry] = []
-    shipped: list[dict[str, Any]] = []
-    for entry in present:
-        file_entry, record = ship_file(entry, archive_dir, ctx.set_dir, level)
-        files.append(file_entry)
-        shipped.append(record)
-    log.info("%s: shipped %d WAL file(s) archived in [%s, %s)", ctx.job.dag_id, len(files), start, end)
+def check_archiver(ctx: BackupContext, archive_check: dict[str, Any], source: dict[str, Any],
+                   tools: dict[str, str]) -> None:
+    """Record pg_stat_archiver in `archive_check`; raise ArchiverError when archiving is unhealthy."""
+    options = ctx.options
+    conn_id = ctx.conn_id("source")
+    conn = ctx.connection("source")
+    status = read_archiver_status(conn, conn_id)
+    prior = previous_archiver_record(ctx.backup_set.root, ctx.backup_set.backup_id)
+    problems, warnings = archiver_findings(
+        status,
+        prior[1] if prior else None,
+        duration_option(options, "archive_timeout", DEFAULT_ARCHIVE_TIMEOUT),
+        duration_option(options, "archive_margin", DEFAULT_ARCHIVE_MARGIN),
+    )
+    archive_check["archiver"] = status.as_dict()
+    archive_check["archiver_previous_set"] = prior[0] if prior else None
+    archive_check["failed_count_grew_by"] = failed_count_growth(status, prior[1] if prior else None)
+    archive_check["problems"], archive_check["warnings"] = problems, warnings
+    source.update(conn_id=conn_id, host=conn.host, port=conn.port)
+    tools["server"] = status.server_version
+    if problems:
+        raise ArchiverError(f"WAL archiving on {conn_id} ({conn.host}) is unhealthy: " + "; ".join(problems))
+    for warning in warnings:
+        log.warning("%s: %s", ctx.job.dag_id, warning)
 
+
+def window_details(window: WindowFiles, shipped: list[dict[str, Any]], archive_check: dict[str, Any]) -> dict[str, Any]:
+    """The manifest details of a WAL set."""
+    segments, present = window.segments, window.present
     first = min(segments, key=lambda s: (s.segno, s.timeline), default=None)
     last = last_segment(segments)
-    details = {
-        "window": {"start": start.isoformat(), "end": end.isoformat()},
-        "wal_segment_size": size,
+    return {
+        "window": {"start": window.start.isoformat(), "end": window.end.isoformat()},
+        "wal_segment_size": window.segment_size,
         "segment_count": len(segments),
         "first_segment": first.name if first else None,
         "last_segment": last.name if last else None,
@@ -661,7 +413,33 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
         "wal": shipped,
         "archive_check": archive_check,
     }
-    return BackupOutcome(files=files, source=source, tools=tools, details=details, warnings=alerts)
+
+
+def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
+    """Ship the WAL archived in the run's window; fail on a gap or an unhealthy archiver."""
+    options = ctx.options
+    archive_dir = archive_dir_for(ctx.backup_set.root, options)
+    start, end = closed_window(ctx, now)
+    window = window_files(ctx.backup_set.root, archive_dir, ctx.backup_set.backup_id, start, end)
+
+    archive_check: dict[str, Any] = {"continuity": window.continuity(), "problems": [], "warnings": []}
+    source: dict[str, Any] = {"archive_dir": str(archive_dir), "window_start": start.isoformat(), "window_end": end.isoformat()}
+    tools: dict[str, str] = {"archive_command": "include/scripts/archive_wal.sh"}
+    if options.get("check_archiver", True):
+        check_archiver(ctx, archive_check, source, tools)
+    archive_check["status"] = "warning" if archive_check["warnings"] else "ok"
+    alerts = [w for w in archive_check["warnings"] if w.startswith("failed_count grew")]
+
+    level = int(options.get("compress_level", 3))
+    files: list[FileEntry] = []
+    shipped: list[dict[str, Any]] = []
+    for entry in window.present:
+        file_entry, record = ship_file(entry, archive_dir, ctx.set_dir, level)
+        files.append(file_entry)
+        shipped.append(record)
+    log.info("%s: shipped %d WAL file(s) archived in [%s, %s)", ctx.job.dag_id, len(files), start, end)
+    return BackupOutcome(files=files, source=source, tools=tools, details=window_details(window, shipped, archive_check),
+                         warnings=alerts)
 
 
 def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Protocol
 
 from erp_backup.manifest import Manifest, ManifestError
-from erp_backup.services.postgres_wal import DEFAULT_SEGMENT_SIZE, SERVICE, Segment, usable_sets, wal_file_kind
+from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, wal_file_kind
+from erp_backup.services.postgres.wal import SERVICE, usable_sets
 
 WAL_TYPE = "wal"
 SNAPSHOT_TYPE = "snapshot"

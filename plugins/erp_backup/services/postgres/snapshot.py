@@ -31,13 +31,12 @@ from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.scratch_pg import ScratchPostgres, chown_to_cluster_user, pg_bindir, scratch_root
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
-from erp_backup.services.postgres_wal import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
+from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
 from erp_backup.sets import BackupSet
 from erp_backup.stream import stream_to_file
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = frozenset({"snapshot"})
 BASE_FILE = "base.tar.zst"
 READ_CHUNK = 1 << 20
 _UNREACHABLE = re.compile(
@@ -257,7 +256,7 @@ def inspect_base(archive: Path, bindir: Path, work_root: Path | None = None) -> 
         shutil.rmtree(work, ignore_errors=True)
 
 
-# --- the service verbs -------------------------------------------------------------------------
+# --- backup, verify and restore of a base -------------------------------------------------------------------------
 
 
 def backup(ctx: BackupContext, *, executor: Executor | None = None) -> BackupOutcome:
@@ -363,7 +362,7 @@ def prepare_data_dir(cluster: ScratchPostgres, settings: Mapping[str, str] | Non
     chown_to_cluster_user(cluster.base_dir)
 
 
-def scratch_target(target: ScratchPostgres | str | Path, port: int | None = None) -> ScratchPostgres:
+def scratch_cluster(target: ScratchPostgres | str | Path, port: int | None = None) -> ScratchPostgres:
     """A scratch cluster to restore into: given, or a new one in the directory `target` (data in `<target>/data`)."""
     if isinstance(target, ScratchPostgres):
         return target
@@ -377,9 +376,9 @@ def restore(set_dir: Path, manifest: Manifest, target: ScratchPostgres | str | P
     """Restore a base backup alone into a scratch cluster, recovered to its consistency point.
 
     The WAL fetched into the tar takes the cluster to the backup's end; no archive needed.
-    For a point in time, use `postgres_pitr.restore_to_time`.
+    For a point in time, use `pitr.restore_to_time`.
     """
-    cluster = scratch_target(target, options.get("port"))
+    cluster = scratch_cluster(target, options.get("port"))
     started = time.monotonic()
     extract_base(set_dir / BASE_FILE, cluster.data_dir)
     prepare_data_dir(cluster, options.get("settings"))

@@ -4,23 +4,18 @@ Owns: what the backups cover (per base: from its consistency point to the
 last unbroken WAL), choosing the newest base before a target time, checking
 checksums against the manifests, filling a local WAL directory the server's
 `restore_command` decompresses from, writing the recovery settings, starting
-the scratch cluster and measuring the replay. Also the runbook CLI:
-
-    python -m erp_backup.services.postgres_pitr restore --target-time 2026-11-26T10:15:00+09:00
-    python -m erp_backup.services.postgres_pitr coverage
+the scratch cluster and measuring the replay. The runbook CLI is ``pitr_cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import shlex
 import shutil
-import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,18 +26,11 @@ import zstandard
 from erp_backup.checksum import entry_problem
 from erp_backup.manifest import Manifest, ManifestError
 from erp_backup.scratch_pg import ScratchPostgres, ScratchError, chown_to_cluster_user
-from erp_backup.services.postgres_chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
-from erp_backup.services.postgres_snapshot import BASE_FILE, extract_base, prepare_data_dir, scratch_target
-from erp_backup.services.postgres_wal import (
-    DEFAULT_SEGMENT_SIZE,
-    SERVICE,
-    Segment,
-    archive_dir_for,
-    parse_lsn,
-    read_archive_log,
-    usable_sets,
-    wal_file_kind,
-)
+from erp_backup.services.base import PointInTimeUnavailable
+from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
+from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn, wal_file_kind
+from erp_backup.services.postgres.snapshot import BASE_FILE, extract_base, prepare_data_dir, scratch_cluster
+from erp_backup.services.postgres.wal import SERVICE, archive_dir_for, read_archive_log, usable_sets
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +47,7 @@ class RestoreError(RuntimeError):
     """The restore failed. The message names the backup, file or setting to look at."""
 
 
-class TargetOutsideArchive(RestoreError):
+class TargetOutsideArchive(RestoreError, PointInTimeUnavailable):
     """No base + unbroken WAL reaches the target time. The message lists what is covered."""
 
 
@@ -193,6 +181,7 @@ class RecoveryPlan:
             "wal_sets": self.wal_sets,
             "wal_files": len(self.wal),
             "wal_from_local_archive": sum(1 for f in self.wal if f.set_id is None),
+            "base_bytes": int(self.base_manifest.details.get("tar_bytes") or self.base_manifest.total_size),
         }
 
 
@@ -357,6 +346,63 @@ def _start_recovery(cluster: ScratchPostgres, wal_dir: Path, target_time: dateti
     wait_for_promotion(cluster, timeout)
 
 
+def gather_inventory(root: Path, offsite: SetFetcher | None, archive_dir: Path, use_local_archive: bool) -> Inventory:
+    """The bases and WAL of staging under `root` (or of `offsite`), plus the local archive when asked."""
+    if offsite is not None:
+        base_manifests = _offsite_manifests(offsite, SNAPSHOT_TYPE)
+        wal_manifests = _offsite_manifests(offsite, WAL_TYPE)
+    else:
+        base_manifests = [m for _, m in usable_sets(root, SNAPSHOT_TYPE)]
+        wal_manifests = [m for _, m in usable_sets(root, WAL_TYPE)]
+    entries: list[tuple[str, datetime]] = []
+    if use_local_archive and archive_dir.is_dir():
+        entries = [(e.name, e.archived_at) for e in read_archive_log(archive_dir) if (archive_dir / e.name).is_file()]
+    return build_inventory(base_manifests, wal_manifests, entries)
+
+
+def _replay(cluster: ScratchPostgres, wal_dir: Path, target_time: datetime, timeout: float) -> tuple[float, bool]:
+    """Recover to the target time: (wall seconds, whether it fell back to the end of the WAL)."""
+    started = time.monotonic()
+    fallback = False
+    try:
+        _start_recovery(cluster, wal_dir, target_time, timeout)
+    except RestoreError:
+        if NOT_REACHED not in cluster.server_log():
+            raise
+        # No commit after the target exists in the WAL we have: replaying all of it gives the same state.
+        log.warning("no commit after %s in the available WAL; recovering to the end of the WAL instead", target_time)
+        fallback = True
+        if cluster.is_running():
+            cluster.stop("immediate")
+        _start_recovery(cluster, wal_dir, None, timeout)
+    return time.monotonic() - started, fallback
+
+
+def _replay_report(cluster: ScratchPostgres, plan: RecoveryPlan, wall_seconds: float, fallback: bool) -> dict[str, Any]:
+    """Where the replay stopped and how fast it went, from the server and its log."""
+    row = _query(cluster, "SELECT pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()")
+    assert row is not None
+    base_start_lsn = parse_lsn(plan.base_manifest.details["start_lsn"])
+    replayed = max(0, parse_lsn(row[0]) - base_start_lsn) if row[0] else 0
+    server_log = cluster.server_log()
+    redo = _REDO_DONE.findall(server_log)  # one line per start (two after a fallback)
+    redo_seconds = sum(float(elapsed) for _, elapsed in redo) if redo else wall_seconds
+    stop = _STOPPING.findall(server_log)
+    return {
+        "data_dir": str(cluster.data_dir),
+        "port": cluster.port,
+        "conninfo": cluster.conninfo(),
+        "replay_lsn": row[0],
+        "last_replayed_commit": row[1].isoformat() if row[1] else None,
+        "stop": stop[-1] if stop else "end of available WAL",
+        "recovered_to_end_of_wal": fallback,
+        "wal_bytes_replayed": replayed,
+        "redo_seconds": round(redo_seconds, 3),
+        "wall_seconds": round(wall_seconds, 3),
+        "replay_mb_per_s": round(replayed / 1e6 / redo_seconds, 1) if redo_seconds > 0 else None,
+    }
+
+
 def restore_to_time(
     target_time: datetime,
     *,
@@ -378,17 +424,8 @@ def restore_to_time(
     yet (the current window). The cluster is left running; the caller destroys it.
     `superuser` is a superuser role of the source cluster (to check the recovery).
     """
-    if offsite is not None:
-        base_manifests = _offsite_manifests(offsite, SNAPSHOT_TYPE)
-        wal_manifests = _offsite_manifests(offsite, WAL_TYPE)
-    else:
-        base_manifests = [m for _, m in usable_sets(root, SNAPSHOT_TYPE)]
-        wal_manifests = [m for _, m in usable_sets(root, WAL_TYPE)]
     archive_dir = archive_dir or archive_dir_for(root, {})
-    entries: list[tuple[str, datetime]] = []
-    if use_local_archive and archive_dir.is_dir():
-        entries = [(e.name, e.archived_at) for e in read_archive_log(archive_dir) if (archive_dir / e.name).is_file()]
-    inventory = build_inventory(base_manifests, wal_manifests, entries)
+    inventory = gather_inventory(root, offsite, archive_dir, use_local_archive)
     plan = plan_recovery(inventory, target_time, lookahead)
     report: dict[str, Any] = {**plan.as_dict(), "dry_run": dry_run}
     log.info("PITR plan: %s", json.dumps(report))
@@ -406,60 +443,26 @@ def restore_to_time(
     extract_base(base_dir / BASE_FILE, cluster.data_dir)
     prepare_data_dir(cluster)
     chown_to_cluster_user(cluster.base_dir)
-    started = time.monotonic()
-    fallback = False
-    try:
-        _start_recovery(cluster, wal_dir, target_time, timeout)
-    except RestoreError:
-        if NOT_REACHED not in cluster.server_log():
-            raise
-        # No commit after the target exists in the WAL we have: replaying all of it gives the same state.
-        log.warning("no commit after %s in the available WAL; recovering to the end of the WAL instead", target_time)
-        fallback = True
-        if cluster.is_running():
-            cluster.stop("immediate")
-        _start_recovery(cluster, wal_dir, None, timeout)
-    wall_seconds = time.monotonic() - started
-
-    row = _query(cluster, "SELECT pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()")
-    assert row is not None
-    base_start_lsn = parse_lsn(plan.base_manifest.details["start_lsn"])
-    replayed = max(0, parse_lsn(row[0]) - base_start_lsn) if row[0] else 0
-    server_log = cluster.server_log()
-    redo = _REDO_DONE.findall(server_log)  # one line per start (two after a fallback)
-    redo_seconds = sum(float(elapsed) for _, elapsed in redo) if redo else wall_seconds
-    stop = _STOPPING.findall(server_log)
-    report.update(
-        data_dir=str(cluster.data_dir),
-        port=cluster.port,
-        conninfo=cluster.conninfo(),
-        replay_lsn=row[0],
-        last_replayed_commit=row[1].isoformat() if row[1] else None,
-        stop=stop[-1] if stop else "end of available WAL",
-        recovered_to_end_of_wal=fallback,
-        wal_bytes_replayed=replayed,
-        redo_seconds=round(redo_seconds, 3),
-        wall_seconds=round(wall_seconds, 3),
-        replay_mb_per_s=round(replayed / 1e6 / redo_seconds, 1) if redo_seconds > 0 else None,
-    )
+    wall_seconds, fallback = _replay(cluster, wal_dir, target_time, timeout)
+    report.update(_replay_report(cluster, plan, wall_seconds, fallback))
     log.info("PITR finished: %s", json.dumps(report))
     return report
 
 
 def restore(set_dir: Path, manifest: Manifest, target: ScratchPostgres | str | Path, **options: Any) -> dict[str, Any]:
-    """The service verb for a `wal` set: PITR to the end of its window (or options["target_time"]).
+    """PITR to the end of a `wal` set's window (or options["target_time"]).
 
     The base and the other WAL sets come from the same backup root as `set_dir`.
     """
     if manifest.backup_type != WAL_TYPE:
-        raise RestoreError(f"postgres_pitr.restore takes a wal set, got {manifest.backup_type} {manifest.backup_id}")
+        raise RestoreError(f"pitr.restore takes a wal set, got {manifest.backup_type} {manifest.backup_id}")
     target_time = options.pop("target_time", None) or manifest.details.get("last_archived_at")
     if target_time is None:
         raise RestoreError(f"WAL set {manifest.backup_id} shipped no WAL; give target_time")
     if isinstance(target_time, str):
         target_time = datetime.fromisoformat(target_time)
     root = Path(set_dir).resolve().parents[2]
-    return restore_to_time(target_time, root=root, cluster=scratch_target(target, options.pop("port", None)), **options)
+    return restore_to_time(target_time, root=root, cluster=scratch_cluster(target, options.pop("port", None)), **options)
 
 
 def _offsite_manifests(offsite: SetFetcher, backup_type: str) -> list[Manifest]:
@@ -473,75 +476,3 @@ def _offsite_manifests(offsite: SetFetcher, backup_type: str) -> list[Manifest]:
         if manifest is not None:
             found.append(manifest)
     return found
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-
-def _parse_time(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-26T10:15:00+09:00)") from exc
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no timezone offset (e.g. +09:00 for Asia/Seoul)")
-    return moment
-
-
-def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", type=Path, help="backup root (default: the plan's backup_root / $ERP_BACKUP_ROOT)")
-    common.add_argument("--archive-dir", type=Path, help="local WAL archive (default: the plan's wal_archive_dir or <root>/postgres/wal_archive)")
-    parser = argparse.ArgumentParser(prog="python -m erp_backup.services.postgres_pitr", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    restore = commands.add_parser("restore", parents=[common], help="restore into a new scratch cluster as of --target-time")
-    restore.add_argument("--target-time", required=True, type=_parse_time, help="ISO 8601 with offset, e.g. 2026-11-26T10:15:00+09:00")
-    restore.add_argument("--dry-run", action="store_true", help="only show the base and WAL that would be used")
-    restore.add_argument("--no-local-archive", action="store_true", help="use WAL sets only")
-    restore.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for recovery (default 7200)")
-    restore.add_argument("--stop", action="store_true", help="stop the restored cluster when done (default: leave it running)")
-    restore.add_argument("--superuser", default="postgres", help="a superuser role of the source cluster (default postgres)")
-    commands.add_parser("coverage", parents=[common], help="list the span of target times each base backup reaches")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-
-    root = args.root
-    options: Mapping[str, Any] = {}
-    if root is None:
-        from erp_backup.plan import load_plan
-
-        plan = load_plan()
-        root = plan.backup_root
-        options = plan.job(SERVICE, WAL_TYPE).options
-    archive_dir = args.archive_dir or archive_dir_for(root, options)
-
-    if args.command == "coverage":
-        entries = [(e.name, e.archived_at) for e in read_archive_log(archive_dir)] if archive_dir.is_dir() else []
-        inventory = build_inventory(
-            [m for _, m in usable_sets(root, SNAPSHOT_TYPE)], [m for _, m in usable_sets(root, WAL_TYPE)], entries
-        )
-        print(json.dumps([span.describe() for span in coverage(inventory)], indent=2))
-        return 0
-    try:
-        report = restore_to_time(
-            args.target_time,
-            root=root,
-            archive_dir=archive_dir,
-            use_local_archive=not args.no_local_archive,
-            timeout=args.timeout,
-            dry_run=args.dry_run,
-            owner="pitr-cli",
-            superuser=args.superuser,
-        )
-    except RestoreError as exc:
-        print(f"PITR failed: {exc}", file=sys.stderr)
-        return 2
-    if args.stop and not args.dry_run:
-        ScratchPostgres(Path(report["data_dir"]).parent, port=report["port"]).stop()
-        report["stopped"] = True
-    print(json.dumps(report, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
