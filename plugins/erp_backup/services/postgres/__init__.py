@@ -51,14 +51,14 @@ from erp_backup.services.postgres.commands import (
 )
 from erp_backup.services.postgres.conninfo import conninfo_from_cli, redact_conninfo
 from erp_backup.services.postgres.dump import backup_full, verify_full
-from erp_backup.services.postgres.restore import restore_full
+from erp_backup.services.postgres.restore import OPTION_NAMES, restore_full
 from erp_backup.sets import BackupSet
 
 if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DRILL_TYPES", "PITR_TYPES", "RESTORE_TYPES", "SUPPORTED_TYPES", "PgEndpoint", "PostgresBackupError",
+    "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "PgEndpoint", "PostgresBackupError",
     "RestoreConflict", "RestoreError", "SourceServer", "after_prune", "backup", "backup_full", "check_restored",
     "plan_point_in_time", "protected_sets", "restore", "restore_full", "restore_to_time", "scratch_spec",
     "scratch_target", "source_size", "target_from_cli", "verify", "verify_full", "versions",
@@ -84,6 +84,7 @@ SUPPORTED_TYPES = frozenset(_BACKUPS)
 RESTORE_TYPES = frozenset(_RESTORES)
 DRILL_TYPES = frozenset({FULL_TYPE})
 PITR_TYPES = frozenset({chain.SNAPSHOT_TYPE, chain.WAL_TYPE})
+RESTORE_OPTIONS = frozenset(OPTION_NAMES)
 POINT_IN_TIME_HINT = ("they restore together, to a point in time: restore_to_time, or "
                       "include/scripts/pitr_restore.sh --target-time ...")
 
@@ -199,7 +200,7 @@ def plan_point_in_time(manifests: Sequence[Manifest], at: datetime) -> PointInTi
     inventory = pitr.build_inventory(bases, wals)
     try:
         recovery = pitr.plan_recovery(inventory, at)
-    except pitr.TargetOutsideArchive:
+    except PointInTimeUnavailable:
         raise
     except pitr.RestoreError as exc:
         raise PointInTimeUnavailable(str(exc)) from None
