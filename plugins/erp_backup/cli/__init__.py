@@ -35,11 +35,9 @@ from erp_backup.cli.restore import _parse_option, cmd_restore, restore_target
 from erp_backup.cli.source import EXIT_FAILED, EXIT_USAGE, Failure, FetchProgress, UsageError, offsite_hint
 from erp_backup.cli.verify import cmd_verify
 from erp_backup.plan import load_plan
-from erp_backup.redact import redact_target
 from erp_backup.services import service_names
 
-__all__ = ["Console", "FetchProgress", "Failure", "UsageError", "build_parser", "main", "redact_target",
-           "restore_target"]
+__all__ = ["Console", "FetchProgress", "Failure", "UsageError", "build_parser", "main", "restore_target"]
 
 log = logging.getLogger(__name__)
 
