@@ -348,38 +348,15 @@ def endpoint_host(connection: Any) -> str:
     return parsed.netloc.rsplit("@", 1)[-1] or url
 
 
-@cache
-def _hook_class() -> type:
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    class ResolvedS3Hook(S3Hook):
-        """An S3Hook on a connection the caller already resolved (so tests and tasks share one lookup)."""
-
-        def __init__(self, connection: Any, **kwargs: Any) -> None:
-            self._resolved_connection = connection
-            super().__init__(aws_conn_id=connection.conn_id, **kwargs)
-
-        def get_connection(self, conn_id: str) -> Any:  # type: ignore[override]
-            return self._resolved_connection
-
-    return ResolvedS3Hook
-
-
 def s3_client(connection: Any, max_workers: int) -> Any:
     """The boto3 client of an S3Hook on `connection`: bounded timeouts and retries, a pool per worker.
 
     `config_kwargs` in the connection extra override the defaults key by key (e.g.
     request_checksum_calculation=when_required for older MinIO).
     """
-    from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
-    from botocore.config import Config
+    from erp_backup.s3 import s3_hook
 
-    from erp_backup.offsite import BOUNDED_CLIENT_CONFIG
-
-    config = Config(**BOUNDED_CLIENT_CONFIG, max_pool_connections=max_workers + 4)
-    from_connection = AwsConnectionWrapper(conn=connection).botocore_config
-    hook = _hook_class()(connection, config=config.merge(from_connection) if from_connection else config)
-    return hook.get_conn()
+    return s3_hook(connection, max_pool_connections=max_workers + 4).get_conn()
 
 
 @contextmanager
