@@ -147,6 +147,19 @@ def _receive(chunks: Iterator[bytes], dest: Path, expected: _Item | None = None)
             )
 
 
+def _set_items(backup_set: BackupSet, where: str) -> tuple[list[_Item], _Item]:
+    """A set's data files and SHA256SUMS, and its manifest, as items to upload."""
+    manifest = backup_set.manifest()
+    data_items = []
+    for entry in manifest.files:
+        relative = _safe_relative(entry.path, where)
+        if relative in MARKER_NAMES:
+            raise OffsiteError(f"{where}: the manifest lists the marker file {relative}, which is local-only")
+        data_items.append(_Item(relative, entry.size, entry.sha256, backup_set.path / relative))
+    data_items.append(_local_item(backup_set.path / SUMS_NAME, SUMS_NAME))
+    return data_items, _local_item(backup_set.manifest_path, MANIFEST_NAME)
+
+
 def _make_dirs(path: Path, stop: Path) -> None:
     """Create `path` and its missing parents up to `stop`, each 0700."""
     missing = []
@@ -209,6 +222,25 @@ class _SetStore(ABC):
         chunks = self._open(key)
         return None if chunks is None else b"".join(chunks)
 
+    def _pending(self, base: str, data_items: list[_Item], manifest_item: _Item, report: UploadReport) -> list[_Item]:
+        """The items to (re)write, the manifest last; what is already stored intact goes in `report.skipped`."""
+        pending = []
+        for item in data_items:
+            if self._stored_problems(f"{base}/{item.relative}", item):
+                pending.append(item)
+            else:
+                report.skipped.append(self._name(f"{base}/{item.relative}"))
+                report.bytes_skipped += item.size
+        manifest_key = f"{base}/{MANIFEST_NAME}"
+        if pending or self._stored_problems(manifest_key, manifest_item):
+            # Whatever manifest is offsite must not vouch for objects being rewritten.
+            self._delete(manifest_key)
+            pending.append(manifest_item)
+        else:
+            report.skipped.append(self._name(manifest_key))
+            report.bytes_skipped += manifest_item.size
+        return pending
+
     def upload_set(self, backup_set: BackupSet) -> UploadReport:
         """Upload a verified set, verify every object, then write the local receipt (state OFFSITE).
 
@@ -223,35 +255,12 @@ class _SetStore(ABC):
                 f"{SetState.VERIFIED.value} or {SetState.OFFSITE.value} are uploaded offsite "
                 "(run its checksum task first)"
             )
-        manifest = backup_set.manifest()
         where = f"backup {backup_set.key}"
-        data_items = []
-        for entry in manifest.files:
-            relative = _safe_relative(entry.path, where)
-            if relative in MARKER_NAMES:
-                raise OffsiteError(f"{where}: the manifest lists the marker file {relative}, which is local-only")
-            data_items.append(_Item(relative, entry.size, entry.sha256, backup_set.path / relative))
-        data_items.append(_local_item(backup_set.path / SUMS_NAME, SUMS_NAME))
-        manifest_item = _local_item(backup_set.manifest_path, MANIFEST_NAME)
+        data_items, manifest_item = _set_items(backup_set, where)
         base = backup_set.key
-        manifest_key = f"{base}/{MANIFEST_NAME}"
         self._check_ready()
-
         report = UploadReport()
-        pending = []
-        for item in data_items:
-            if self._stored_problems(f"{base}/{item.relative}", item):
-                pending.append(item)
-            else:
-                report.skipped.append(self._name(f"{base}/{item.relative}"))
-                report.bytes_skipped += item.size
-        if pending or self._stored_problems(manifest_key, manifest_item):
-            # Whatever manifest is offsite must not vouch for objects being rewritten.
-            self._delete(manifest_key)
-            pending.append(manifest_item)
-        else:
-            report.skipped.append(self._name(manifest_key))
-            report.bytes_skipped += manifest_item.size
+        pending = self._pending(base, data_items, manifest_item, report)
 
         problems: list[str] = []
         for item in pending:

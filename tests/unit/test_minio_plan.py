@@ -64,7 +64,8 @@ def test_invalid_options_name_the_plan_field(options: dict, field: str) -> None:
 
 def test_no_set_is_protected_because_every_set_is_self_contained() -> None:
     plan = load_plan()
-    assert svc.protected_sets(plan, plan.job("minio", "full")) == {}
+    now = datetime(2026, 1, 2, 3, tzinfo=timezone.utc)
+    assert svc.protected_sets(plan, plan.job("minio", "full"), now=now) == {}
 
 
 # -- names ---------------------------------------------------------------------------------------------
@@ -277,11 +278,11 @@ def test_verify_requires_the_object_list(tmp_path: Path) -> None:
 def test_restore_preflight_names_missing_files_before_anything_is_written(tmp_path: Path) -> None:
     backup_set, manifest = build_set(tmp_path, OBJECTS)
     (backup_set.path / manifest.details["objects"][1]["file"]).unlink()
-    with pytest.raises(svc.RestoreFailed, match="nothing was written") as failed:
-        svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"},
-                    get_connection=lambda conn_id: pytest.fail("no connection may be made"))
-    assert failed.value.report["problems"] == [f"{BUCKET}/a+b.txt: its file {manifest.details['objects'][1]['file']} "
-                                               f"is missing from {backup_set.path}"]
+    report = svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"},
+                         options={"get_connection": lambda conn_id: pytest.fail("no connection may be made")})
+    assert "nothing was written" in report.details["buckets"][BUCKET]["failed"]
+    assert report.problems == [f"{BUCKET}/a+b.txt: its file {manifest.details['objects'][1]['file']} "
+                               f"is missing from {backup_set.path}"]
 
 
 
@@ -289,9 +290,9 @@ def test_restore_refuses_a_key_prefix_that_matches_nothing_and_an_unknown_bucket
     backup_set, manifest = build_set(tmp_path, OBJECTS)
     never = {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"}
     with pytest.raises(svc.MinioError, match="no object of bucket erp-documents has a key starting with 'nope/'"):
-        svc.restore(backup_set.path, manifest, never, key_prefix="nope/")
+        svc.restore(backup_set.path, manifest, never, options={"key_prefix": "nope/"})
     with pytest.raises(svc.MinioError, match="has no bucket 'erp-other'"):
-        svc.restore(backup_set.path, manifest, never, source_bucket="erp-other")
+        svc.restore(backup_set.path, manifest, never, options={"source_bucket": "erp-other"})
 
 
 def test_an_undefined_target_connection_says_how_to_define_it(tmp_path: Path) -> None:
@@ -302,4 +303,4 @@ def test_an_undefined_target_connection_says_how_to_define_it(tmp_path: Path) ->
 
     with pytest.raises(svc.MinioError, match="'erp_minio_dr' is not defined.*AIRFLOW_CONN_ERP_MINIO_DR"):
         svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "conn_id": "erp_minio_dr"},
-                    get_connection=undefined)
+                    options={"get_connection": undefined})
