@@ -59,7 +59,7 @@ def test_snapshot_verify_restore_and_read_back(etcd_server: ScratchEtcd, tmp_pat
 
     data_dir = tmp_path / "restored-etcd"
     report = milvus.restore(backup.backup_set.path, backup.manifest, data_dir)
-    assert report["snapshot"]["hash"] == snapshot["hash"] and report["data_dir"] == str(data_dir)
+    assert report.details["snapshot"]["hash"] == snapshot["hash"] and report.details["data_dir"] == str(data_dir)
     assert (data_dir / "member" / "wal").is_dir()
     with start_scratch_etcd(data_dir) as restored:
         assert restored.endpoint != etcd_server.endpoint
@@ -92,7 +92,7 @@ def test_restore_refuses_an_existing_data_dir_and_dry_run_touches_nothing(
     with pytest.raises(milvus.RestoreConflict, match=f"etcd data dir {existing} already exists"):
         milvus.restore(backup.backup_set.path, backup.manifest, existing)
     planned = milvus.restore(backup.backup_set.path, backup.manifest, tmp_path / "new-data", dry_run=True)
-    assert planned["dry_run"] is True and not (tmp_path / "new-data").exists()
+    assert planned.dry_run is True and not (tmp_path / "new-data").exists()
 
 
 def test_credentials_travel_in_the_environment(tmp_path: Path) -> None:

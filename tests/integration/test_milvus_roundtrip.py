@@ -154,11 +154,11 @@ def test_restore_into_a_new_database_recreates_everything(
 ) -> None:
     report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri)
 
-    assert report["problems"] == [] and report["rows"] == milvus_sample.total_rows
-    docs_report = report["collections"][DOCS]
+    assert report.problems == [] and report.details["rows"] == milvus_sample.total_rows
+    docs_report = report.details["collections"][DOCS]
     assert docs_report["checks"]["rows"] == {"*": 8000, "_default": 2500, "tenant_a": 3500, "tenant_b": 2000}
     assert docs_report["checks"]["search"] == {"queries": 5, "min_overlap": 1.0}
-    assert report["collections"][CHUNKS]["checks"]["search"]["queries"] == 5
+    assert report.details["collections"][CHUNKS]["checks"]["search"]["queries"] == 5
     assert docs_report["aliases"] == {"created": [DOCS_ALIAS]}
 
     source = MilvusClient(uri=milvus_sample.uri)
@@ -197,9 +197,9 @@ def test_restore_into_a_new_database_recreates_everything(
 def test_restore_with_suffix_and_reassigned_keys(exported: Backup, fresh_milvus_uri: str) -> None:
     report = milvus.restore(
         exported.backup_set.path, exported.manifest, fresh_milvus_uri,
-        suffix="_restored", collections=[DOCS], keep_primary_keys=False,
+        options={"suffix": "_restored", "collections": [DOCS], "keep_primary_keys": False},
     )
-    restored = report["collections"][DOCS]
+    restored = report.details["collections"][DOCS]
     assert restored["restored_as"] == f"{DOCS}_restored"
     assert restored["primary_keys"] == "reassigned"
     assert restored["checks"]["rows"]["*"] == 8000
@@ -223,18 +223,19 @@ def test_restore_refuses_an_existing_collection_unless_told_to_drop_it(
         client.flush(CHUNKS)
 
         with pytest.raises(milvus.RestoreConflict, match=f"collection '{CHUNKS}' already exists.*suffix"):
-            milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri, collections=[CHUNKS])
+            milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri,
+                           options={"collections": [CHUNKS]})
 
-        report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri,
-                                collections=[CHUNKS], drop_existing=True, dry_run=True)
-        assert report["dry_run"] is True
-        assert report["collections"][CHUNKS]["would"].startswith(f"drop and create '{CHUNKS}' with 4000 rows")
+        report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri, dry_run=True,
+                                options={"collections": [CHUNKS], "drop_existing": True})
+        assert report.dry_run is True
+        assert report.details["collections"][CHUNKS]["would"].startswith(f"drop and create '{CHUNKS}' with 4000 rows")
         assert client.get_collection_stats(CHUNKS)["row_count"] == 1
 
         client.create_alias(CHUNKS, "chunks_in_use")
         report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri,
-                                collections=[CHUNKS], drop_existing=True)
-        assert report["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
+                                options={"collections": [CHUNKS], "drop_existing": True})
+        assert report.details["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
         assert client.list_aliases()["aliases"] == []  # the old collection's alias went with it
         assert "emb" in {f["name"] for f in client.describe_collection(CHUNKS)["fields"]}
     finally:
@@ -245,11 +246,10 @@ def test_restore_check_fails_when_the_sample_ids_differ(exported: Backup, fresh_
     details = copy.deepcopy(exported.manifest.details)
     details["collections"][CHUNKS]["searches"][0]["expected_ids"][2] = ["doc999#0"] * 10
     tampered = replace(exported.manifest, details=details)
-    with pytest.raises(milvus.RestoreCheckFailed) as failure:
-        milvus.restore(exported.backup_set.path, tampered, fresh_milvus_uri, collections=[CHUNKS])
-    assert len(failure.value.problems) == 1
-    assert f"{CHUNKS}: search #2 on emb returned" in failure.value.problems[0]
-    assert failure.value.report["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
+    report = milvus.restore(exported.backup_set.path, tampered, fresh_milvus_uri, options={"collections": [CHUNKS]})
+    assert len(report.problems) == 1 and not report.ok
+    assert f"{CHUNKS}: search #2 on emb returned" in report.problems[0]
+    assert report.details["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
 
 
 def test_unreachable_source_names_connection_and_host(tmp_path: Path) -> None:
