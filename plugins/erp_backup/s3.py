@@ -199,7 +199,9 @@ class MultipartResult:
 def _send_parts(client: Any, bucket: str, key: str, upload_id: str, stream: IO[bytes],
                 part_size: int) -> tuple[list[dict[str, Any]], list[bytes], int, str]:
     """Upload `stream` in parts with their SHA-256s; (parts, part digests, size, whole hex SHA-256)."""
-    whole, size, parts, digests = hashlib.sha256(), 0, [], []
+    whole, size = hashlib.sha256(), 0
+    parts: list[dict[str, Any]] = []
+    digests: list[bytes] = []
     while part := read_exactly(stream, part_size):
         whole.update(part)
         size += len(part)

@@ -17,7 +17,7 @@ from pymilvus import MilvusClient
 
 from erp_backup.manifest import sha256_file
 from erp_backup.services import milvus
-from erp_backup.services.base import SourceUnavailable
+from erp_backup.services.base import CheckContext, SourceUnavailable
 from erp_backup.scratch_etcd import free_port
 from erp_backup.sets import BackupSet
 from tests.fixtures.milvus import (
@@ -263,3 +263,36 @@ def test_unreachable_source_names_connection_and_host(tmp_path: Path) -> None:
     with pytest.raises(SourceUnavailable, match=f"milvus-lite database {missing} does not exist"):
         milvus.backup(ctx)
     assert not missing.exists()
+
+
+def test_a_dry_run_creates_nothing_and_the_drill_check_counts_every_collection(
+    exported: Backup, fresh_milvus_uri: str
+) -> None:
+    manifest = exported.manifest
+    sizes = {entry.path: entry.size for entry in manifest.files}
+    collections = manifest.details["collections"]
+    parquet = {name: sum(sizes[f["path"]] for p in c["partitions"] for f in p["files"]) for name, c in collections.items()}
+
+    dry = milvus.restore(exported.backup_set.path, manifest, fresh_milvus_uri, dry_run=True)
+    assert not Path(fresh_milvus_uri).exists()  # not even an empty milvus-lite database
+    assert dry.dry_run and dry.problems == [] and dry.restored_bytes == 0
+    assert dry.actions == [
+        f"create {name!r} with {collections[name]['rows']} rows ({parquet[name]} bytes of parquet) "
+        f"from backup {manifest.backup_id}"
+        for name in sorted(collections)
+    ]
+
+    report = milvus.restore(exported.backup_set.path, manifest, fresh_milvus_uri)
+    assert report.problems == [] and report.restored_bytes == sum(parquet.values())
+    guarded: list[tuple[str, int]] = []
+    context = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    found = milvus.check_restored(fresh_milvus_uri, exported.backup_set.path, manifest, report, context)
+    assert found.problems == []
+    assert {f"collection {DOCS}: 8000 rows", f"collection {CHUNKS}: 4000 rows", f"collection {EMPTY}: 0 rows",
+            f"collection {DOCS}: 5 sample searches, min top-k overlap 1.0"} <= set(found.checks)
+
+    details = copy.deepcopy(manifest.details)
+    details["collections"][CHUNKS]["rows"] = 4001
+    wrong = milvus.check_restored(fresh_milvus_uri, exported.backup_set.path, replace(manifest, details=details), report,
+                                  context)
+    assert wrong.problems == [f"collection {CHUNKS}: 4000 rows after restore, the backup has 4001"]

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from airflow.sdk import Connection
@@ -31,9 +32,9 @@ from erp_backup.offsite import FilesystemOffsite
 from erp_backup.plan import BackupJob, Plan, load_plan
 from erp_backup.scratch_pg import free_port
 from erp_backup.services import minio as svc
-from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable, airflow_connection
+from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable, airflow_connection
 from erp_backup.sets import BackupSet, SetState
-from tests.fixtures.s3 import S3Endpoint
+from tests.fixtures.s3 import SECRET_KEY, S3Endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -488,6 +489,65 @@ def test_a_corrupted_stored_object_is_detected_and_never_restored(
     truncated = svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": other})
     assert truncated.problems and "nothing was written" in truncated.details["buckets"][source.bucket]["failed"]
     assert listing(minio_env, other) == {}
+
+
+# -- the drill: dry run, restore of every bucket, check ------------------------------------------------
+
+
+def drop_bucket(endpoint: S3Endpoint, source: Source) -> None:
+    client = endpoint.client()
+    for key in source.data:
+        client.delete_object(Bucket=source.bucket, Key=key)
+    client.delete_bucket(Bucket=source.bucket)
+
+
+def test_a_dry_run_writes_nothing_then_every_bucket_is_restored_under_its_name_and_checked(
+    plan: Plan, minio_env: S3Endpoint, s3_bucket: Callable[[str], str]
+) -> None:
+    first = make_source(minio_env, s3_bucket("erp-lost-a"), {
+        "a/one.txt": (b"one", "text/plain", {}),
+        "big.bin": (os.urandom(9 * MIB), "application/octet-stream", {"kind": "scan"}),  # multipart
+    })
+    second = make_source(minio_env, s3_bucket("erp-lost-b"), {"two.pdf": (b"%PDF two", "application/pdf", {"t": "x"})})
+    backup_set, manifest = run_backup(plan, minio_job(plan, "snapshot", buckets=[first.bucket, second.bucket]), DAY1)
+    for source in (first, second):  # the disaster: both buckets are gone
+        drop_bucket(minio_env, source)
+    host = minio_env.url.split("//")[1]
+    scratch = svc.scratch_target(SimpleNamespace(kind="s3", uri=minio_env.url, secret=SECRET_KEY))
+    sizes = {source.bucket: sum(map(len, source.data.values())) for source in (first, second)}
+
+    dry = svc.restore(backup_set.path, manifest, scratch, dry_run=True)
+    assert dry.dry_run and dry.problems == [] and dry.restored_bytes == 0
+    assert dry.actions == [
+        f"create bucket {first.bucket} at {host}",
+        f"write 2 objects ({sizes[first.bucket]} bytes) of backup {manifest.backup_id} bucket {first.bucket} "
+        f"into s3://{first.bucket}/ at {host}",
+        f"create bucket {second.bucket} at {host}",
+        f"write 1 objects ({sizes[second.bucket]} bytes) of backup {manifest.backup_id} bucket {second.bucket} "
+        f"into s3://{second.bucket}/ at {host}",
+    ]
+    existing = {bucket["Name"] for bucket in minio_env.client().list_buckets()["Buckets"]}
+    assert not existing & {first.bucket, second.bucket}  # nothing was created
+
+    report = svc.restore(backup_set.path, manifest, scratch)
+    assert report.ok and report.restored_bytes == sum(sizes.values()) and report.details["verified"] == 3
+    for source in (first, second):
+        for key, data in source.data.items():
+            assert fetch(minio_env, source.bucket, key) == (data, source.content_types[key], source.metadata[key])
+
+    guarded: list[tuple[str, int]] = []
+    context = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    found = svc.check_restored(scratch, backup_set.path, manifest, report, context)
+    assert found.problems == []
+    assert found.checks == [f"{first.bucket} → s3://{first.bucket}/: 2/2 objects match their SHA-256",
+                            f"{second.bucket} → s3://{second.bucket}/: 1/1 objects match their SHA-256"]
+    assert guarded == [("127.0.0.1", int(host.split(":")[1]))] * 2
+
+    put(minio_env, second.bucket, "two.pdf", b"%PDF tampered")
+    minio_env.client().delete_object(Bucket=first.bucket, Key="a/one.txt")
+    found = svc.check_restored(scratch, backup_set.path, manifest, report, context)
+    assert found.problems == [f"s3://{first.bucket}/a/one.txt: missing after restore (NoSuchKey)",
+                              f"s3://{second.bucket}/two.pdf: SHA-256 differs from the manifest"]
 
 
 # -- unreachable source, missing bucket --------------------------------------------------------------

@@ -140,7 +140,8 @@ __all__ = [
     "DEFAULT_ETCD_MEMBER", "DEFAULT_ETCD_PEER_URL", "DEFAULT_ETCD_PORT", "DEFAULT_MILVUS_PORT",
     "DEFAULT_PARQUET_LEVEL", "DEFAULT_SEARCH_SAMPLES", "DEFAULT_SEARCH_TOP_K", "DRILL_TYPES", "ETCD_ROLE",
     "EXPORT_FORMAT", "MAX_BATCH_SIZE", "MAX_REQUEST_BYTES", "META_COLUMN", "PITR_TYPES", "REQUEST_HEADROOM",
-    "RESTORE_TYPES", "RUNTIME_INDEX_KEYS", "SCRATCH_MILVUS_VERSION", "SNAPSHOT_FILE", "SOURCE_ROLE", "SUPPORTED_TYPES", "ChainFile",
+    "RESTORE_TYPES", "RUNTIME_INDEX_KEYS", "SCRATCH_MILVUS_VERSION", "SNAPSHOT_FILE", "SOURCE_ROLE",
+    "SUPPORTED_TYPES", "ChainFile",
     "Column", "EtcdTarget", "ExportSettings", "Layout", "MilvusTarget", "PartitionFiles", "QuerySampler",
     "RestoreConflict", "RestoreSettings", "UnsupportedCollection", "after_prune", "arrow_layout", "backup",
     "backup_etcd", "backup_full", "batch_to_rows", "check_etcd", "check_full", "check_restored", "clean_index",
@@ -218,7 +219,8 @@ def target_from_cli(backup_type: str, target: str | None, target_conn: str | Non
     """`etcd`: --target, a new data directory. `full`: --target, a Milvus URI or milvus-lite .db path
     (token from $MILVUS_TOKEN), or --target-conn, a Milvus connection."""
     if backup_type not in SUPPORTED_TYPES:
-        raise TargetUsageError(f"milvus has no backup type {backup_type!r} (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+        raise TargetUsageError(f"milvus has no backup type {backup_type!r} "
+                               f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
     if backup_type == "etcd":
         if target_conn:
             raise TargetUsageError("etcd restores take --target <new data directory>, not --target-conn")
@@ -255,7 +257,7 @@ def scratch_target(info: TargetInfo) -> str:
     """The URI (milvus-lite path or Milvus URI) or the new etcd data dir of the started scratch target."""
     if info.kind not in ("milvus_lite", "milvus", "etcd") or not info.uri:
         raise ValueError(f"milvus cannot restore into a scratch target of kind {info.kind!r} without a uri")
-    return info.uri
+    return str(info.uri)
 
 
 def versions(manifest: Manifest) -> dict[str, Any]:

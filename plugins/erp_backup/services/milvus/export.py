@@ -1,4 +1,4 @@
-"""Milvus collection export (`full`): every collection's rows into parquet, its definition and sample searches into the manifest.
+"""Milvus collection export (`full`): rows into parquet files, definitions and sample searches into the manifest.
 
 For each collection the rows, vectors included, are read with
 ``query_iterator(output_fields=["*"])`` one partition at a time and streamed batch by batch

@@ -73,7 +73,7 @@ from urllib.parse import urlsplit
 
 from erp_backup.manifest import HASH_CHUNK, Manifest
 from erp_backup.plan import BackupJob, Plan
-from erp_backup.s3 import b64_sha256, composite_sha256, is_multipart_etag, whole_object_sha256
+from erp_backup.s3 import MIB, b64_sha256, composite_sha256, is_multipart_etag, whole_object_sha256
 from erp_backup.services.base import (
     CheckContext,
     Checks,
@@ -97,7 +97,6 @@ from erp_backup.services.minio.layout import (
     INCREMENTAL_TYPES,
     LAYOUT,
     MAX_PARTS,
-    MIB,
     PART_SIZE,
     SUPPORTED_TYPES,
     Action,
@@ -233,7 +232,8 @@ def _checked_buckets(target: Any, manifest: Manifest, report: RestoreReport) -> 
         if source is None:  # a target with a bucket holds the one source bucket the restore took
             taken = list(report.details.get("buckets") or {}) or sorted(manifest.details.get("buckets") or {})
             if len(taken) != 1:
-                raise MinioError(f"cannot tell which of buckets {taken} was restored into {RestoreTarget.of(bucket_target).description}")
+                where = RestoreTarget.of(bucket_target).description
+                raise MinioError(f"cannot tell which of buckets {taken} was restored into {where}")
             source = taken[0]
         pairs.append((source, RestoreTarget.of(bucket_target)))
     return pairs

@@ -40,7 +40,7 @@ def endpoint_host(connection: Any) -> str:
     if not url:
         return "the default AWS endpoint (no endpoint_url in the connection extra)"
     parsed = urlparse(url)
-    return parsed.netloc.rsplit("@", 1)[-1] or url
+    return str(parsed.netloc.rsplit("@", 1)[-1] or url)
 
 
 @contextmanager
