@@ -14,33 +14,11 @@ there, so:
 The local-only markers (CHECKSUM_FAILED, offsite.json) are never uploaded: only
 the files the manifest lists, SHA256SUMS and the manifest itself are.
 
-S3 (`S3Offsite`) goes through the Amazon provider's `S3Hook` and an Airflow `aws`
-connection. Any S3-compatible store works with `endpoint_url` in the connection
-extra. Older MinIO rejects boto3's default CRC checksums; for it, add
-`"config_kwargs": {"request_checksum_calculation": "when_required",
-"response_checksum_validation": "when_required"}` to the extra. The client
-starts from bounded timeouts and retries (`BOUNDED_CLIENT_CONFIG`: 10 s connect,
-60 s read, 3 attempts), so an unreachable endpoint fails in seconds with an
-`OffsiteError` naming the endpoint and bucket. Any `config_kwargs` in the
-connection extra override those defaults key by key.
-
-Checksums on S3. Objects are uploaded with `ChecksumAlgorithm=SHA256`, so S3
-checks every request body, and with our whole-file SHA-256 as the metadata
-`x-amz-meta-sha256` (plus `x-amz-meta-part-size` when multipart). The
-provider's `load_file` takes no per-object arguments, so uploads call
-`upload_file` on the hook's own boto3 client, with the hook's `extra_args` and
-`transfer_config`. Each object is verified with
-`head_object(ChecksumMode="ENABLED")`:
-
-- size: `ContentLength` must equal the manifest's size;
-- single-part: `ChecksumSHA256` is the base64 of the whole-file SHA-256 and
-  must equal the manifest's, exactly;
-- multipart (ETag or checksum ending in `-N`, or ChecksumType COMPOSITE):
-  `ChecksumSHA256` is a COMPOSITE, the SHA-256 of the parts' SHA-256s, so it
-  cannot be compared with the manifest. The metadata sha256 must equal the
-  manifest's, and the part count must be ceil(size / part size). During
-  `upload_set` the local file is re-read once to compute the composite (and its
-  whole-file SHA-256), which must match what S3 computed from the bytes it got.
+S3 (`S3Offsite`, in `erp_backup.offsite_s3`, importable from here) goes through
+the Amazon provider's `S3Hook` and an Airflow `aws` connection; its client
+settings (bounded timeouts, `config_kwargs` from the connection extra) and
+SHA-256 checksums are `erp_backup.s3`'s. Objects are verified against the
+manifest by size and SHA-256 (the composite SHA-256 for multipart objects).
 
 A filesystem store (`FilesystemOffsite`) copies each file to a temp name, fsyncs
 it, renames it into place and fsyncs the directory (files 0600, directories
@@ -52,19 +30,15 @@ Transfers run one file at a time; S3 multipart parts run `max_concurrency` at a 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
-import math
 import os
-import re
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -83,22 +57,11 @@ from erp_backup.manifest import (
 from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet, SetState
 
 if TYPE_CHECKING:
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
+    from erp_backup.offsite_s3 import S3Offsite
     from erp_backup.plan import Plan
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
-PART_SIZE_METADATA = "part-size"  # stored as x-amz-meta-part-size (multipart only)
-BOUNDED_CLIENT_CONFIG: dict[str, Any] = {
-    "connect_timeout": 10,
-    "read_timeout": 60,
-    "retries": {"max_attempts": 3, "mode": "standard"},
-    "tcp_keepalive": True,
-}
-_PARTS_SUFFIX = re.compile(r"-(\d+)$")
 
 
 class OffsiteError(RuntimeError):
@@ -184,6 +147,19 @@ def _receive(chunks: Iterator[bytes], dest: Path, expected: _Item | None = None)
             )
 
 
+def _set_items(backup_set: BackupSet, where: str) -> tuple[list[_Item], _Item]:
+    """A set's data files and SHA256SUMS, and its manifest, as items to upload."""
+    manifest = backup_set.manifest()
+    data_items = []
+    for entry in manifest.files:
+        relative = _safe_relative(entry.path, where)
+        if relative in MARKER_NAMES:
+            raise OffsiteError(f"{where}: the manifest lists the marker file {relative}, which is local-only")
+        data_items.append(_Item(relative, entry.size, entry.sha256, backup_set.path / relative))
+    data_items.append(_local_item(backup_set.path / SUMS_NAME, SUMS_NAME))
+    return data_items, _local_item(backup_set.manifest_path, MANIFEST_NAME)
+
+
 def _make_dirs(path: Path, stop: Path) -> None:
     """Create `path` and its missing parents up to `stop`, each 0700."""
     missing = []
@@ -246,6 +222,25 @@ class _SetStore(ABC):
         chunks = self._open(key)
         return None if chunks is None else b"".join(chunks)
 
+    def _pending(self, base: str, data_items: list[_Item], manifest_item: _Item, report: UploadReport) -> list[_Item]:
+        """The items to (re)write, the manifest last; what is already stored intact goes in `report.skipped`."""
+        pending = []
+        for item in data_items:
+            if self._stored_problems(f"{base}/{item.relative}", item):
+                pending.append(item)
+            else:
+                report.skipped.append(self._name(f"{base}/{item.relative}"))
+                report.bytes_skipped += item.size
+        manifest_key = f"{base}/{MANIFEST_NAME}"
+        if pending or self._stored_problems(manifest_key, manifest_item):
+            # Whatever manifest is offsite must not vouch for objects being rewritten.
+            self._delete(manifest_key)
+            pending.append(manifest_item)
+        else:
+            report.skipped.append(self._name(manifest_key))
+            report.bytes_skipped += manifest_item.size
+        return pending
+
     def upload_set(self, backup_set: BackupSet) -> UploadReport:
         """Upload a verified set, verify every object, then write the local receipt (state OFFSITE).
 
@@ -260,35 +255,12 @@ class _SetStore(ABC):
                 f"{SetState.VERIFIED.value} or {SetState.OFFSITE.value} are uploaded offsite "
                 "(run its checksum task first)"
             )
-        manifest = backup_set.manifest()
         where = f"backup {backup_set.key}"
-        data_items = []
-        for entry in manifest.files:
-            relative = _safe_relative(entry.path, where)
-            if relative in MARKER_NAMES:
-                raise OffsiteError(f"{where}: the manifest lists the marker file {relative}, which is local-only")
-            data_items.append(_Item(relative, entry.size, entry.sha256, backup_set.path / relative))
-        data_items.append(_local_item(backup_set.path / SUMS_NAME, SUMS_NAME))
-        manifest_item = _local_item(backup_set.manifest_path, MANIFEST_NAME)
+        data_items, manifest_item = _set_items(backup_set, where)
         base = backup_set.key
-        manifest_key = f"{base}/{MANIFEST_NAME}"
         self._check_ready()
-
         report = UploadReport()
-        pending = []
-        for item in data_items:
-            if self._stored_problems(f"{base}/{item.relative}", item):
-                pending.append(item)
-            else:
-                report.skipped.append(self._name(f"{base}/{item.relative}"))
-                report.bytes_skipped += item.size
-        if pending or self._stored_problems(manifest_key, manifest_item):
-            # Whatever manifest is offsite must not vouch for objects being rewritten.
-            self._delete(manifest_key)
-            pending.append(manifest_item)
-        else:
-            report.skipped.append(self._name(manifest_key))
-            report.bytes_skipped += manifest_item.size
+        pending = self._pending(base, data_items, manifest_item, report)
 
         problems: list[str] = []
         for item in pending:
@@ -441,245 +413,6 @@ class _SetStore(ABC):
         return True
 
 
-class S3Offsite(_SetStore):
-    """Backup sets on S3 or any S3-compatible store, through the Amazon provider's S3Hook.
-
-    Nothing connects at construction; the connection is resolved on first use.
-    """
-
-    def __init__(
-        self,
-        conn_id: str,
-        bucket: str,
-        prefix: str = "",
-        *,
-        multipart_threshold: int = 64 * MIB,
-        chunksize: int = 64 * MIB,
-        max_concurrency: int = 4,
-    ) -> None:
-        self.conn_id = conn_id
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.multipart_threshold = multipart_threshold
-        self.chunksize = chunksize
-        self.max_concurrency = max_concurrency
-        self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._bucket_checked = False
-
-    @cached_property
-    def hook(self) -> S3Hook:
-        """An S3Hook on the connection, with SHA-256 checksums, our transfer settings and bounded timeouts."""
-        from airflow.exceptions import AirflowNotFoundException
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
-        from botocore.config import Config
-
-        try:
-            connection = S3Hook.get_connection(self.conn_id)
-        except AirflowNotFoundException as exc:
-            raise OffsiteError(
-                f"offsite {self.description}: Airflow connection {self.conn_id!r} is not defined "
-                "(create an 'aws' connection; put endpoint_url in its extra for MinIO or other S3-compatible stores)"
-            ) from exc
-        from_connection = AwsConnectionWrapper(conn=connection).botocore_config
-        config = Config(**BOUNDED_CLIENT_CONFIG, max_pool_connections=max(10, self.max_concurrency + 2))
-        return S3Hook(
-            aws_conn_id=self.conn_id,
-            config=config.merge(from_connection) if from_connection else config,
-            extra_args={"ChecksumAlgorithm": "SHA256"},
-            transfer_config_args={
-                "multipart_threshold": self.multipart_threshold,
-                "multipart_chunksize": self.chunksize,
-                "max_concurrency": self.max_concurrency,
-            },
-        )
-
-    @property
-    def client(self) -> Any:
-        return self.hook.get_conn()
-
-    def _endpoint(self) -> str:
-        try:
-            return self.hook.conn_config.endpoint_url or "the default AWS endpoint"
-        except Exception:  # the endpoint is only context for an error message
-            return "an unknown endpoint"
-
-    @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """Turn client errors into an OffsiteError naming the endpoint and bucket (never credentials)."""
-        from airflow.exceptions import AirflowException
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            yield
-        except (BotoCoreError, ClientError, Boto3Error, AirflowException) as exc:
-            raise OffsiteError(
-                f"offsite {self.description} (endpoint {self._endpoint()}, bucket {self.bucket}): {action} failed: {exc}"
-            ) from exc
-
-    def _object_key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _name(self, key: str) -> str:
-        return self._object_key(key)
-
-    def _part_size(self, size: int) -> int | None:
-        """The part size s3transfer uses for a file of `size` bytes; None if it goes in one request."""
-        from s3transfer.utils import ChunksizeAdjuster
-
-        if size < self.multipart_threshold:
-            return None
-        return ChunksizeAdjuster().adjust_chunksize(self.chunksize, size)
-
-    def _head(self, key: str) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
-
-        with self._errors(f"reading {self._object_key(key)}"):
-            try:
-                return self.client.head_object(Bucket=self.bucket, Key=self._object_key(key), ChecksumMode="ENABLED")
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
-
-    def _exists(self, key: str) -> bool:
-        return self._head(key) is not None
-
-    def _check_ready(self) -> None:
-        if not self._bucket_checked:
-            with self._errors("checking the bucket"):
-                self.client.head_bucket(Bucket=self.bucket)
-            self._bucket_checked = True
-
-    def _stored_problems(self, key: str, item: _Item) -> list[str]:
-        name = self._object_key(key)
-        head = self._head(key)
-        if head is None:
-            return [f"{name}: missing"]
-        problems = []
-        if head.get("ContentLength") != item.size:
-            problems.append(f"{name}: {head.get('ContentLength')} bytes offsite, {item.size} expected")
-        checksum = head.get("ChecksumSHA256")
-        metadata_sha256 = (head.get("Metadata") or {}).get(SHA256_METADATA)
-        if metadata_sha256 is not None and metadata_sha256 != item.sha256:
-            problems.append(f"{name}: sha256 metadata {metadata_sha256} offsite, {item.sha256} expected")
-        parts = _parts_count(head)
-        if parts is None:
-            expected = base64.b64encode(bytes.fromhex(item.sha256)).decode()
-            if checksum is None:
-                problems.append(f"{name}: no SHA-256 checksum stored offsite")
-            elif checksum != expected:
-                problems.append(f"{name}: SHA-256 offsite ({checksum}) differs from the expected ({expected})")
-            return problems
-
-        if metadata_sha256 is None:
-            problems.append(f"{name}: multipart object without sha256 metadata; its content cannot be checked")
-        part_size = int((head.get("Metadata") or {}).get(PART_SIZE_METADATA) or 0)
-        if part_size and parts != math.ceil(item.size / part_size):
-            problems.append(f"{name}: {parts} parts offsite, {math.ceil(item.size / part_size)} expected")
-        if checksum is None:
-            problems.append(f"{name}: no SHA-256 checksum stored offsite")
-        elif item.local is not None and part_size and not problems:
-            full, composite = _composite_sha256(item.local, part_size)
-            if full != item.sha256:
-                problems.append(f"{name}: the local file {item.local} no longer matches the manifest")
-            elif _PARTS_SUFFIX.sub("", checksum) != composite:
-                problems.append(f"{name}: composite SHA-256 offsite ({checksum}) differs from the local file's ({composite})")
-        return problems
-
-    def _store(self, key: str, item: _Item) -> None:
-        assert item.local is not None
-        metadata = {SHA256_METADATA: item.sha256}
-        part_size = self._part_size(item.size)
-        if part_size:
-            metadata[PART_SIZE_METADATA] = str(part_size)
-        with self._errors(f"uploading {self._object_key(key)}"):
-            self.client.upload_file(
-                str(item.local),
-                self.bucket,
-                self._object_key(key),
-                ExtraArgs={**self.hook.extra_args, "Metadata": metadata},
-                Config=self.hook.transfer_config,
-            )
-
-    def _open(self, key: str) -> Iterator[bytes] | None:
-        from botocore.exceptions import ClientError
-
-        name = self._object_key(key)
-        with self._errors(f"reading {name}"):
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=name)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
-        return self._stream(response["Body"], name)
-
-    def _stream(self, body: Any, name: str) -> Iterator[bytes]:
-        from botocore.exceptions import FlexibleChecksumError
-
-        try:
-            with self._errors(f"reading {name}"):
-                try:
-                    yield from body.iter_chunks(HASH_CHUNK)
-                except FlexibleChecksumError as exc:
-                    raise ChecksumMismatch(f"{self.description} {name}: the store's own checksum failed: {exc}") from exc
-        finally:
-            body.close()
-
-    def _child_names(self, key: str) -> list[str]:
-        prefix = self._object_key(key) + "/"
-        with self._errors(f"listing {prefix}"):
-            found = self.hook.list_prefixes(bucket_name=self.bucket, prefix=prefix, delimiter="/")
-        return [entry[len(prefix):].rstrip("/") for entry in found]
-
-    def _delete(self, key: str) -> None:
-        with self._errors(f"deleting {self._object_key(key)}"):
-            self.hook.delete_objects(self.bucket, [self._object_key(key)])
-
-    def _delete_set_objects(self, key: str, manifest_key: str) -> int:
-        prefix = self._object_key(key) + "/"
-        with self._errors(f"listing {prefix}"):
-            keys = self.hook.list_keys(bucket_name=self.bucket, prefix=prefix)
-        first = [k for k in keys if k == self._object_key(manifest_key)]
-        rest = [k for k in keys if k not in first]
-        with self._errors(f"deleting {prefix}"):
-            for batch in (first, rest):
-                if batch:
-                    self.hook.delete_objects(self.bucket, batch)  # the hook sends batches of <= 1000
-        return len(keys)
-
-
-def _parts_count(head: dict[str, Any]) -> int | None:
-    """The part count of a multipart object (from its checksum or ETag `-N` suffix); None if single-part."""
-    for value in (head.get("ChecksumSHA256") or "", (head.get("ETag") or "").strip('"')):
-        match = _PARTS_SUFFIX.search(value)
-        if match:
-            return int(match.group(1))
-    if head.get("ChecksumType") == "COMPOSITE":
-        return int(head.get("PartsCount") or 0)
-    return None
-
-
-def _composite_sha256(path: Path, part_size: int) -> tuple[str, str]:
-    """(whole-file hex SHA-256, base64 composite SHA-256 of `part_size` parts) of a local file."""
-    whole = hashlib.sha256()
-    part_digests = []
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            part = hashlib.sha256()
-            remaining = part_size
-            while remaining and (chunk := handle.read(min(HASH_CHUNK, remaining))):
-                part.update(chunk)
-                whole.update(chunk)
-                remaining -= len(chunk)
-            if remaining == part_size:
-                break
-            part_digests.append(part.digest())
-    return whole.hexdigest(), base64.b64encode(hashlib.sha256(b"".join(part_digests)).digest()).decode()
-
-
 class FilesystemOffsite(_SetStore):
     """Backup sets on a mounted filesystem (NAS). The root directory must already exist."""
 
@@ -779,7 +512,18 @@ def offsite_from_plan(plan: Plan) -> Offsite:
     """The offsite store the plan names (`offsite.kind`: s3 or filesystem). Connects to nothing."""
     offsite = plan.offsite
     if offsite.kind == "s3":
+        from erp_backup.offsite_s3 import S3Offsite
+
         return S3Offsite(offsite.conn_id, offsite.bucket, offsite.prefix)
     if offsite.kind == "filesystem":
         return FilesystemOffsite(offsite.path)
     raise OffsiteError(f"{plan.path}: offsite.kind: unknown kind {offsite.kind!r} (use s3 or filesystem)")
+
+
+def __getattr__(name: str) -> type[S3Offsite]:
+    """`S3Offsite` lives in erp_backup.offsite_s3 (which builds on this module); import it from either."""
+    if name == "S3Offsite":
+        from erp_backup.offsite_s3 import S3Offsite
+
+        return S3Offsite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,14 +6,15 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from erp_backup.manifest import sha256_file
 from erp_backup.runner import Command, CommandError, LocalExecutor
-from erp_backup.scratch_etcd import ScratchEtcd, free_port, start_scratch_etcd, stop_pid_file
+from erp_backup.scratch_etcd import ScratchEtcd, default_pid_file, free_port, start_scratch_etcd, stop_pid_file
 from erp_backup.services import milvus
-from erp_backup.services.base import SourceUnavailable
+from erp_backup.services.base import CheckContext, SourceUnavailable
 from tests.fixtures.milvus import (
     ETCD_CONN_ID,
     FILLER_ETCD_KEYS,
@@ -59,7 +60,7 @@ def test_snapshot_verify_restore_and_read_back(etcd_server: ScratchEtcd, tmp_pat
 
     data_dir = tmp_path / "restored-etcd"
     report = milvus.restore(backup.backup_set.path, backup.manifest, data_dir)
-    assert report["snapshot"]["hash"] == snapshot["hash"] and report["data_dir"] == str(data_dir)
+    assert report.details["snapshot"]["hash"] == snapshot["hash"] and report.details["data_dir"] == str(data_dir)
     assert (data_dir / "member" / "wal").is_dir()
     with start_scratch_etcd(data_dir) as restored:
         assert restored.endpoint != etcd_server.endpoint
@@ -92,7 +93,7 @@ def test_restore_refuses_an_existing_data_dir_and_dry_run_touches_nothing(
     with pytest.raises(milvus.RestoreConflict, match=f"etcd data dir {existing} already exists"):
         milvus.restore(backup.backup_set.path, backup.manifest, existing)
     planned = milvus.restore(backup.backup_set.path, backup.manifest, tmp_path / "new-data", dry_run=True)
-    assert planned["dry_run"] is True and not (tmp_path / "new-data").exists()
+    assert planned.dry_run is True and not (tmp_path / "new-data").exists()
 
 
 def test_credentials_travel_in_the_environment(tmp_path: Path) -> None:
@@ -127,3 +128,37 @@ def test_stop_pid_file_stops_a_leftover_scratch_etcd_only(tmp_path: Path) -> Non
     stale = tmp_path / "stale.etcd.pid"
     stale.write_text(f"{etcd.pid}\n{tmp_path / 'stale'}\n")  # that pid is gone now
     assert stop_pid_file(stale) is False and not stale.exists()
+
+
+def test_the_drill_check_starts_etcd_on_the_restored_dir_and_stops_it(etcd_server: ScratchEtcd, tmp_path: Path) -> None:
+    backup = _backup(tmp_path / "backups", etcd_connection(etcd_server.endpoint))
+    snapshot = backup.outcome.details["snapshot"]
+    data_dir = tmp_path / "restored-etcd"
+    report = milvus.restore(backup.backup_set.path, backup.manifest, data_dir)
+    assert report.problems == [] and report.details["restored"] is True
+    assert report.restored_bytes == snapshot["total_size"] and report.actions[0].startswith("decompress etcd/snapshot.db.zst")
+
+    guarded: list[tuple[str, int]] = []
+    context = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    found = milvus.check_restored(str(data_dir), backup.backup_set.path, backup.manifest, report, context)
+    assert found.problems == []
+    assert found.checks[0] == f"revision {snapshot['revision']} matches the snapshot"
+    assert [host for host, _ in guarded] == ["127.0.0.1"] and guarded[0][1] != urlsplit(etcd_server.endpoint).port
+    assert not default_pid_file(data_dir).exists()  # the scratch etcd was stopped
+
+    missing = milvus.check_restored(str(tmp_path / "never-restored"), backup.backup_set.path, backup.manifest, report,
+                                    context)
+    assert missing.problems == [f"etcd data dir {tmp_path / 'never-restored'} does not exist: the snapshot was not restored"]
+
+
+def test_a_snapshot_that_differs_from_its_manifest_is_reported_and_not_restored(
+    etcd_server: ScratchEtcd, tmp_path: Path
+) -> None:
+    backup = _backup(tmp_path / "backups", etcd_connection(etcd_server.endpoint))
+    actual = backup.outcome.details["snapshot"]
+    tampered = replace(backup.manifest, details={**backup.manifest.details, "snapshot": {**actual, "total_keys": 1}})
+    report = milvus.restore(backup.backup_set.path, tampered, tmp_path / "etcd-data")
+    assert report.problems == [
+        f"backup {backup.manifest.backup_id}: snapshot total_keys is {actual['total_keys']}, the manifest says 1"
+    ]
+    assert report.details["restored"] is False and not (tmp_path / "etcd-data").exists()

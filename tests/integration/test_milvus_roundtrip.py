@@ -17,7 +17,7 @@ from pymilvus import MilvusClient
 
 from erp_backup.manifest import sha256_file
 from erp_backup.services import milvus
-from erp_backup.services.base import SourceUnavailable
+from erp_backup.services.base import CheckContext, SourceUnavailable
 from erp_backup.scratch_etcd import free_port
 from erp_backup.sets import BackupSet
 from tests.fixtures.milvus import (
@@ -154,11 +154,11 @@ def test_restore_into_a_new_database_recreates_everything(
 ) -> None:
     report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri)
 
-    assert report["problems"] == [] and report["rows"] == milvus_sample.total_rows
-    docs_report = report["collections"][DOCS]
+    assert report.problems == [] and report.details["rows"] == milvus_sample.total_rows
+    docs_report = report.details["collections"][DOCS]
     assert docs_report["checks"]["rows"] == {"*": 8000, "_default": 2500, "tenant_a": 3500, "tenant_b": 2000}
     assert docs_report["checks"]["search"] == {"queries": 5, "min_overlap": 1.0}
-    assert report["collections"][CHUNKS]["checks"]["search"]["queries"] == 5
+    assert report.details["collections"][CHUNKS]["checks"]["search"]["queries"] == 5
     assert docs_report["aliases"] == {"created": [DOCS_ALIAS]}
 
     source = MilvusClient(uri=milvus_sample.uri)
@@ -197,9 +197,9 @@ def test_restore_into_a_new_database_recreates_everything(
 def test_restore_with_suffix_and_reassigned_keys(exported: Backup, fresh_milvus_uri: str) -> None:
     report = milvus.restore(
         exported.backup_set.path, exported.manifest, fresh_milvus_uri,
-        suffix="_restored", collections=[DOCS], keep_primary_keys=False,
+        options={"suffix": "_restored", "collections": [DOCS], "keep_primary_keys": False},
     )
-    restored = report["collections"][DOCS]
+    restored = report.details["collections"][DOCS]
     assert restored["restored_as"] == f"{DOCS}_restored"
     assert restored["primary_keys"] == "reassigned"
     assert restored["checks"]["rows"]["*"] == 8000
@@ -223,18 +223,19 @@ def test_restore_refuses_an_existing_collection_unless_told_to_drop_it(
         client.flush(CHUNKS)
 
         with pytest.raises(milvus.RestoreConflict, match=f"collection '{CHUNKS}' already exists.*suffix"):
-            milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri, collections=[CHUNKS])
+            milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri,
+                           options={"collections": [CHUNKS]})
 
-        report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri,
-                                collections=[CHUNKS], drop_existing=True, dry_run=True)
-        assert report["dry_run"] is True
-        assert report["collections"][CHUNKS]["would"].startswith(f"drop and create '{CHUNKS}' with 4000 rows")
+        report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri, dry_run=True,
+                                options={"collections": [CHUNKS], "drop_existing": True})
+        assert report.dry_run is True
+        assert report.details["collections"][CHUNKS]["would"].startswith(f"drop and create '{CHUNKS}' with 4000 rows")
         assert client.get_collection_stats(CHUNKS)["row_count"] == 1
 
         client.create_alias(CHUNKS, "chunks_in_use")
         report = milvus.restore(exported.backup_set.path, exported.manifest, fresh_milvus_uri,
-                                collections=[CHUNKS], drop_existing=True)
-        assert report["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
+                                options={"collections": [CHUNKS], "drop_existing": True})
+        assert report.details["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
         assert client.list_aliases()["aliases"] == []  # the old collection's alias went with it
         assert "emb" in {f["name"] for f in client.describe_collection(CHUNKS)["fields"]}
     finally:
@@ -245,11 +246,10 @@ def test_restore_check_fails_when_the_sample_ids_differ(exported: Backup, fresh_
     details = copy.deepcopy(exported.manifest.details)
     details["collections"][CHUNKS]["searches"][0]["expected_ids"][2] = ["doc999#0"] * 10
     tampered = replace(exported.manifest, details=details)
-    with pytest.raises(milvus.RestoreCheckFailed) as failure:
-        milvus.restore(exported.backup_set.path, tampered, fresh_milvus_uri, collections=[CHUNKS])
-    assert len(failure.value.problems) == 1
-    assert f"{CHUNKS}: search #2 on emb returned" in failure.value.problems[0]
-    assert failure.value.report["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
+    report = milvus.restore(exported.backup_set.path, tampered, fresh_milvus_uri, options={"collections": [CHUNKS]})
+    assert len(report.problems) == 1 and not report.ok
+    assert f"{CHUNKS}: search #2 on emb returned" in report.problems[0]
+    assert report.details["collections"][CHUNKS]["checks"]["rows"]["*"] == 4000
 
 
 def test_unreachable_source_names_connection_and_host(tmp_path: Path) -> None:
@@ -263,3 +263,36 @@ def test_unreachable_source_names_connection_and_host(tmp_path: Path) -> None:
     with pytest.raises(SourceUnavailable, match=f"milvus-lite database {missing} does not exist"):
         milvus.backup(ctx)
     assert not missing.exists()
+
+
+def test_a_dry_run_creates_nothing_and_the_drill_check_counts_every_collection(
+    exported: Backup, fresh_milvus_uri: str
+) -> None:
+    manifest = exported.manifest
+    sizes = {entry.path: entry.size for entry in manifest.files}
+    collections = manifest.details["collections"]
+    parquet = {name: sum(sizes[f["path"]] for p in c["partitions"] for f in p["files"]) for name, c in collections.items()}
+
+    dry = milvus.restore(exported.backup_set.path, manifest, fresh_milvus_uri, dry_run=True)
+    assert not Path(fresh_milvus_uri).exists()  # not even an empty milvus-lite database
+    assert dry.dry_run and dry.problems == [] and dry.restored_bytes == 0
+    assert dry.actions == [
+        f"create {name!r} with {collections[name]['rows']} rows ({parquet[name]} bytes of parquet) "
+        f"from backup {manifest.backup_id}"
+        for name in sorted(collections)
+    ]
+
+    report = milvus.restore(exported.backup_set.path, manifest, fresh_milvus_uri)
+    assert report.problems == [] and report.restored_bytes == sum(parquet.values())
+    guarded: list[tuple[str, int]] = []
+    context = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    found = milvus.check_restored(fresh_milvus_uri, exported.backup_set.path, manifest, report, context)
+    assert found.problems == []
+    assert {f"collection {DOCS}: 8000 rows", f"collection {CHUNKS}: 4000 rows", f"collection {EMPTY}: 0 rows",
+            f"collection {DOCS}: 5 sample searches, min top-k overlap 1.0"} <= set(found.checks)
+
+    details = copy.deepcopy(manifest.details)
+    details["collections"][CHUNKS]["rows"] = 4001
+    wrong = milvus.check_restored(fresh_milvus_uri, exported.backup_set.path, replace(manifest, details=details), report,
+                                  context)
+    assert wrong.problems == [f"collection {CHUNKS}: 4000 rows after restore, the backup has 4001"]

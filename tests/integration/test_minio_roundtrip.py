@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from airflow.sdk import Connection
@@ -31,9 +32,9 @@ from erp_backup.offsite import FilesystemOffsite
 from erp_backup.plan import BackupJob, Plan, load_plan
 from erp_backup.scratch_pg import free_port
 from erp_backup.services import minio as svc
-from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable, airflow_connection
+from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable, airflow_connection
 from erp_backup.sets import BackupSet, SetState
-from tests.fixtures.s3 import S3Endpoint
+from tests.fixtures.s3 import SECRET_KEY, S3Endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -212,13 +213,13 @@ def test_thousands_of_objects_back_up_rerun_with_nothing_transferred_and_restore
     target = s3_bucket("restore-target")
     destination = {"conn_id": "erp_minio", "bucket": target, "prefix": "restored/2026-01-02"}
     wanted = {key for key in big_source.data if key.startswith("tenants/t3/")}
-    report = svc.restore(second.path, second_manifest, destination, key_prefix="tenants/t3/")
-    assert report["ok"] and report["problems"] == []
-    assert report["objects"] == report["verified"] == len(wanted) > 250
-    assert report["bytes"] == sum(len(big_source.data[key]) for key in wanted)
+    report = svc.restore(second.path, second_manifest, destination, options={"key_prefix": "tenants/t3/"})
+    assert report.ok and report.problems == []
+    assert report.details["objects"] == report.details["verified"] == len(wanted) > 250
+    assert report.details["bytes"] == report.restored_bytes == sum(len(big_source.data[key]) for key in wanted)
     for key in [multipart_key, *ODD_KEYS]:
-        single = svc.restore(second.path, second_manifest, destination, key_prefix=key)
-        assert single["verified"] == 1 and single["verified_by"] == {"checksum": 1}
+        single = svc.restore(second.path, second_manifest, destination, options={"key_prefix": key})
+        assert single.details["verified"] == 1 and single.details["verified_by"] == {"checksum": 1}
         wanted.add(key)
 
     restored = listing(minio_env, target)
@@ -281,9 +282,10 @@ def test_bucket_configuration_and_version_ids_are_captured_and_absent_parts_reco
         svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": s3_bucket("never-written")})
     target = f"erp-rebuilt-{configured[-8:]}"
     report = svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": target, "create_bucket": True},
-                         source_bucket=configured, restore_config=True)
-    assert report["bucket_created"] and report["verified"] == 1
-    assert sorted(report["config_restored"]) == ["lifecycle", "policy", "tags", "versioning"]
+                         options={"source_bucket": configured, "restore_config": True})
+    restored = report.details["buckets"][configured]
+    assert restored["bucket_created"] and report.details["verified"] == 1
+    assert sorted(restored["config_restored"]) == ["lifecycle", "policy", "tags", "versioning"]
     restored_policy = json.loads(client.get_bucket_policy(Bucket=target)["Policy"])
     assert restored_policy["Statement"][0]["Resource"] == f"arn:aws:s3:::{target}/logos/*"
     assert client.get_bucket_versioning(Bucket=target)["Status"] == "Enabled"
@@ -314,7 +316,7 @@ def test_a_deleted_object_stays_restorable_from_the_older_set_and_every_set_stan
 
     target = s3_bucket("restore-old")
     report = svc.restore(older.path, older_manifest, {"conn_id": "erp_minio", "bucket": target, "prefix": "day1/"})
-    assert report["verified"] == 3
+    assert report.details["verified"] == 3
     assert fetch(minio_env, target, "day1/gone/contract.pdf") == (b"%PDF signed contract", "application/pdf", {"signed": "yes"})
 
     # Restoring again onto the same keys is refused; a dry run only reports; overwrite replaces.
@@ -322,19 +324,19 @@ def test_a_deleted_object_stays_restorable_from_the_older_set_and_every_set_stan
         svc.restore(older.path, older_manifest, {"conn_id": "erp_minio", "bucket": target, "prefix": "day1/"})
     put(minio_env, target, "day1/keep/a.txt", b"edited after the restore")
     dry = svc.restore(older.path, older_manifest, {"conn_id": "erp_minio", "bucket": target, "prefix": "day1/"},
-                      overwrite=True, dry_run=True)
-    assert dry["dry_run"] and dry["conflicts"] == 3 and dry["verified"] == 0
+                      dry_run=True, options={"overwrite": True})
+    assert dry.dry_run and dry.details["conflicts"] == 3 and dry.details["verified"] == 0
     assert fetch(minio_env, target, "day1/keep/a.txt")[0] == b"edited after the restore"
     svc.restore(older.path, older_manifest, {"conn_id": "erp_minio", "bucket": target, "prefix": "day1/"},
-                overwrite=True, key_prefix="keep/")
+                options={"overwrite": True, "key_prefix": "keep/"})
     assert fetch(minio_env, target, "day1/keep/a.txt")[0] == b"alpha"
 
     # Pruning the older set leaves the newer one whole: nothing in it points elsewhere.
-    assert svc.protected_sets(plan, job) == {}
+    assert svc.protected_sets(plan, job, now=DAY2) == {}
     older.remove("test: the older set expired")
     assert svc.verify(newer, newer_manifest, rehash=True) == []
     report = svc.restore(newer.path, newer_manifest, {"conn_id": "erp_minio", "bucket": target, "prefix": "day2/"})
-    assert report["verified"] == 2
+    assert report.details["verified"] == 2
     assert fetch(minio_env, target, "day2/keep/a.txt") == (b"alpha", "text/plain", {"v": "1"})
 
 
@@ -395,7 +397,7 @@ def test_an_incremental_set_fetched_alone_from_offsite_restores_after_staging_is
     assert svc.verify(fetched, fetched_manifest, rehash=True) == []
     target = s3_bucket("restore-dr")
     report = svc.restore(fetched.path, fetched_manifest, {"conn_id": "erp_minio", "bucket": target})
-    assert report["verified"] == 3
+    assert report.details["verified"] == 3
     assert fetch(minio_env, target, "old/unchanged.pdf") == (b"%PDF from day one", "application/pdf", {"tenant": "acme"})
     assert fetch(minio_env, target, "new/added-on-day-two.txt")[0] == b"day two"
 
@@ -431,8 +433,9 @@ def test_snapshot_is_a_self_contained_full_copy_even_after_a_full_backup(
     assert svc.verify(snapshot, manifest) == []
 
     target = s3_bucket("restore-snapshot")
-    report = svc.restore(snapshot.path, manifest, {"conn_id": "erp_minio", "bucket": target}, verify_mode="download")
-    assert report["verified_by"] == {"download": 3}
+    report = svc.restore(snapshot.path, manifest, {"conn_id": "erp_minio", "bucket": target},
+                         options={"verify_mode": "download"})
+    assert report.details["verified_by"] == {"download": 3}
     for key, data in source.data.items():
         assert fetch(minio_env, target, key) == (data, source.content_types[key], source.metadata[key])
     print(f"\nMINIO snapshot (compressed): {sum(map(len, source.data.values()))} bytes of objects, "
@@ -471,12 +474,10 @@ def test_a_corrupted_stored_object_is_detected_and_never_restored(
     assert backup_set.state is SetState.CORRUPT
 
     target = s3_bucket("restore-corrupt")
-    with pytest.raises(svc.RestoreFailed) as failed:
-        svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": target})
-    report = failed.value.report
-    assert report["verified"] == 1 and not report["ok"]
-    assert sorted(p.split(":")[0] for p in report["problems"]) == [f"{source.bucket}/large.bin", f"{source.bucket}/small.txt"]
-    assert all("is corrupt" in p for p in report["problems"])
+    report = svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": target})
+    assert report.details["verified"] == 1 and not report.ok
+    assert sorted(p.split(":")[0] for p in report.problems) == [f"{source.bucket}/large.bin", f"{source.bucket}/small.txt"]
+    assert all("is corrupt" in p for p in report.problems)
     assert set(listing(minio_env, target)) == {"fine.txt"}  # nothing corrupt was committed
     assert minio_env.client().list_multipart_uploads(Bucket=target).get("Uploads", []) == []
 
@@ -485,9 +486,68 @@ def test_a_corrupted_stored_object_is_detected_and_never_restored(
         handle.truncate(4)
     assert any("fine.txt" in p and "bytes" in p for p in svc.verify(backup_set, manifest))
     other = s3_bucket("restore-truncated")
-    with pytest.raises(svc.RestoreFailed, match="nothing was written"):
-        svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": other})
+    truncated = svc.restore(backup_set.path, manifest, {"conn_id": "erp_minio", "bucket": other})
+    assert truncated.problems and "nothing was written" in truncated.details["buckets"][source.bucket]["failed"]
     assert listing(minio_env, other) == {}
+
+
+# -- the drill: dry run, restore of every bucket, check ------------------------------------------------
+
+
+def drop_bucket(endpoint: S3Endpoint, source: Source) -> None:
+    client = endpoint.client()
+    for key in source.data:
+        client.delete_object(Bucket=source.bucket, Key=key)
+    client.delete_bucket(Bucket=source.bucket)
+
+
+def test_a_dry_run_writes_nothing_then_every_bucket_is_restored_under_its_name_and_checked(
+    plan: Plan, minio_env: S3Endpoint, s3_bucket: Callable[[str], str]
+) -> None:
+    first = make_source(minio_env, s3_bucket("erp-lost-a"), {
+        "a/one.txt": (b"one", "text/plain", {}),
+        "big.bin": (os.urandom(9 * MIB), "application/octet-stream", {"kind": "scan"}),  # multipart
+    })
+    second = make_source(minio_env, s3_bucket("erp-lost-b"), {"two.pdf": (b"%PDF two", "application/pdf", {"t": "x"})})
+    backup_set, manifest = run_backup(plan, minio_job(plan, "snapshot", buckets=[first.bucket, second.bucket]), DAY1)
+    for source in (first, second):  # the disaster: both buckets are gone
+        drop_bucket(minio_env, source)
+    host = minio_env.url.split("//")[1]
+    scratch = svc.scratch_target(SimpleNamespace(kind="s3", uri=minio_env.url, secret=SECRET_KEY))
+    sizes = {source.bucket: sum(map(len, source.data.values())) for source in (first, second)}
+
+    dry = svc.restore(backup_set.path, manifest, scratch, dry_run=True)
+    assert dry.dry_run and dry.problems == [] and dry.restored_bytes == 0
+    assert dry.actions == [
+        f"create bucket {first.bucket} at {host}",
+        f"write 2 objects ({sizes[first.bucket]} bytes) of backup {manifest.backup_id} bucket {first.bucket} "
+        f"into s3://{first.bucket}/ at {host}",
+        f"create bucket {second.bucket} at {host}",
+        f"write 1 objects ({sizes[second.bucket]} bytes) of backup {manifest.backup_id} bucket {second.bucket} "
+        f"into s3://{second.bucket}/ at {host}",
+    ]
+    existing = {bucket["Name"] for bucket in minio_env.client().list_buckets()["Buckets"]}
+    assert not existing & {first.bucket, second.bucket}  # nothing was created
+
+    report = svc.restore(backup_set.path, manifest, scratch)
+    assert report.ok and report.restored_bytes == sum(sizes.values()) and report.details["verified"] == 3
+    for source in (first, second):
+        for key, data in source.data.items():
+            assert fetch(minio_env, source.bucket, key) == (data, source.content_types[key], source.metadata[key])
+
+    guarded: list[tuple[str, int]] = []
+    context = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    found = svc.check_restored(scratch, backup_set.path, manifest, report, context)
+    assert found.problems == []
+    assert found.checks == [f"{first.bucket} → s3://{first.bucket}/: 2/2 objects match their SHA-256",
+                            f"{second.bucket} → s3://{second.bucket}/: 1/1 objects match their SHA-256"]
+    assert guarded == [("127.0.0.1", int(host.split(":")[1]))] * 2
+
+    put(minio_env, second.bucket, "two.pdf", b"%PDF tampered")
+    minio_env.client().delete_object(Bucket=first.bucket, Key="a/one.txt")
+    found = svc.check_restored(scratch, backup_set.path, manifest, report, context)
+    assert found.problems == [f"s3://{first.bucket}/a/one.txt: missing after restore (NoSuchKey)",
+                              f"s3://{second.bucket}/two.pdf: SHA-256 differs from the manifest"]
 
 
 # -- unreachable source, missing bucket --------------------------------------------------------------

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,12 +14,22 @@ from airflow.sdk import Connection
 from pymilvus import DataType
 from pymilvus.grpc_gen import schema_pb2
 
-from erp_backup.manifest import sha256_file
+from erp_backup.manifest import Manifest, sha256_file
+from erp_backup.plan import load_plan
 from erp_backup.scratch_etcd import etcd_command
 from erp_backup.services import get_service
 from erp_backup.services import milvus
+from erp_backup.services.base import (
+    CliTarget,
+    ConnectionMissing,
+    ContainerSpec,
+    PointInTimeUnavailable,
+    ScratchSpec,
+    TargetUsageError,
+)
 from erp_backup.services.milvus import (
     ExportSettings,
+    MilvusTarget,
     PartitionFiles,
     QuerySampler,
     RestoreSettings,
@@ -354,3 +367,106 @@ def test_service_is_dispatched_by_name_and_type() -> None:
     assert milvus.SUPPORTED_TYPES == {"full", "etcd"}
     with pytest.raises(ValueError, match="milvus has no backup type 'wal'"):
         milvus._check_type("wal")
+
+
+# ───────────────────────── the rest of the service contract ─────────────────────────
+
+
+def _manifest(backup_type: str, details: dict, tools: dict | None = None) -> Manifest:
+    moment = datetime(2026, 11, 22, 20, tzinfo=timezone.utc)
+    return Manifest(service="milvus", backup_type=backup_type, backup_id="20261122T200000Z",
+                    captured_started_at=moment, captured_finished_at=moment, run={}, source={},
+                    tools=tools or {}, files=[], details=details)
+
+
+def _no_connections(conn_id: str) -> Connection:
+    raise LookupError(f"The conn_id `{conn_id}` isn't defined")
+
+
+def test_the_contract_types_and_defaults() -> None:
+    assert milvus.RESTORE_TYPES == milvus.DRILL_TYPES == {"full", "etcd"} and milvus.PITR_TYPES == frozenset()
+    plan = load_plan()
+    moment = datetime(2026, 11, 22, 20, tzinfo=timezone.utc)
+    assert milvus.protected_sets(plan, plan.job("milvus", "full"), now=moment) == {}
+    assert milvus.after_prune(plan, plan.job("milvus", "etcd"), now=moment, dry_run=True) == {}
+    with pytest.raises(PointInTimeUnavailable):
+        milvus.plan_point_in_time([], moment)
+    with pytest.raises(PointInTimeUnavailable):
+        milvus.restore_to_time(Path("/nowhere"), moment, "/nowhere.db")
+
+
+def test_cli_full_target_carries_the_token_but_never_shows_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MILVUS_TOKEN", "root:s3cret-token")
+    remote = milvus.target_from_cli("full", "http://milvus-dr:19530", None, _no_connections)
+    assert remote.target == MilvusTarget(uri="http://milvus-dr:19530", token="root:s3cret-token")
+    assert remote.description == "Milvus http://milvus-dr:19530 (token from $MILVUS_TOKEN)"
+    assert "s3cret" not in remote.description and "s3cret" not in repr(remote)
+    lite = milvus.target_from_cli("full", str(tmp_path / "restored.db"), None, _no_connections)
+    assert (lite.target.uri, lite.target.is_local) == (str(tmp_path / "restored.db"), True)
+    monkeypatch.delenv("MILVUS_TOKEN")
+    with_password = milvus.target_from_cli("full", "https://admin:pw-in-uri@milvus-dr:19530", None, _no_connections)
+    assert with_password.target.token == "" and "pw-in-uri" not in with_password.description
+
+
+def test_cli_full_target_from_a_connection() -> None:
+    conn = Connection(conn_id="milvus_dr", conn_type="generic", host="http://milvus-dr:19530", password="conn-pw")
+    chosen = milvus.target_from_cli("full", None, "milvus_dr", {"milvus_dr": conn}.__getitem__)
+    assert (chosen.target.uri, chosen.target.token) == ("http://milvus-dr:19530", "conn-pw")
+    assert chosen.description == "Milvus http://milvus-dr:19530 (connection milvus_dr)"
+    with pytest.raises(ConnectionMissing, match="AIRFLOW_CONN_MILVUS_DR"):
+        milvus.target_from_cli("full", None, "milvus_dr", _no_connections)
+
+
+def test_cli_etcd_target_is_a_new_directory(tmp_path: Path) -> None:
+    chosen = milvus.target_from_cli("etcd", str(tmp_path / "etcd-new"), None, _no_connections)
+    assert chosen == CliTarget(tmp_path / "etcd-new", f"new etcd data dir {tmp_path / 'etcd-new'}")
+
+
+@pytest.mark.parametrize(("backup_type", "target", "target_conn", "message"), [
+    ("full", None, None, "milvus restores need --target: a Milvus URI"),
+    ("etcd", None, None, "this restore needs --target: the new etcd data directory"),
+    ("etcd", "EXISTING", None, "already exists: the new etcd data directory must be a new directory"),
+    ("etcd", "/tmp/etcd-new", "milvus_etcd", "not --target-conn"),
+    ("wal", "/tmp/x", None, "milvus has no backup type 'wal'"),
+])
+def test_bad_cli_targets_say_what_is_expected(tmp_path: Path, backup_type: str, target: str | None,
+                                              target_conn: str | None, message: str) -> None:
+    with pytest.raises(TargetUsageError, match=re.escape(message)):
+        milvus.target_from_cli(backup_type, str(tmp_path) if target == "EXISTING" else target, target_conn,
+                               _no_connections)
+
+
+def test_scratch_spec_follows_the_recorded_server_version() -> None:
+    spec = milvus.scratch_spec("full", {"milvus": "v2.4.15-gpu", "etcd": "3.5.16"})
+    assert spec == ScratchSpec("milvus_lite", ContainerSpec(
+        "milvusdb/milvus:v2.4.15", 19530,
+        {"ETCD_USE_EMBED": "true", "ETCD_DATA_DIR": "/var/lib/milvus/etcd", "COMMON_STORAGETYPE": "local"},
+        ("milvus", "run", "standalone"),
+    ))
+    assert spec.container is not None and spec.container.secret_env == ()
+    assert milvus.scratch_spec("full", {}).container.image == "milvusdb/milvus:v2.5.4"  # type: ignore[union-attr]
+    assert milvus.scratch_spec("etcd", {"etcd": "3.5.16"}) == ScratchSpec("etcd", None)
+    with pytest.raises(ValueError, match="no backup type 'wal'"):
+        milvus.scratch_spec("wal", {})
+
+
+def test_scratch_target_is_the_uri_of_the_started_target() -> None:
+    assert milvus.scratch_target(SimpleNamespace(kind="milvus_lite", uri="/drill/x/milvus.db")) == "/drill/x/milvus.db"
+    assert milvus.scratch_target(SimpleNamespace(kind="milvus", uri="http://10.1.2.3:19530")) == "http://10.1.2.3:19530"
+    assert milvus.scratch_target(SimpleNamespace(kind="etcd", uri="/drill/x/etcd-data")) == "/drill/x/etcd-data"
+    with pytest.raises(ValueError, match="kind 's3'"):
+        milvus.scratch_target(SimpleNamespace(kind="s3", uri="http://127.0.0.1:9000"))
+
+
+def test_versions_and_source_size_read_what_each_manifest_records() -> None:
+    full = _manifest("full", {"kind": "collection_export", "rows": 10},
+                     {"pymilvus": "3.0.2", "milvus": "v2.5.4"})
+    assert milvus.versions(full) == {"milvus": "v2.5.4"}
+    assert milvus.source_size(full) is None
+    assert milvus.versions(_manifest("full", {"server_version": "2.4.15"}, {"milvus": "unknown"})) == {"milvus": "2.4.15"}
+    assert milvus.versions(_manifest("full", {}, {"milvus": "unknown"})) == {}
+    etcd = _manifest("etcd", {"kind": "etcd_snapshot", "raw_bytes": 20480, "snapshot": {"revision": 2}},
+                     {"etcdctl": "3.5.16"})
+    assert milvus.versions(etcd) == {"etcd": "3.5.16"}
+    assert milvus.source_size(etcd) == 20480
+    assert milvus.source_size(_manifest("etcd", {"raw_bytes": True})) is None

@@ -12,10 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from airflow.sdk import Connection
 
 from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
+from erp_backup.services import get_service
 from erp_backup.services import minio as svc
+from erp_backup.services.base import ConnectionMissing, ContainerSpec, PointInTimeUnavailable, ScratchSpec, TargetUsageError
 from erp_backup.sets import BackupSet
 from erp_backup.stream import stream_to_file
 
@@ -64,7 +67,8 @@ def test_invalid_options_name_the_plan_field(options: dict, field: str) -> None:
 
 def test_no_set_is_protected_because_every_set_is_self_contained() -> None:
     plan = load_plan()
-    assert svc.protected_sets(plan, plan.job("minio", "full")) == {}
+    now = datetime(2026, 1, 2, 3, tzinfo=timezone.utc)
+    assert svc.protected_sets(plan, plan.job("minio", "full"), now=now) == {}
 
 
 # -- names ---------------------------------------------------------------------------------------------
@@ -277,11 +281,11 @@ def test_verify_requires_the_object_list(tmp_path: Path) -> None:
 def test_restore_preflight_names_missing_files_before_anything_is_written(tmp_path: Path) -> None:
     backup_set, manifest = build_set(tmp_path, OBJECTS)
     (backup_set.path / manifest.details["objects"][1]["file"]).unlink()
-    with pytest.raises(svc.RestoreFailed, match="nothing was written") as failed:
-        svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"},
-                    get_connection=lambda conn_id: pytest.fail("no connection may be made"))
-    assert failed.value.report["problems"] == [f"{BUCKET}/a+b.txt: its file {manifest.details['objects'][1]['file']} "
-                                               f"is missing from {backup_set.path}"]
+    report = svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"},
+                         options={"get_connection": lambda conn_id: pytest.fail("no connection may be made")})
+    assert "nothing was written" in report.details["buckets"][BUCKET]["failed"]
+    assert report.problems == [f"{BUCKET}/a+b.txt: its file {manifest.details['objects'][1]['file']} "
+                               f"is missing from {backup_set.path}"]
 
 
 
@@ -289,9 +293,9 @@ def test_restore_refuses_a_key_prefix_that_matches_nothing_and_an_unknown_bucket
     backup_set, manifest = build_set(tmp_path, OBJECTS)
     never = {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"}
     with pytest.raises(svc.MinioError, match="no object of bucket erp-documents has a key starting with 'nope/'"):
-        svc.restore(backup_set.path, manifest, never, key_prefix="nope/")
+        svc.restore(backup_set.path, manifest, never, options={"key_prefix": "nope/"})
     with pytest.raises(svc.MinioError, match="has no bucket 'erp-other'"):
-        svc.restore(backup_set.path, manifest, never, source_bucket="erp-other")
+        svc.restore(backup_set.path, manifest, never, options={"source_bucket": "erp-other"})
 
 
 def test_an_undefined_target_connection_says_how_to_define_it(tmp_path: Path) -> None:
@@ -302,4 +306,73 @@ def test_an_undefined_target_connection_says_how_to_define_it(tmp_path: Path) ->
 
     with pytest.raises(svc.MinioError, match="'erp_minio_dr' is not defined.*AIRFLOW_CONN_ERP_MINIO_DR"):
         svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "conn_id": "erp_minio_dr"},
-                    get_connection=undefined)
+                    options={"get_connection": undefined})
+
+
+# -- the rest of the service contract ---------------------------------------------------------------
+
+
+def _no_connections(conn_id: str) -> Connection:
+    raise LookupError(f"The conn_id `{conn_id}` isn't defined")
+
+
+def test_the_contract_types_and_defaults() -> None:
+    assert get_service("minio") is svc
+    assert svc.RESTORE_TYPES == svc.DRILL_TYPES == {"full", "snapshot"} and svc.PITR_TYPES == frozenset()
+    plan = load_plan()
+    moment = datetime(2026, 1, 2, 3, tzinfo=timezone.utc)
+    assert svc.after_prune(plan, plan.job("minio", "full"), now=moment, dry_run=False) == {}
+    with pytest.raises(PointInTimeUnavailable):
+        svc.plan_point_in_time([], moment)
+
+
+def test_cli_target_resolves_the_connection_and_never_shows_its_secret() -> None:
+    conn = Connection(conn_id="minio_dr", conn_type="aws", login="AK", password="very-secret",
+                      extra=json.dumps({"endpoint_url": "http://minio-dr:9000"}))
+    chosen = svc.target_from_cli("full", "s3://restored/docs/2026/", "minio_dr", {"minio_dr": conn}.__getitem__)
+    target = chosen.target
+    assert (target.bucket, target.prefix, target.conn_id, target.connection) == ("restored", "docs/2026/", "minio_dr", conn)
+    assert chosen.description == "s3://restored/docs/2026 (connection minio_dr, minio-dr:9000)"
+    assert "very-secret" not in chosen.description and "very-secret" not in repr(chosen)
+    assert svc.target_from_cli("snapshot", "s3://restored", "minio_dr", {"minio_dr": conn}.__getitem__).target.prefix == ""
+
+
+@pytest.mark.parametrize(("target", "target_conn", "message"), [
+    (None, "minio_dr", "minio restores need --target s3://bucket[/prefix], got None"),
+    ("/tmp/dir", "minio_dr", "need --target s3://bucket[/prefix]"),
+    ("s3:///prefix-only", "minio_dr", "need --target s3://bucket[/prefix]"),
+    ("s3://restored/p", None, "minio restores need --target-conn"),
+    ("s3://Not_A_Bucket/p", "minio_dr", "is not a valid bucket name"),
+])
+def test_bad_cli_targets_say_what_is_expected(target: str | None, target_conn: str | None, message: str) -> None:
+    with pytest.raises(TargetUsageError, match=re.escape(message)):
+        svc.target_from_cli("full", target, target_conn, _no_connections)
+
+
+def test_an_undefined_cli_target_connection_fails_before_any_restore() -> None:
+    with pytest.raises(ConnectionMissing, match="AIRFLOW_CONN_MINIO_DR"):
+        svc.target_from_cli("full", "s3://restored", "minio_dr", _no_connections)
+
+
+def test_scratch_spec_and_target_keep_the_secret_out_of_the_spec() -> None:
+    expected = ScratchSpec("s3", ContainerSpec("minio/minio:latest", 9000, {"MINIO_ROOT_USER": "drill"},
+                                               ("server", "/data"), secret_env=("MINIO_ROOT_PASSWORD",)))
+    assert svc.scratch_spec("full", {}) == svc.scratch_spec("snapshot", {"minio": "x"}) == expected
+    info = SimpleNamespace(kind="s3", uri="http://127.0.0.1:9100", secret="one-off-pw")
+    assert svc.scratch_target(info) == {"endpoint_url": "http://127.0.0.1:9100", "access_key": "drill",
+                                        "secret_key": "one-off-pw", "region": "us-east-1", "create_bucket": True}
+
+
+def test_versions_and_source_size(tmp_path: Path) -> None:
+    _, manifest = build_set(tmp_path, OBJECTS)
+    assert svc.versions(manifest) == {}
+    assert svc.source_size(manifest) == sum(map(len, OBJECTS.values()))
+    manifest.details = {"objects": []}
+    assert svc.source_size(manifest) is None
+
+
+def test_unknown_restore_options_are_named(tmp_path: Path) -> None:
+    backup_set, manifest = build_set(tmp_path, OBJECTS)
+    with pytest.raises(svc.MinioError, match=r"unknown MinIO restore option\(s\) \['keyprefix'\]"):
+        svc.restore(backup_set.path, manifest, {"bucket": "erp-restored", "endpoint_url": "http://127.0.0.1:9"},
+                    options={"keyprefix": "a/"})

@@ -1,0 +1,232 @@
+"""The S3 offsite store: backup sets on S3 or any S3-compatible store, through the Amazon provider's S3Hook.
+
+The set logic (order of uploads, manifest last, fetch and delete) is `erp_backup.offsite._SetStore`;
+this module supplies its object primitives on S3. Client settings and checksums come from
+`erp_backup.s3`. Each object is uploaded with `upload_file` on the hook's own boto3 client (the
+provider's `load_file` takes no per-object arguments), with `ChecksumAlgorithm=SHA256`, our
+whole-file SHA-256 as the metadata `x-amz-meta-sha256` (plus `x-amz-meta-part-size` when
+multipart), and verified with `head_object(ChecksumMode="ENABLED")`:
+
+- size: `ContentLength` must equal the manifest's size;
+- single-part: `ChecksumSHA256` is the base64 of the whole-file SHA-256 and must equal the
+  manifest's, exactly;
+- multipart: `ChecksumSHA256` is a composite, so the metadata sha256 must equal the manifest's,
+  the part count must be ceil(size / part size), and during `upload_set` the local file is
+  re-read once to compute the composite (and its whole-file SHA-256), which must match what S3
+  computed from the bytes it got.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from erp_backup.manifest import HASH_CHUNK
+from erp_backup.offsite import ChecksumMismatch, OffsiteError, _Item, _SetStore
+from erp_backup.s3 import (
+    MIB,
+    TransferSettings,
+    b64_sha256,
+    file_composite_sha256,
+    parts_count,
+    s3_hook,
+    without_parts_suffix,
+)
+
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
+PART_SIZE_METADATA = "part-size"  # stored as x-amz-meta-part-size (multipart only)
+_MISSING_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+class S3Offsite(_SetStore):
+    """Backup sets on S3 or any S3-compatible store, through the Amazon provider's S3Hook.
+
+    Nothing connects at construction; the connection is resolved on first use.
+    """
+
+    def __init__(
+        self,
+        conn_id: str,
+        bucket: str,
+        prefix: str = "",
+        *,
+        multipart_threshold: int = 64 * MIB,
+        chunksize: int = 64 * MIB,
+        max_concurrency: int = 4,
+    ) -> None:
+        self.conn_id = conn_id
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.transfer = TransferSettings(multipart_threshold, chunksize, max_concurrency)
+        self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._bucket_checked = False
+
+    @cached_property
+    def hook(self) -> S3Hook:
+        """An S3Hook on the connection, with SHA-256 checksums, our transfer settings and bounded timeouts."""
+        from airflow.exceptions import AirflowNotFoundException
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        try:
+            connection = S3Hook.get_connection(self.conn_id)
+        except AirflowNotFoundException as exc:
+            raise OffsiteError(
+                f"offsite {self.description}: Airflow connection {self.conn_id!r} is not defined "
+                "(create an 'aws' connection; put endpoint_url in its extra for MinIO or other S3-compatible stores)"
+            ) from exc
+        return s3_hook(connection, max_pool_connections=max(10, self.transfer.max_concurrency + 2),
+                       transfer=self.transfer)
+
+    @property
+    def client(self) -> Any:
+        return self.hook.get_conn()
+
+    def _endpoint(self) -> str:
+        try:
+            return self.hook.conn_config.endpoint_url or "the default AWS endpoint"
+        except Exception:  # the endpoint is only context for an error message
+            return "an unknown endpoint"
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn client errors into an OffsiteError naming the endpoint and bucket (never credentials)."""
+        from airflow.exceptions import AirflowException
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError, Boto3Error, AirflowException) as exc:
+            raise OffsiteError(
+                f"offsite {self.description} (endpoint {self._endpoint()}, bucket {self.bucket}): {action} failed: {exc}"
+            ) from exc
+
+    def _object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _name(self, key: str) -> str:
+        return self._object_key(key)
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(f"reading {self._object_key(key)}"):
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._object_key(key), ChecksumMode="ENABLED")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                    return None
+                raise
+
+    def _exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def _check_ready(self) -> None:
+        if not self._bucket_checked:
+            with self._errors("checking the bucket"):
+                self.client.head_bucket(Bucket=self.bucket)
+            self._bucket_checked = True
+
+    def _stored_problems(self, key: str, item: _Item) -> list[str]:
+        name = self._object_key(key)
+        head = self._head(key)
+        if head is None:
+            return [f"{name}: missing"]
+        problems = []
+        if head.get("ContentLength") != item.size:
+            problems.append(f"{name}: {head.get('ContentLength')} bytes offsite, {item.size} expected")
+        checksum = head.get("ChecksumSHA256")
+        metadata_sha256 = (head.get("Metadata") or {}).get(SHA256_METADATA)
+        if metadata_sha256 is not None and metadata_sha256 != item.sha256:
+            problems.append(f"{name}: sha256 metadata {metadata_sha256} offsite, {item.sha256} expected")
+        parts = parts_count(head)
+        if parts is None:
+            expected = b64_sha256(item.sha256)
+            if checksum is None:
+                problems.append(f"{name}: no SHA-256 checksum stored offsite")
+            elif checksum != expected:
+                problems.append(f"{name}: SHA-256 offsite ({checksum}) differs from the expected ({expected})")
+            return problems
+
+        if metadata_sha256 is None:
+            problems.append(f"{name}: multipart object without sha256 metadata; its content cannot be checked")
+        part_size = int((head.get("Metadata") or {}).get(PART_SIZE_METADATA) or 0)
+        if part_size and parts != math.ceil(item.size / part_size):
+            problems.append(f"{name}: {parts} parts offsite, {math.ceil(item.size / part_size)} expected")
+        if checksum is None:
+            problems.append(f"{name}: no SHA-256 checksum stored offsite")
+        elif item.local is not None and part_size and not problems:
+            full, composite = file_composite_sha256(item.local, part_size)
+            if full != item.sha256:
+                problems.append(f"{name}: the local file {item.local} no longer matches the manifest")
+            elif without_parts_suffix(checksum) != composite:
+                problems.append(f"{name}: composite SHA-256 offsite ({checksum}) differs from the local file's ({composite})")
+        return problems
+
+    def _store(self, key: str, item: _Item) -> None:
+        assert item.local is not None
+        metadata = {SHA256_METADATA: item.sha256}
+        part_size = self.transfer.part_size(item.size)
+        if part_size:
+            metadata[PART_SIZE_METADATA] = str(part_size)
+        with self._errors(f"uploading {self._object_key(key)}"):
+            self.client.upload_file(
+                str(item.local),
+                self.bucket,
+                self._object_key(key),
+                ExtraArgs={**self.hook.extra_args, "Metadata": metadata},
+                Config=self.hook.transfer_config,
+            )
+
+    def _open(self, key: str) -> Iterator[bytes] | None:
+        from botocore.exceptions import ClientError
+
+        name = self._object_key(key)
+        with self._errors(f"reading {name}"):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                    return None
+                raise
+        return self._stream(response["Body"], name)
+
+    def _stream(self, body: Any, name: str) -> Iterator[bytes]:
+        from botocore.exceptions import FlexibleChecksumError
+
+        try:
+            with self._errors(f"reading {name}"):
+                try:
+                    yield from body.iter_chunks(HASH_CHUNK)
+                except FlexibleChecksumError as exc:
+                    raise ChecksumMismatch(f"{self.description} {name}: the store's own checksum failed: {exc}") from exc
+        finally:
+            body.close()
+
+    def _child_names(self, key: str) -> list[str]:
+        prefix = self._object_key(key) + "/"
+        with self._errors(f"listing {prefix}"):
+            found = self.hook.list_prefixes(bucket_name=self.bucket, prefix=prefix, delimiter="/")
+        return [entry[len(prefix):].rstrip("/") for entry in found]
+
+    def _delete(self, key: str) -> None:
+        with self._errors(f"deleting {self._object_key(key)}"):
+            self.hook.delete_objects(self.bucket, [self._object_key(key)])
+
+    def _delete_set_objects(self, key: str, manifest_key: str) -> int:
+        prefix = self._object_key(key) + "/"
+        with self._errors(f"listing {prefix}"):
+            keys = self.hook.list_keys(bucket_name=self.bucket, prefix=prefix)
+        first = [k for k in keys if k == self._object_key(manifest_key)]
+        rest = [k for k in keys if k not in first]
+        with self._errors(f"deleting {prefix}"):
+            for batch in (first, rest):
+                if batch:
+                    self.hook.delete_objects(self.bucket, batch)  # the hook sends batches of <= 1000
+        return len(keys)
