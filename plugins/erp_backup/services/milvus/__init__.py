@@ -76,6 +76,7 @@ from erp_backup.services.milvus.endpoints import (
     milvus_target,
     redact_uri,
 )
+from erp_backup.services.milvus.etcd import RESTORE_OPTIONS as ETCD_RESTORE_OPTIONS
 from erp_backup.services.milvus.etcd import (
     DEFAULT_ETCD_COMMAND_TIMEOUT_S,
     DEFAULT_ETCD_MEMBER,
@@ -140,7 +141,7 @@ __all__ = [
     "DEFAULT_ETCD_MEMBER", "DEFAULT_ETCD_PEER_URL", "DEFAULT_ETCD_PORT", "DEFAULT_MILVUS_PORT",
     "DEFAULT_PARQUET_LEVEL", "DEFAULT_SEARCH_SAMPLES", "DEFAULT_SEARCH_TOP_K", "DRILL_TYPES", "ETCD_ROLE",
     "EXPORT_FORMAT", "MAX_BATCH_SIZE", "MAX_REQUEST_BYTES", "META_COLUMN", "PITR_TYPES", "REQUEST_HEADROOM",
-    "RESTORE_TYPES", "RUNTIME_INDEX_KEYS", "SCRATCH_MILVUS_VERSION", "SNAPSHOT_FILE", "SOURCE_ROLE",
+    "RESTORE_OPTIONS", "RESTORE_TYPES", "RUNTIME_INDEX_KEYS", "SCRATCH_MILVUS_VERSION", "SNAPSHOT_FILE", "SOURCE_ROLE",
     "SUPPORTED_TYPES", "ChainFile",
     "Column", "EtcdTarget", "ExportSettings", "Layout", "MilvusTarget", "PartitionFiles", "QuerySampler",
     "RestoreConflict", "RestoreSettings", "UnsupportedCollection", "after_prune", "arrow_layout", "backup",
@@ -157,6 +158,8 @@ SUPPORTED_TYPES = frozenset({"full", "etcd"})
 RESTORE_TYPES = SUPPORTED_TYPES
 DRILL_TYPES = SUPPORTED_TYPES
 PITR_TYPES: frozenset[str] = frozenset()
+# The options restore_full and restore_etcd take (each refuses the other's).
+RESTORE_OPTIONS = frozenset(RestoreSettings.__dataclass_fields__) | ETCD_RESTORE_OPTIONS
 SCRATCH_MILVUS_VERSION = "2.5.4"  # the scratch image when the manifest records no server version
 SCRATCH_MILVUS_ENV = {"ETCD_USE_EMBED": "true", "ETCD_DATA_DIR": "/var/lib/milvus/etcd", "COMMON_STORAGETYPE": "local"}
 SIZE_KEYS = ("source_bytes", "raw_bytes")  # details keys a manifest may record its source size under

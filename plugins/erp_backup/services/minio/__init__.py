@@ -121,6 +121,7 @@ from erp_backup.services.minio.restore import (
     restore_bucket,
     target_endpoint,
 )
+from erp_backup.services.minio.restore import RESTORE_OPTIONS as _RESTORE_OPTION_NAMES
 from erp_backup.services.minio.restore import restore_set as restore
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ log = logging.getLogger(__name__)
 
 RESTORE_TYPES = SUPPORTED_TYPES
 DRILL_TYPES = SUPPORTED_TYPES
+RESTORE_OPTIONS = frozenset(_RESTORE_OPTION_NAMES)
 PITR_TYPES: frozenset[str] = frozenset()
 SCRATCH_IMAGE = "minio/minio:latest"
 SCRATCH_USER = "drill"  # the scratch server's root user; its password is the target's one-off secret
