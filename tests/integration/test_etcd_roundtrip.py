@@ -11,7 +11,7 @@ import pytest
 
 from erp_backup.manifest import sha256_file
 from erp_backup.runner import Command, CommandError, LocalExecutor
-from erp_backup.scratch_etcd import ScratchEtcd, free_port, start_scratch_etcd, stop_pid_file
+from erp_backup.scratch.etcd import ScratchEtcd, free_port, start_scratch_etcd, stop_pid_file
 from erp_backup.services import milvus
 from erp_backup.services.base import SourceUnavailable
 from tests.fixtures.milvus import (

@@ -12,7 +12,7 @@ from pymilvus import DataType
 from pymilvus.grpc_gen import schema_pb2
 
 from erp_backup.manifest import sha256_file
-from erp_backup.scratch_etcd import etcd_command
+from erp_backup.scratch.etcd import etcd_command
 from erp_backup.services import get_service
 from erp_backup.services import milvus
 from erp_backup.services.milvus import (

@@ -10,7 +10,7 @@ from airflow.sdk import Connection
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erp_backup.scratch_redis import server_argv
+from erp_backup.scratch.redis import server_argv
 from erp_backup.services import redis as svc
 from erp_backup.services.redis import RedisEndpoint, SampledKey
 

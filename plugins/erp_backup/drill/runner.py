@@ -37,12 +37,12 @@ from erp_backup.drill.targets import (
     DockerBackend,
     LocalBackend,
     ProductionGuard,
-    TargetInfo,
-    _release_lite,
     drill_scratch_root,
     owner_for,
     slug,
 )
+from erp_backup.scratch.base import TargetInfo
+from erp_backup.scratch.local import release_lite as _release_lite
 from erp_backup.checksum import entry_problem
 from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, write_atomic
 from erp_backup.notify import one_line
@@ -784,7 +784,7 @@ def _verify_pitr(plan, pick, info, set_dir, manifest, report, get_connection):
 
 def _verify_redis(plan, pick, info, set_dir, manifest, report, get_connection):
     from erp_backup.runner import LocalExecutor
-    from erp_backup.scratch_redis import ScratchRedis
+    from erp_backup.scratch.redis import ScratchRedis
     from erp_backup.services import redis as svc
 
     server = ScratchRedis.attach(Path(info.base_dir or "") / "data")
@@ -861,7 +861,7 @@ def _etcd_range(endpoint: str) -> dict[str, Any]:
 
 
 def _verify_etcd(plan, pick, info, set_dir, manifest, report, get_connection):
-    from erp_backup.scratch_etcd import start_scratch_etcd
+    from erp_backup.scratch.etcd import start_scratch_etcd
 
     data_dir = Path(info.uri or "")
     recorded = manifest.details.get("snapshot") or {}

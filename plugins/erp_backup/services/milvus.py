@@ -62,7 +62,7 @@ streamed through zstd into ``etcd/snapshot.db.zst`` and removed. We compress
 because a bbolt file is mostly free pages and compresses well; the price is
 one decompression before ``snapshot restore`` or ``status``. Restore goes into a
 new data dir (``etcdctl snapshot restore --data-dir <new>``, a new cluster id);
-`erp_backup.scratch_etcd` starts etcd on it for the check.
+`erp_backup.scratch.etcd` starts etcd on it for the check.
 
 Why an etcd snapshot and a MinIO copy can disagree
 --------------------------------------------------
@@ -1356,7 +1356,7 @@ def _create_aliases(client: Any, collection: str, aliases: list[str], problems: 
 
 
 def restore_etcd(set_dir: Path, manifest: Manifest, target: str | Path, **options: Any) -> dict[str, Any]:
-    """`etcdctl snapshot restore` into a NEW data dir `target`; start etcd on it with scratch_etcd to check."""
+    """`etcdctl snapshot restore` into a NEW data dir `target`; start etcd on it with scratch.etcd to check."""
     known = {"name", "peer_url", "etcdctl", "dry_run"}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -30,7 +30,8 @@ import zstandard
 
 from erp_backup.checksum import entry_problem
 from erp_backup.manifest import Manifest, ManifestError
-from erp_backup.scratch_pg import ScratchPostgres, ScratchError, chown_to_cluster_user
+from erp_backup.scratch.base import ScratchError
+from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user
 from erp_backup.services.postgres_chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
 from erp_backup.services.postgres_snapshot import BASE_FILE, extract_base, prepare_data_dir, scratch_target
 from erp_backup.services.postgres_wal import (
