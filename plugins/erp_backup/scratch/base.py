@@ -116,6 +116,16 @@ def process_argv(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment a live process started with; {} when it is gone or not ours to read."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (part.decode(errors="replace").partition("=") for part in raw.split(b"\0") if part)
+    return {key: value for key, _, value in pairs}
+
+
 def read_pid(pid_file: Path) -> int | None:
     """The pid on the first line of a pid file; None when there is no readable one."""
     try:

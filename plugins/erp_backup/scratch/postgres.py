@@ -131,6 +131,8 @@ class ScratchPostgres:
 
     def start(self, timeout: float = 120) -> ScratchPostgres:
         """Start with a new private socket directory; wait until the server accepts connections."""
+        if not self.is_running():
+            self._forget_socket_dir()  # the server stopped on its own (e.g. a failed recovery) since the last start
         self.socket_dir = private_socket_dir(cluster_user())
         self._write_state()
         log.info("starting scratch PostgreSQL on 127.0.0.1:%d (%s, socket in %s)", self.port, self.data_dir,

@@ -21,7 +21,7 @@ from erp_backup.scratch.base import (
     chown_tree,
     free_port,
     log_tail,
-    process_argv,
+    process_environ,
     read_pid,
     stop_pid,
 )
@@ -114,22 +114,23 @@ class ScratchRabbit:
             raise ScratchError(f"scratch RabbitMQ node {self.node} did not start: {done.stderr.strip()[-1500:]} {tail}")
         return self
 
-    def _is_node(self, argv: list[str]) -> bool:
-        return any(self.node in part for part in argv)
+    def _is_node(self, pid: int) -> bool:
+        """True if `pid` is this node's Erlang VM (its argv does not name the node; its environment does)."""
+        return process_environ(pid).get("RABBITMQ_NODENAME") == self.node
 
     def is_running(self) -> bool:
         pid = read_pid(self.pid_file)
-        return pid is not None and self._is_node(process_argv(pid))
+        return pid is not None and self._is_node(pid)
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop the node (rabbitmqctl stop, then by pid), and kill what is left of its launcher's session."""
         pid = read_pid(self.pid_file)
-        if pid is not None and self._is_node(process_argv(pid)):
+        if pid is not None and self._is_node(pid):
             subprocess.run(
                 self._argv("rabbitmqctl", "--node", self.node, "stop", str(self.pid_file)),
                 capture_output=True, timeout=timeout,
             )
-            stop_pid(pid, self._is_node)
+            stop_pid(pid, lambda _argv: self._is_node(pid))
         try:
             launcher = json.loads(self.state_file.read_text()).get("launcher_pid")
         except (OSError, ValueError):
