@@ -816,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pgdata
 
-    from erp_backup.scratch_pg import cleanup_stale
+    from erp_backup.scratch.postgres import cleanup_stale
 
     cleanup_stale("bench:")
     res = Results(args=args)

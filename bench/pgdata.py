@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from erp_backup.scratch_pg import ScratchPostgres
+from erp_backup.scratch.postgres import ScratchPostgres
 
 log = logging.getLogger(__name__)
 

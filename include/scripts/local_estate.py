@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from erp_backup.scratch_pg import ScratchPostgres, chown_to_cluster_user  # noqa: E402
+from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user  # noqa: E402
 
 ESTATE = Path(os.environ.get("ERP_ESTATE_DIR", ROOT / ".estate"))
 PG_PORT = 15432

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from erp_backup.scratch_pg import as_cluster_user, chown_to_cluster_user, scratch_root
+from erp_backup.scratch.base import scratch_root
+from erp_backup.scratch.postgres import as_cluster_user, chown_to_cluster_user
 from erp_backup.services.postgres.wal import parse_archive_log
 from tests.fixtures.pitr import ARCHIVE_SCRIPT
 

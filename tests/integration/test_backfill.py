@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from erp_backup.manifest import Manifest
-from erp_backup.scratch_pg import free_port
+from erp_backup.scratch.base import free_port
 from erp_backup.sets import SetState, list_sets
 from tests.integration.dagrun import write_plan
 from tests.integration.test_backup_postgres_dag import PREFIX, offsite_keys, pg_conn_json, source  # noqa: F401

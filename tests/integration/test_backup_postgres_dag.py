@@ -21,7 +21,7 @@ from erp_backup import retention
 from erp_backup.manifest import Manifest
 from erp_backup.pg_content import TableContent, apply_session_settings, inventory
 from erp_backup.plan import load_plan
-from erp_backup.scratch_pg import free_port
+from erp_backup.scratch.base import free_port
 from erp_backup.sets import BackupSet, SetState
 from tests.fixtures.s3 import start_s3
 from tests.integration.dagrun import run_dag, write_plan
@@ -38,7 +38,7 @@ PREFIX = "erp"
 @pytest.fixture(scope="module")
 def source(request):
     """A source cluster of its own, holding the sample ERP estate in database `erp`."""
-    from erp_backup.scratch_pg import ScratchPostgres
+    from erp_backup.scratch.postgres import ScratchPostgres
 
     cluster = ScratchPostgres.new("dagsrc", owner="pytest")
     cluster.create()

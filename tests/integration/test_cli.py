@@ -28,7 +28,7 @@ import pytest
 from erp_backup import pg_content, steps
 from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
-from erp_backup.scratch_pg import ScratchPostgres
+from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.base import RunInfo
 from erp_backup.sets import FAILED_NAME, BackupSet, SetState
 from tests.fixtures.pg_estate import SAMPLE_SQL

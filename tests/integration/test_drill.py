@@ -24,10 +24,11 @@ from erp_backup import steps
 from erp_backup.drill import runner
 from erp_backup.drill.params import DrillParamError
 from erp_backup.drill.pick import derive_seed
-from erp_backup.drill.targets import PG_PREFIX, drill_scratch_root
+from erp_backup.drill.targets import drill_scratch_root
 from erp_backup.manifest import Manifest
 from erp_backup.plan import Plan, load_plan
-from erp_backup.scratch_pg import ScratchPostgres
+from erp_backup.scratch.local import PG_PREFIX
+from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.base import RunInfo
 from tests.fixtures.s3 import S3Endpoint
 from tests.fixtures.slack import SlackReceiver
@@ -381,7 +382,7 @@ def test_leftovers_of_a_crashed_drill_are_cleaned_by_the_next(drill: Drill):
     local = LocalBackend(drill_scratch_root(drill.plan), ProductionGuard([]))
     crashed = local.start("postgres", "full", "drill:scheduled__crashed")
     redis_dir = local.start("redis", "rdb", "drill:scheduled__crashed")
-    from erp_backup.scratch_redis import ScratchRedis
+    from erp_backup.scratch.redis import ScratchRedis
 
     server = ScratchRedis(dir=Path(redis_dir.base_dir) / "data", port=redis_dir.port).start()
     stray_work = runner.work_dir(drill.plan, "scheduled__crashed", "postgres")

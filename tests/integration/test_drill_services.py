@@ -23,11 +23,12 @@ from airflow.sdk import Connection
 
 from erp_backup import steps
 from erp_backup.drill import runner
-from erp_backup.drill import targets as drill_targets
 from erp_backup.drill.report import finish
-from erp_backup.drill.targets import ProductionGuard, ProductionTargetRefused, TargetInfo
+from erp_backup.drill.targets import ProductionGuard, ProductionTargetRefused
 from erp_backup.plan import Plan, load_plan
-from erp_backup.scratch_redis import ScratchRedis
+from erp_backup.scratch import local as scratch_local
+from erp_backup.scratch.base import TargetInfo
+from erp_backup.scratch.redis import ScratchRedis
 from erp_backup.services.base import RunInfo, airflow_connection
 from tests.fixtures.s3 import S3Endpoint
 from tests.integration.dagrun import write_plan
@@ -166,7 +167,7 @@ def test_redis_drill_restores_into_a_scratch_server_never_the_real_redis(make_en
 def test_target_construction_refuses_a_production_port_before_starting_anything(make_env, monkeypatch, service,
                                                                                 backup_type, port):
     env = make_env(service)
-    monkeypatch.setattr(drill_targets, "free_port", lambda: port)  # as if the kernel handed out the real service's port
+    monkeypatch.setattr(scratch_local, "free_port", lambda: port)  # as if the kernel handed out the real service's port
     backend = runner.make_backend(env.plan, "local")
     with pytest.raises(ProductionTargetRefused, match="production endpoint of connection"):
         backend.start(service, backup_type, "drill:manual__guard")
@@ -225,7 +226,7 @@ def build_milvus(path: Path) -> int:
 
 
 def test_milvus_collection_export_and_etcd_snapshot_drills(make_env, tmp_path: Path):
-    from erp_backup.scratch_etcd import start_scratch_etcd
+    from erp_backup.scratch.etcd import start_scratch_etcd
     from tests.fixtures.milvus import etcd_put, release_lite
 
     env = make_env("milvus")

@@ -12,7 +12,8 @@ import pytest
 
 from erp_backup.manifest import sha256_file
 from erp_backup.runner import Command, CommandError, LocalExecutor
-from erp_backup.scratch_etcd import ScratchEtcd, default_pid_file, free_port, start_scratch_etcd, stop_pid_file
+from erp_backup.scratch.base import free_port
+from erp_backup.scratch.etcd import ScratchEtcd, default_pid_file, start_scratch_etcd
 from erp_backup.services import milvus
 from erp_backup.services.base import CheckContext, SourceUnavailable
 from tests.fixtures.milvus import (
@@ -116,18 +117,6 @@ def test_unreachable_etcd_names_connection_and_endpoint(tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SourceUnavailable, match=f"etcd connection '{ETCD_CONN_ID}' \\({endpoint}\\) is unreachable"):
         _backup(tmp_path, etcd_connection(endpoint))
-
-
-def test_stop_pid_file_stops_a_leftover_scratch_etcd_only(tmp_path: Path) -> None:
-    etcd = start_scratch_etcd(tmp_path / "leftover")
-    assert etcd.pid_file.read_text().splitlines() == [str(etcd.pid), str(tmp_path / "leftover")]
-    assert stop_pid_file(etcd.pid_file) is True
-    etcd.process.wait(timeout=10)
-    assert not etcd.pid_file.exists()
-
-    stale = tmp_path / "stale.etcd.pid"
-    stale.write_text(f"{etcd.pid}\n{tmp_path / 'stale'}\n")  # that pid is gone now
-    assert stop_pid_file(stale) is False and not stale.exists()
 
 
 def test_the_drill_check_starts_etcd_on_the_restored_dir_and_stops_it(etcd_server: ScratchEtcd, tmp_path: Path) -> None:

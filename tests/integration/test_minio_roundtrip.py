@@ -30,7 +30,7 @@ from erp_backup.checksum import ChecksumMismatch, verify_and_seal
 from erp_backup.manifest import FILE_MODE, Manifest
 from erp_backup.offsite import FilesystemOffsite
 from erp_backup.plan import BackupJob, Plan, load_plan
-from erp_backup.scratch_pg import free_port
+from erp_backup.scratch.base import free_port
 from erp_backup.services import minio as svc
 from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable, airflow_connection
 from erp_backup.sets import BackupSet, SetState

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from erp_backup.manifest import Manifest, sha256_file
-from erp_backup.scratch_pg import ScratchPostgres
+from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services import postgres
 from erp_backup.services.base import CheckContext, RestoreReport
 from erp_backup.services.postgres import pitr as postgres_pitr
@@ -305,7 +305,7 @@ def test_local_archive_is_pruned_only_after_an_offsite_verified_set_holds_the_fi
 def test_unreachable_server_is_source_unavailable_naming_the_connection(history: History, tmp_path: Path) -> None:
     from airflow.sdk import Connection
 
-    from erp_backup.scratch_pg import free_port
+    from erp_backup.scratch.base import free_port
     from erp_backup.services.base import SourceUnavailable
 
     closed = Connection(conn_id="erp_postgres", conn_type="postgres", host="127.0.0.1", port=free_port(), login="postgres")

@@ -25,7 +25,7 @@ from erp_backup import pg_content
 from erp_backup.manifest import MANIFEST_NAME, Manifest, write_manifest
 from erp_backup.plan import BackupJob
 from erp_backup.runner import LocalExecutor
-from erp_backup.scratch_pg import free_port
+from erp_backup.scratch.base import free_port
 from erp_backup.services import postgres
 from erp_backup.services.postgres import dump
 from erp_backup.services.postgres.commands import read_zst_text

@@ -26,7 +26,7 @@ from airflow.sdk import Connection
 
 from erp_backup.manifest import FILE_MODE, Manifest
 from erp_backup.plan import load_plan
-from erp_backup.scratch_redis import free_port
+from erp_backup.scratch.base import free_port
 from erp_backup.services import rabbitmq as svc
 from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet

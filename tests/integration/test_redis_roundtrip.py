@@ -17,7 +17,8 @@ from airflow.sdk import Connection
 
 from erp_backup.manifest import FILE_MODE, Manifest
 from erp_backup.plan import load_plan
-from erp_backup.scratch_redis import PID_FILE_NAME, STATE_FILE_NAME, ScratchRedis, free_port
+from erp_backup.scratch.base import free_port
+from erp_backup.scratch.redis import PID_FILE_NAME, STATE_FILE_NAME, ScratchRedis
 from erp_backup.services import redis as svc
 from erp_backup.services.base import BackupContext, BackupOutcome, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet

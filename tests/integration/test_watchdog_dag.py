@@ -11,7 +11,7 @@ import pytest
 
 from erp_backup.offsite import FilesystemOffsite, S3Offsite
 from erp_backup.plan import Plan, load_plan
-from erp_backup.scratch_pg import free_port
+from erp_backup.scratch.base import free_port
 from erp_backup.watchdog import OFFSITE_KEY, check, state_path
 from tests.fixtures.s3 import S3Endpoint
 from tests.integration.dagrun import run_dag, write_plan

@@ -19,9 +19,9 @@ from erp_backup.drill.targets import (
     ProductionGuard,
     ProductionTargetRefused,
     TargetError,
-    TargetInfo,
     container_spec,
 )
+from erp_backup.scratch.base import TargetInfo
 from tests.unit.test_drill_pick import plan_with
 
 RUN_ID = "scheduled__2026-11-29T21:00:00+00:00"

@@ -16,7 +16,6 @@ from pymilvus.grpc_gen import schema_pb2
 
 from erp_backup.manifest import Manifest, sha256_file
 from erp_backup.plan import load_plan
-from erp_backup.scratch_etcd import etcd_command
 from erp_backup.services import get_service
 from erp_backup.services import milvus
 from erp_backup.services.base import (
@@ -147,16 +146,6 @@ def test_parse_snapshot_status_and_version() -> None:
     status = parse_snapshot_status(b'{"hash":1667501423,"revision":2,"totalKey":5,"totalSize":20480}\n')
     assert status == {"hash": 1667501423, "revision": 2, "total_keys": 5, "total_size": 20480}
     assert parse_etcdctl_version(b"etcdctl version: 3.4.23\nAPI version: 3.4\n") == "3.4.23"
-
-
-def test_scratch_etcd_command() -> None:
-    command = etcd_command(Path("/tmp/drill/etcd"), 40001, 40002, name="default")
-    assert command.argv == (
-        "etcd", "--name", "default", "--data-dir", "/tmp/drill/etcd",
-        "--listen-client-urls", "http://127.0.0.1:40001", "--advertise-client-urls", "http://127.0.0.1:40001",
-        "--listen-peer-urls", "http://127.0.0.1:40002", "--initial-advertise-peer-urls", "http://127.0.0.1:40002",
-        "--initial-cluster", "default=http://127.0.0.1:40002",
-    )
 
 
 # ───────────────────────── definitions ─────────────────────────

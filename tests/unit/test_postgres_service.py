@@ -12,7 +12,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from erp_backup.manifest import FileEntry, Manifest
-from erp_backup.scratch_pg import ScratchPostgres
+from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services import CONTRACT, get_service, postgres
 from erp_backup.services.base import ContainerSpec, ScratchSpec, TargetUsageError
 from erp_backup.services.postgres.commands import RestoreError

@@ -10,7 +10,6 @@ from airflow.sdk import Connection
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erp_backup.scratch_redis import server_argv
 from erp_backup.services import redis as svc
 from erp_backup.services.redis import RedisEndpoint, SampledKey
 
@@ -70,17 +69,6 @@ def test_connection_defaults():
 def test_check_rdb_and_version_commands():
     assert svc.check_rdb_command(Path("/tmp/x/dump.rdb")).argv == ("redis-check-rdb", "/tmp/x/dump.rdb")
     assert svc.cli_version_command().argv == ("redis-cli", "--version")
-
-
-def test_scratch_server_argv_keeps_password_in_config_file(tmp_path: Path):
-    argv = server_argv("redis-server", tmp_path / "scratch-redis.conf", "127.0.0.1", 7001, tmp_path, "dump.rdb",
-                       tmp_path / "scratch-redis.pid", tmp_path / "scratch-redis.log")
-    assert argv == (
-        "redis-server", str(tmp_path / "scratch-redis.conf"),
-        "--bind", "127.0.0.1", "--port", "7001", "--dir", str(tmp_path), "--dbfilename", "dump.rdb",
-        "--appendonly", "no", "--save", "", "--daemonize", "no", "--protected-mode", "yes",
-        "--pidfile", str(tmp_path / "scratch-redis.pid"), "--logfile", str(tmp_path / "scratch-redis.log"),
-    )
 
 
 # -- the RDB stream ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, Executor, LocalExecutor
-from erp_backup.scratch_redis import DEFAULT_START_TIMEOUT_S, ScratchRedis
+from erp_backup.scratch.redis import DEFAULT_START_TIMEOUT_S, ScratchRedis
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.sets import BackupSet
 from erp_backup.stream import decompress_to, stream_to_file

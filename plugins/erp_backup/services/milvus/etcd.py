@@ -6,7 +6,7 @@ saved to a hidden temp file in the set directory, checked with ``snapshot status
 ``etcd/snapshot.db.zst`` and removed. We compress because a bbolt file is mostly free pages
 and compresses well; the price is one decompression before ``snapshot restore`` or
 ``status``. Restore goes into a new data dir (``etcdctl snapshot restore --data-dir <new>``,
-a new cluster id); `check_etcd` starts a scratch etcd on it (`erp_backup.scratch_etcd`) and
+a new cluster id); `check_etcd` starts a scratch etcd on it (`erp_backup.scratch.etcd`) and
 compares revision and key count with the snapshot. Credentials travel only in ETCDCTL_USER.
 
 Plan options: etcdctl, etcd_command_timeout_s (600), compress_level (3).
@@ -291,7 +291,7 @@ def _compare(recorded: Mapping[str, Any], revision: int, count: int) -> Checks:
 
 def check_etcd(target: str | Path, manifest: Manifest, report: RestoreReport, ctx: CheckContext) -> Checks:
     """Start a scratch etcd on the restored data dir; its revision and key count must match the snapshot."""
-    from erp_backup.scratch_etcd import start_scratch_etcd
+    from erp_backup.scratch.etcd import start_scratch_etcd
 
     data_dir = Path(target)
     if not data_dir.is_dir():

@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from erp_backup.manifest import Manifest
 from erp_backup.plan import BackupJob, Plan
-from erp_backup.scratch_pg import ScratchPostgres, pg_bindir
+from erp_backup.scratch.postgres import ScratchPostgres, pg_bindir
 from erp_backup.services.base import (
     BackupContext,
     BackupOutcome,

@@ -25,7 +25,8 @@ import zstandard
 
 from erp_backup.checksum import entry_problem
 from erp_backup.manifest import Manifest, ManifestError
-from erp_backup.scratch_pg import ScratchPostgres, ScratchError, chown_to_cluster_user
+from erp_backup.scratch.base import ScratchError
+from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user
 from erp_backup.services.base import PointInTimeUnavailable
 from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
 from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn, wal_file_kind

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from erp_backup.scratch_pg import ScratchPostgres
+from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE
 from erp_backup.services.postgres.pitr import DEFAULT_TIMEOUT_S, RestoreError, build_inventory, coverage, restore_to_time
 from erp_backup.services.postgres.wal import SERVICE, archive_dir_for, read_archive_log, usable_sets

@@ -29,7 +29,8 @@ import zstandard
 
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
-from erp_backup.scratch_pg import ScratchPostgres, chown_to_cluster_user, pg_bindir, scratch_root
+from erp_backup.scratch.base import scratch_root
+from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user, pg_bindir
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
 from erp_backup.sets import BackupSet

@@ -1,6 +1,7 @@
 """Scratch redis-server instances for restores and DR drills.
 
-A scratch server listens on a free 127.0.0.1 port, loads ``<dir>/<dbfilename>``
+A scratch server listens on a free 127.0.0.1 port and on a unix socket in a
+short private directory under /tmp (removed at stop), loads ``<dir>/<dbfilename>``
 at start, never writes it back (``--save ""``, AOF off) and is stopped by pid.
 It leaves a pid file and a small state file in its directory, so a later
 process (e.g. a drill's teardown task) can `attach` to it and stop it.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erp_backup.manifest import FILE_MODE
+from erp_backup.scratch.base import (
+    ScratchError,
+    free_port,
+    log_tail,
+    private_socket_dir,
+    process_argv,
+    remove_socket_dir,
+    stop_pid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +35,23 @@ PID_FILE_NAME = "scratch-redis.pid"
 STATE_FILE_NAME = "scratch-redis.json"
 CONFIG_FILE_NAME = "scratch-redis.conf"
 LOG_FILE_NAME = "scratch-redis.log"
+SOCKET_NAME = "redis.sock"
 DEFAULT_START_TIMEOUT_S = 300.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
 PORT_ATTEMPTS = 3
 LOG_TAIL = 1500
 
 
-class ScratchRedisError(RuntimeError):
+class ScratchRedisError(ScratchError):
     """A scratch redis-server could not be started, reached or stopped."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out on `host` (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def server_argv(
     binary: str, config_file: Path | None, host: str, port: int, data_dir: Path, dbfilename: str, pid_file: Path,
-    log_file: Path,
+    log_file: Path, unix_socket: Path | None = None,
 ) -> tuple[str, ...]:
     """The redis-server command line of a scratch server (secrets stay in the 0600 config file)."""
+    socket_args = ("--unixsocket", str(unix_socket), "--unixsocketperm", "700") if unix_socket else ()
     return (
         binary,
         *((str(config_file),) if config_file else ()),
@@ -61,6 +65,7 @@ def server_argv(
         "--protected-mode", "yes",
         "--pidfile", str(pid_file),
         "--logfile", str(log_file),
+        *socket_args,
     )
 
 
@@ -97,7 +102,8 @@ class ScratchRedis:
     password: str | None = field(default=None, repr=False)
     server_binary: str = "redis-server"
     pid: int | None = None
-    _process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    socket_dir: Path | None = None
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir).resolve()
@@ -118,6 +124,10 @@ class ScratchRedis:
     def data_file(self) -> Path:
         return self.dir / self.dbfilename
 
+    @property
+    def unix_socket(self) -> Path | None:
+        return self.socket_dir / SOCKET_NAME if self.socket_dir else None
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> ScratchRedis:
@@ -129,21 +139,8 @@ class ScratchRedis:
         last_error = ""
         for _ in range(1 if fixed_port else PORT_ATTEMPTS):
             self.port = fixed_port or free_port(self.host)
-            config_file = self._write_config()
-            argv = server_argv(
-                self.server_binary, config_file, self.host, self.port, self.dir, self.dbfilename,
-                self.pid_file, self.log_file,
-            )
-            log.info("starting scratch redis-server on %s:%d in %s", self.host, self.port, self.dir)
-            try:
-                self._process = subprocess.Popen(
-                    list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            except FileNotFoundError as exc:
-                raise ScratchRedisError(f"{self.server_binary}: not installed on this worker") from exc
-            self.pid = self._process.pid
-            self._write_state()
+            self.socket_dir = private_socket_dir()
+            self._launch()
             try:
                 self._wait_ready(timeout)
                 log.info("scratch redis-server ready on %s:%d (pid %d)", self.host, self.port, self.pid)
@@ -155,6 +152,24 @@ class ScratchRedis:
                     raise
         raise ScratchRedisError(f"scratch redis could not get a free port: {last_error}")
 
+    def _launch(self) -> None:
+        assert self.port is not None
+        argv = server_argv(
+            self.server_binary, self._write_config(), self.host, self.port, self.dir, self.dbfilename,
+            self.pid_file, self.log_file, self.unix_socket,
+        )
+        log.info("starting scratch redis-server on %s:%d in %s", self.host, self.port, self.dir)
+        try:
+            self._process = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            remove_socket_dir(self.socket_dir)
+            raise ScratchRedisError(f"{self.server_binary}: not installed on this worker") from exc
+        self.pid = self._process.pid
+        self._write_state()
+
     def _write_config(self) -> Path | None:
         if not self.password:
             return None
@@ -165,7 +180,8 @@ class ScratchRedis:
         return path
 
     def _write_state(self) -> None:
-        state = {"pid": self.pid, "host": self.host, "port": self.port, "dbfilename": self.dbfilename}
+        state = {"pid": self.pid, "host": self.host, "port": self.port, "dbfilename": self.dbfilename,
+                 "socket_dir": str(self.socket_dir) if self.socket_dir else None}
         fd = os.open(self.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "w") as handle:
             json.dump(state, handle)
@@ -195,46 +211,27 @@ class ScratchRedis:
             delay = min(delay * 2, 0.5)
 
     def log_tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-LOG_TAIL:].strip() or "(empty log)"
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_file, LOG_TAIL)
 
     def is_running(self) -> bool:
         if self.pid is None:
             return False
         if self._process is not None:
             return self._process.poll() is None
-        return _is_our_redis(self.pid, self.port)
+        return _is_our_redis(process_argv(self.pid), self.port)
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
-        """SIGTERM the server (it saves nothing: no save points), SIGKILL after `timeout`."""
-        if self.pid is not None and self.is_running():
+        """SIGTERM the server (it saves nothing: no save points), SIGKILL after `timeout`; remove its socket dir."""
+        if self._process is not None:
+            _stop_child(self._process, timeout)
+        elif self.pid is not None:
             log.info("stopping scratch redis-server pid %d (%s:%s)", self.pid, self.host, self.port)
-            _signal(self.pid, signal.SIGTERM)
-            if not self._wait_exit(timeout):
-                log.warning("scratch redis-server pid %d ignored SIGTERM for %.0f s; killing it", self.pid, timeout)
-                _signal(self.pid, signal.SIGKILL)
-                self._wait_exit(timeout)
-        elif self._process is not None:
-            self._process.wait()
+            port = self.port
+            stop_pid(self.pid, lambda argv: _is_our_redis(argv, port), timeout)
         for path in (self.pid_file, self.state_file, self.dir / CONFIG_FILE_NAME):
             path.unlink(missing_ok=True)
-        self.pid, self._process = None, None
-
-    def _wait_exit(self, timeout: float) -> bool:
-        if self._process is not None:
-            try:
-                self._process.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout
-        while self.pid is not None and _is_our_redis(self.pid, self.port):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        remove_socket_dir(self.socket_dir)
+        self.pid, self._process, self.socket_dir = None, None, None
 
     @classmethod
     def attach(cls, directory: Path | str, password: str | None = None) -> ScratchRedis:
@@ -248,6 +245,7 @@ class ScratchRedis:
         return cls(
             dir=directory, dbfilename=state["dbfilename"], host=state["host"], port=state["port"],
             password=password, pid=state["pid"],
+            socket_dir=Path(state["socket_dir"]) if state.get("socket_dir") else None,
         )
 
     def __enter__(self) -> ScratchRedis:
@@ -257,20 +255,21 @@ class ScratchRedis:
         self.stop()
 
 
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
+def _stop_child(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop a server we started ourselves, and reap it."""
+    if process.poll() is None:
+        log.info("stopping scratch redis-server pid %d", process.pid)
+        process.terminate()
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            log.warning("scratch redis-server pid %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout)
+            process.kill()
+    process.wait()
 
 
-def _is_our_redis(pid: int, port: int | None) -> bool:
-    """True if `pid` is alive and is a redis-server (on `port`), so a recycled pid is never signalled."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    if "State:\tZ" in status:
-        return False
-    return "redis-server" in cmdline and (port is None or str(port) in cmdline)
+def _is_our_redis(argv: list[str], port: int | None) -> bool:
+    """True if `argv` (a live process's) is a redis-server (on `port`), so a recycled pid is never signalled."""
+    title = " ".join(argv)  # redis-server rewrites its title to "redis-server 127.0.0.1:<port>"
+    return "redis-server" in title and (port is None or str(port) in title)

@@ -1,36 +1,40 @@
 """Scratch PostgreSQL clusters: `initdb` + `pg_ctl` on a free loopback port.
 
 Used by restores, PITR and the DR drill's local backend. A scratch cluster
-listens on 127.0.0.1 only, keeps its socket in its own data directory, and
-runs as the `postgres` OS user when we are root (initdb refuses root).
+listens on 127.0.0.1, keeps its unix socket in a short private directory under
+/tmp (made at start, removed at stop, so a deep scratch root still works), and
+runs as the `postgres` OS user when we are root (initdb refuses root). A state
+file in its base directory records the port and socket directory, so another
+process can `attach` to it and stop it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pwd
+import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from erp_backup.scratch.base import (
+    ScratchError,
+    chown_tree,
+    free_port,
+    private_socket_dir,
+    remove_socket_dir,
+    scratch_root,
+)
 
 log = logging.getLogger(__name__)
 
-SCRATCH_ROOT_ENV = "ERP_SCRATCH_ROOT"
 PG_BINDIR_ENV = "ERP_PG_BINDIR"
 SCRATCH_LABEL = ".erp-scratch"
-
-
-class ScratchError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+STATE_FILE_NAME = "scratch-pg.json"
+CLUSTER_USER = "postgres"
 
 
 def pg_bindir(major: int | None = None) -> Path:
@@ -49,41 +53,32 @@ def pg_bindir(major: int | None = None) -> Path:
     return Path(found).resolve().parent
 
 
-def _os_user() -> str | None:
-    """The user scratch clusters run as: `postgres` when we are root, else ourselves."""
-    return "postgres" if os.geteuid() == 0 else None
+def cluster_user() -> str | None:
+    """The user scratch clusters run as: `postgres` when we are root, else ourselves (None)."""
+    return CLUSTER_USER if os.geteuid() == 0 else None
 
 
 def as_cluster_user(argv: list[str]) -> list[str]:
-    user = _os_user()
+    user = cluster_user()
     return ["runuser", "-u", user, "--", *argv] if user else argv
 
 
 def chown_to_cluster_user(path: Path) -> None:
-    user = _os_user()
+    user = cluster_user()
     if user:
-        entry = pwd.getpwnam(user)
-        for root, dirs, files in os.walk(path):
-            os.chown(root, entry.pw_uid, entry.pw_gid)
-            for name in files:
-                os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
-
-
-def scratch_root() -> Path:
-    root = Path(os.environ.get(SCRATCH_ROOT_ENV) or tempfile.gettempdir())
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+        chown_tree(path, user)
 
 
 class ScratchPostgres:
     """One throwaway cluster. `create()` → `start()` → use `.conninfo()` → `destroy()`."""
 
     def __init__(self, base_dir: Path, port: int | None = None, bindir: Path | None = None):
-        self.base_dir = base_dir
-        self.data_dir = base_dir / "data"
+        self.base_dir = Path(base_dir)
+        self.data_dir = self.base_dir / "data"
         self.port = port or free_port()
         self.bindir = bindir or pg_bindir()
         self.user = "postgres"
+        self.socket_dir: Path | None = None
 
     @classmethod
     def new(cls, name: str = "pg", owner: str = "adhoc", bindir: Path | None = None) -> ScratchPostgres:
@@ -92,6 +87,18 @@ class ScratchPostgres:
         os.chmod(base, 0o755)
         (base / SCRATCH_LABEL).write_text(owner + "\n")
         return cls(base, bindir=bindir)
+
+    @classmethod
+    def attach(cls, directory: Path) -> ScratchPostgres:
+        """The cluster in base directory `directory`, with the port and socket directory its state file records."""
+        state = _read_state(Path(directory))
+        cluster = cls(Path(directory), port=state.get("port") or None)
+        cluster.socket_dir = Path(state["socket_dir"]) if state.get("socket_dir") else None
+        return cluster
+
+    @property
+    def state_file(self) -> Path:
+        return self.base_dir / STATE_FILE_NAME
 
     def _run(self, *argv: str, timeout: float = 120) -> str:
         cmd = as_cluster_user([str(self.bindir / argv[0]), *argv[1:]])
@@ -108,10 +115,11 @@ class ScratchPostgres:
         self.configure(settings or {})
 
     def configure(self, settings: dict[str, str]) -> None:
+        """Append settings to postgresql.auto.conf. The unix socket directory is given at start."""
         base = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
-            "unix_socket_directories": f"'{self.data_dir}'",
+            "unix_socket_directories": "''",
             "fsync": "on",
             "logging_collector": "off",
         }
@@ -121,16 +129,31 @@ class ScratchPostgres:
             handle.write("\n".join(lines) + "\n")
         chown_to_cluster_user(self.data_dir)
 
-    def start(self, timeout: float = 120) -> None:
-        log.info("starting scratch PostgreSQL on 127.0.0.1:%d (%s)", self.port, self.data_dir)
-        self._run(
-            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.base_dir / "server.log"),
-            "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10,
-        )
+    def start(self, timeout: float = 120) -> ScratchPostgres:
+        """Start with a new private socket directory; wait until the server accepts connections."""
+        if not self.is_running():
+            self._forget_socket_dir()  # the server stopped on its own (e.g. a failed recovery) since the last start
+        self.socket_dir = private_socket_dir(cluster_user())
+        self._write_state()
+        log.info("starting scratch PostgreSQL on 127.0.0.1:%d (%s, socket in %s)", self.port, self.data_dir,
+                 self.socket_dir)
+        try:
+            self._run(
+                "pg_ctl", "-D", str(self.data_dir), "-l", str(self.base_dir / "server.log"),
+                "-o", f"-k {shlex.quote(str(self.socket_dir))}", "-w", "-t", str(int(timeout)), "start",
+                timeout=timeout + 10,
+            )
+        except BaseException:
+            if not self.is_running():
+                self._forget_socket_dir()
+            raise
+        return self
 
     def stop(self, mode: str = "fast") -> None:
-        if (self.data_dir / "postmaster.pid").exists():
+        """Stop the server if it runs, and remove its socket directory."""
+        if self.is_running():
             self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+        self._forget_socket_dir()
 
     def is_running(self) -> bool:
         return (self.data_dir / "postmaster.pid").exists()
@@ -147,7 +170,26 @@ class ScratchPostgres:
             if self.is_running():
                 self.stop("immediate")
         finally:
+            self._forget_socket_dir()
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def _write_state(self) -> None:
+        state = {"port": self.port, "socket_dir": str(self.socket_dir) if self.socket_dir else None}
+        self.state_file.write_text(json.dumps(state) + "\n")
+
+    def _forget_socket_dir(self) -> None:
+        remove_socket_dir(self.socket_dir or _read_state(self.base_dir).get("socket_dir"))
+        self.socket_dir = None
+        if self.state_file.exists():
+            self._write_state()
+
+
+def _read_state(base_dir: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((base_dir / STATE_FILE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def cleanup_stale(owner_prefix: str, keep_owner: str | None = None, root: Path | None = None) -> list[Path]:
@@ -162,12 +204,9 @@ def cleanup_stale(owner_prefix: str, keep_owner: str | None = None, root: Path |
         if not owner.startswith(owner_prefix) or owner == keep_owner:
             continue
         log.info("removing stale scratch cluster %s (owner %s)", base, owner)
-        cluster = ScratchPostgres(base, port=0)
         try:
-            if cluster.is_running():
-                cluster.stop("immediate")
+            ScratchPostgres.attach(base).destroy()  # removes the directories even if the stop fails
         except ScratchError as exc:
             log.warning("could not stop stale scratch cluster %s: %s", base, exc)
-        shutil.rmtree(base, ignore_errors=True)
         removed.append(base)
     return removed
