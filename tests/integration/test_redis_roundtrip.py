@@ -98,10 +98,11 @@ def test_shared_redis_backup_verify_and_restore_into_scratch(tmp_path: Path, sha
     scratch = ScratchRedis(tmp_path / "scratch")
     try:
         report = svc.restore(backup_set.path, manifest, scratch)
-        assert report["ok"] is True and report["problems"] == []
-        assert report["sampled_keys_matched"] >= len(shared_redis_data)
-        assert report["key_counts"][str(TEST_DB)]["restored"] >= len(shared_redis_data)
-        assert scratch.is_running() and report["target"]["port"] == scratch.port
+        assert report.ok is True and report.problems == []
+        assert report.details["sampled_keys_matched"] >= len(shared_redis_data)
+        assert report.details["key_counts"][str(TEST_DB)]["restored"] >= len(shared_redis_data)
+        assert scratch.is_running() and report.details["target"]["port"] == scratch.port
+        assert report.restored_bytes == manifest.details["rdb_bytes"]
 
         # Independent look at the restored data.
         port = scratch.port
@@ -152,12 +153,12 @@ def test_password_reaches_redis_cli_and_restore_is_exact(auth_backup, tmp_path: 
 
     with caplog.at_level("DEBUG"):
         report = svc.restore(backup_set.path, manifest, {"dir": tmp_path / "scratch"})
-    assert report["key_counts"] == {
+    assert report.details["key_counts"] == {
         "0": {"restored": 120, "expected_min": 120, "expected_max": 120},
         "5": {"restored": 2, "expected_min": 2, "expected_max": 2},
     }
-    assert report["sampled_keys_matched"] == 52 and report["ok"]
-    assert report["kept_running"] is False
+    assert report.details["sampled_keys_matched"] == 52 and report.ok
+    assert report.details["kept_running"] is False
     assert not (tmp_path / "scratch" / STATE_FILE_NAME).exists()  # the server this call started is stopped
     assert PASSWORD not in caplog.text
 
@@ -204,21 +205,17 @@ def test_restore_reports_a_sampled_key_that_differs_and_stops_its_server(auth_ba
     details["sample"][3]["digest"] = "0" * 40
     tampered = dataclasses.replace(manifest, details=details)
 
-    with pytest.raises(svc.RestoreCheckFailed, match="order:0003") as caught:
-        svc.restore(backup_set.path, tampered, {"dir": tmp_path / "scratch"})
-    report = caught.value.report
-    assert report["ok"] is False and report["sampled_keys_matched"] == 51
+    report = svc.restore(backup_set.path, tampered, {"dir": tmp_path / "scratch"})
+    assert report.ok is False and report.details["sampled_keys_matched"] == 51
+    assert len(report.problems) == 1 and "order:0003" in report.problems[0]
     assert not (tmp_path / "scratch" / PID_FILE_NAME).exists()
-
-    lenient = svc.restore(backup_set.path, tampered, {"dir": tmp_path / "again"}, strict=False)
-    assert lenient["ok"] is False and len(lenient["problems"]) == 1
 
 
 def test_restore_dry_run_changes_nothing(auth_backup, tmp_path: Path):
     backup_set, manifest = auth_backup
     target = tmp_path / "scratch"
     report = svc.restore(backup_set.path, manifest, {"dir": target}, dry_run=True)
-    assert report["dry_run"] is True and any("decompress" in step for step in report["would"])
+    assert report.dry_run is True and any("decompress" in step for step in report.actions)
     assert not target.exists()
 
 
