@@ -28,7 +28,7 @@ from erp_backup.manifest import FILE_MODE, Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch_redis import free_port
 from erp_backup.services import rabbitmq as svc
-from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable
+from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
 
 pytestmark = pytest.mark.integration
@@ -294,3 +294,22 @@ def test_http_restore_reports_objects_missing_after_the_import(tmp_path: Path):
     assert report.problems == ["queues missing after import: erp:erp.orders"]
     assert report.details["missing"] == {"queues": ["erp:erp.orders"]}
     assert report.restored_bytes > 0 and not report.ok
+
+
+def test_check_restored_compares_the_scratch_broker_with_the_backup(tmp_path: Path):
+    password = "http-" + uuid.uuid4().hex
+    with FakeManagementApi("backup", password, json.loads(json.dumps(HTTP_DEFINITIONS))) as api:
+        backup_set, manifest = run_backup(tmp_path, _http_conn(api.port, password), {"mode": "http"})
+        target = svc.RabbitEndpoint(mode="http", host="127.0.0.1", port=api.port, login="backup", password=password,
+                                    management_url=f"http://127.0.0.1:{api.port}")
+        guarded: list[tuple[str, int]] = []
+        ctx = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+        api.definitions = {"vhosts": [{"name": "/"}]}  # the scratch broker starts empty
+        report = svc.restore(backup_set.path, manifest, target)
+        found = svc.check_restored(target, backup_set.path, manifest, report, ctx)
+        assert found.problems == [] and guarded == [("127.0.0.1", api.port)]
+        assert "queues: 1 in the backup, 1 on the scratch node" in found.checks
+
+        api.definitions["queues"] = []
+        lost = svc.check_restored(target, backup_set.path, manifest, report, ctx)
+    assert lost.problems == ["queues: 0 on the scratch node, the backup has 1", "queues missing: erp:erp.orders"]

@@ -19,7 +19,7 @@ from erp_backup.manifest import FILE_MODE, Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch_redis import PID_FILE_NAME, STATE_FILE_NAME, ScratchRedis, free_port
 from erp_backup.services import redis as svc
-from erp_backup.services.base import BackupContext, BackupOutcome, RunInfo, SourceUnavailable
+from erp_backup.services.base import BackupContext, BackupOutcome, CheckContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
 from erp_backup.stream import decompress_to, stream_to_file
 
@@ -209,6 +209,26 @@ def test_restore_reports_a_sampled_key_that_differs_and_stops_its_server(auth_ba
     assert report.ok is False and report.details["sampled_keys_matched"] == 51
     assert len(report.problems) == 1 and "order:0003" in report.problems[0]
     assert not (tmp_path / "scratch" / PID_FILE_NAME).exists()
+
+
+def test_check_restored_reads_the_server_the_restore_left_running(auth_backup, tmp_path: Path):
+    backup_set, manifest = auth_backup
+    guarded: list[tuple[str, int]] = []
+    ctx = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    scratch = ScratchRedis(tmp_path / "data")
+    try:
+        report = svc.restore(backup_set.path, manifest, scratch)
+        found = svc.check_restored(ScratchRedis(tmp_path / "data"), backup_set.path, manifest, report, ctx)
+        port = scratch.port
+    finally:
+        scratch.stop()
+    assert found.problems == []
+    assert found.checks == ["db0: 120 keys (backup: 120..120)", "db5: 2 keys (backup: 2..2)",
+                            "52/52 sampled keys match their digests (0 expired)"]
+    assert guarded == [("127.0.0.1", port)]
+
+    stopped = svc.check_restored(ScratchRedis(tmp_path / "data"), backup_set.path, manifest, report, ctx)
+    assert stopped.checks == [] and len(stopped.problems) == 1 and "is not running" in stopped.problems[0]
 
 
 def test_restore_dry_run_changes_nothing(auth_backup, tmp_path: Path):
