@@ -25,7 +25,7 @@ from erp_backup.checksum import ChecksumMismatch
 from erp_backup.plan import load_plan
 from erp_backup.runner import CommandError
 from erp_backup.services import gitlab
-from erp_backup.services.base import RunInfo, SourceUnavailable
+from erp_backup.services.base import CheckContext, RestoreReport, RunInfo, SourceUnavailable
 from erp_backup.sets import SetState
 
 pytestmark = pytest.mark.integration
@@ -139,7 +139,8 @@ def test_backup_wreck_restore_round_trip(tmp_path, host, compression, decompress
     assert not same_tree(original / "data", host.data)
 
     prepared = tmp_path / "prepared"
-    report = gitlab.restore(backup_set.path, manifest, prepared, exec_mode="local", **host.runbook_paths())
+    report = gitlab.restore(backup_set.path, manifest, prepared,
+                            options={"exec_mode": "local", **host.runbook_paths()}).details
     assert report["restored"] is False and "runbook_command" in report["status"]
     assert sorted(p.name for p in prepared.iterdir()) == sorted(
         [f"{gitlab_id}_gitlab_backup.tar", "gitlab-secrets.json", "gitlab.rb"]
@@ -174,9 +175,63 @@ def prepared(tmp_path, host):
     _, _, backup_set = run_backup(tmp_path, host)
     host.wreck()
     report = gitlab.restore(
-        backup_set.path, backup_set.manifest(), tmp_path / "prepared", exec_mode="local", **host.runbook_paths()
+        backup_set.path, backup_set.manifest(), tmp_path / "prepared", options={"exec_mode": "local", **host.runbook_paths()}
     )
-    return report, backup_set
+    return report.details, backup_set
+
+
+def test_restore_dry_run_prepares_nothing_and_lists_what_it_would_prepare(tmp_path, host):
+    _, _, backup_set = run_backup(tmp_path, host)
+    manifest = backup_set.manifest()
+    tar = manifest.details["files"]["backup_tar"]
+    target = tmp_path / "prepared"
+    options = {"exec_mode": "local", **host.runbook_paths()}
+
+    dry = gitlab.restore(backup_set.path, manifest, target, dry_run=True, options=options)
+
+    assert not target.exists()
+    assert dry.dry_run and dry.restored_bytes == 0 and dry.problems == [] and dry.checks == []
+    assert dry.actions[0] == f"create {target} (mode 0700)"
+    assert dry.actions[1].startswith(f"copy {tar} ({manifest.file(tar).size} bytes) to {target / tar} (mode 0600)")
+    assert dry.actions[2:4] == [
+        f"check config/gitlab-secrets.json.zst against the manifest and decompress it to {target}/gitlab-secrets.json",
+        f"check config/gitlab.rb.zst against the manifest and decompress it to {target}/gitlab.rb",
+    ]
+    assert dry.actions[4] == "GitLab itself is not restored here: run on the GitLab host: " + dry.details[
+        "runbook_command_text"]
+    assert dry.details["restored"] is False and dry.details["status"] == "dry run: nothing was prepared"
+
+    real = gitlab.restore(backup_set.path, manifest, target, options=options)
+    assert real.details["runbook_command"] == dry.details["runbook_command"]
+    assert not real.dry_run and real.problems == [] and real.details["restored"] is False
+    assert real.restored_bytes == sum(path.stat().st_size for path in target.iterdir())
+    assert real.actions[0].startswith("prepared (not restored) ")
+
+    (backup_set.path / "config" / "gitlab.rb.zst").unlink()
+    with pytest.raises(gitlab.GitLabRestoreError, match="config/gitlab.rb.zst is missing"):
+        gitlab.restore(backup_set.path, manifest, tmp_path / "again", dry_run=True, options=options)
+    assert not (tmp_path / "again").exists()
+
+
+def test_check_restored_checks_the_prepared_files_and_says_gitlab_was_not_restored(prepared):
+    report, backup_set = prepared
+    directory = Path(report["prepared_dir"])
+    ctx = CheckContext(guard=lambda host, port: pytest.fail("a prepared directory has no endpoint"))
+
+    found = gitlab.check_restored(directory, backup_set.path, backup_set.manifest(), RestoreReport(details=report), ctx)
+
+    assert found.problems == []
+    tar = f"{report['gitlab_backup_id']}_gitlab_backup.tar"
+    assert found.checks == [
+        f"{tar}: {(directory / tar).stat().st_size} bytes, SHA-256 matches the manifest",
+        "gitlab-secrets.json parses and holds gitlab_rails.db_key_base",
+        "GitLab itself was not restored (no GitLab here): run on the GitLab host: " + report["runbook_command_text"],
+    ]
+    (directory / "gitlab-secrets.json").write_text("{}")
+    (directory / tar).write_bytes(b"not the backup")
+    found = gitlab.check_restored(directory, backup_set.path, backup_set.manifest(), RestoreReport(details=report), ctx)
+    assert found.problems == [f"prepared {tar} differs from the manifest's {tar}",
+                              "prepared gitlab-secrets.json has no gitlab_rails.db_key_base"]
 
 
 def test_dry_run_prints_every_step_and_changes_nothing(host, prepared):
@@ -201,7 +256,8 @@ def test_dry_run_prints_every_step_and_changes_nothing(host, prepared):
 
 def test_docker_mode_dry_run_uses_docker_exec_and_cp(prepared):
     report, backup_set = prepared
-    docker = gitlab.restore(backup_set.path, backup_set.manifest(), Path(report["prepared_dir"]), exec_mode="docker")
+    docker = gitlab.restore(backup_set.path, backup_set.manifest(), Path(report["prepared_dir"]),
+                            options={"exec_mode": "docker"}).details
     assert docker["runbook_command"][1:5] == ["--mode", "docker", "--container", "ops-gitlab"]
 
     done = subprocess.run(docker["runbook_dry_run_text"], shell=True, capture_output=True, text=True, timeout=60)
@@ -270,7 +326,7 @@ def test_corrupt_set_fails_checksum_and_restore(tmp_path, host):
     tar.write_bytes(bytes(data))
 
     with pytest.raises(gitlab.GitLabRestoreError, match=f"{tar.name} does not match the manifest.*use another backup"):
-        gitlab.restore(backup_set.path, manifest, tmp_path / "prepared", exec_mode="local")
+        gitlab.restore(backup_set.path, manifest, tmp_path / "prepared", options={"exec_mode": "local"})
     assert not (tmp_path / "prepared" / tar.name).exists()
     with pytest.raises(ChecksumMismatch, match=tar.name):
         steps.checksum(plan, job, backup_set.backup_id)

@@ -28,7 +28,7 @@ from erp_backup.manifest import FILE_MODE, Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch.base import free_port
 from erp_backup.services import rabbitmq as svc
-from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable
+from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
 
 pytestmark = pytest.mark.integration
@@ -116,14 +116,14 @@ def test_backup_delete_and_restore_one_vhost_on_the_real_broker(tmp_path: Path, 
     assert name not in [vhost["name"] for vhost in listed("list_vhosts", "name")]
     assert name not in [user["user"] for user in listed("list_users")]
 
-    dry = svc.restore(backup_set.path, manifest, {}, vhosts=[name], dry_run=True)
-    assert dry["dry_run"] and dry["imported"]["queues"] == 1
+    dry = svc.restore(backup_set.path, manifest, {}, dry_run=True, options={"vhosts": [name]})
+    assert dry.dry_run and dry.details["imported"]["queues"] == 1
     assert name not in [vhost["name"] for vhost in listed("list_vhosts", "name")]
 
     with caplog.at_level("DEBUG"):
-        report = svc.restore(backup_set.path, manifest, {}, vhosts=[name])
-    assert report["ok"] and report["missing"] == {} and report["vhosts"] == [name]
-    assert report["imported"]["users"] == 1 and report["imported"]["global_parameters"] == 0
+        report = svc.restore(backup_set.path, manifest, {}, options={"vhosts": [name]})
+    assert report.ok and report.details["missing"] == {} and report.details["vhosts"] == [name]
+    assert report.details["imported"]["users"] == 1 and report.details["imported"]["global_parameters"] == 0
     assert our_user["password_hash"] not in caplog.text
 
     # Independent checks with rabbitmqctl.
@@ -160,7 +160,7 @@ def test_verify_flags_tampering(tmp_path: Path):
 def test_restore_refuses_an_unknown_vhost_before_touching_the_broker(tmp_path: Path):
     backup_set, manifest = run_backup(tmp_path, LOCAL_BROKER)
     with pytest.raises(svc.DefinitionsError, match="erp_missing_vhost not in this backup"):
-        svc.restore(backup_set.path, manifest, {}, vhosts=["erp_missing_vhost"])
+        svc.restore(backup_set.path, manifest, {}, options={"vhosts": ["erp_missing_vhost"]})
 
 
 def test_unreachable_node_names_the_connection_and_host(tmp_path: Path):
@@ -180,6 +180,7 @@ class FakeManagementApi:
     def __init__(self, login: str, password: str, definitions: dict[str, Any]):
         self.expected_auth = "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
         self.definitions = definitions
+        self.dropped: set[str] = set()  # sections a POST accepts but does not create
         self.requests: list[tuple[str, str, str | None, bytes]] = []
         api = self
 
@@ -209,7 +210,7 @@ class FakeManagementApi:
                 if self._authorised():
                     imported = json.loads(api.requests[-1][3])
                     for section, items in imported.items():
-                        if isinstance(items, list):
+                        if isinstance(items, list) and section not in api.dropped:
                             api.definitions.setdefault(section, []).extend(items)
                     self.send_response(204)
                     self.end_headers()
@@ -263,11 +264,11 @@ def test_http_mode_backup_and_restore_at_the_api_boundary(tmp_path: Path, caplog
         api.definitions = {"vhosts": [{"name": "/"}]}  # the DR target starts empty
         target = svc.RabbitEndpoint(mode="http", host="127.0.0.1", login="backup", password=password,
                                     management_url=f"http://127.0.0.1:{api.port}")
-        report = svc.restore(backup_set.path, manifest, target, vhosts=["erp"])
+        report = svc.restore(backup_set.path, manifest, target, options={"vhosts": ["erp"]})
         posted = [json.loads(body) for method, _, _, body in api.requests if method == "POST"]
         assert len(posted) == 1 and [v["name"] for v in posted[0]["vhosts"]] == ["erp"]
         assert [u["name"] for u in posted[0]["users"]] == ["erp_app"]
-        assert report["ok"] and report["missing"] == {}
+        assert report.ok and report.details["missing"] == {}
 
 
 def test_http_mode_wrong_password_and_unreachable_api(tmp_path: Path):
@@ -280,3 +281,35 @@ def test_http_mode_wrong_password_and_unreachable_api(tmp_path: Path):
     with pytest.raises(SourceUnavailable, match=rf"'erp_rabbitmq'.*127\.0\.0\.1:{port}.*on host 127\.0\.0\.1"):
         run_backup(tmp_path / "b", _http_conn(port, "any"), {"mode": "http"})
     shutil.rmtree(tmp_path / "b", ignore_errors=True)
+
+
+def test_http_restore_reports_objects_missing_after_the_import(tmp_path: Path):
+    password = "http-" + uuid.uuid4().hex
+    with FakeManagementApi("backup", password, json.loads(json.dumps(HTTP_DEFINITIONS))) as api:
+        backup_set, manifest = run_backup(tmp_path, _http_conn(api.port, password), {"mode": "http"})
+        api.definitions, api.dropped = {"vhosts": [{"name": "/"}]}, {"queues"}
+        target = svc.RabbitEndpoint(mode="http", host="127.0.0.1", login="backup", password=password,
+                                    management_url=f"http://127.0.0.1:{api.port}")
+        report = svc.restore(backup_set.path, manifest, target)
+    assert report.problems == ["queues missing after import: erp:erp.orders"]
+    assert report.details["missing"] == {"queues": ["erp:erp.orders"]}
+    assert report.restored_bytes > 0 and not report.ok
+
+
+def test_check_restored_compares_the_scratch_broker_with_the_backup(tmp_path: Path):
+    password = "http-" + uuid.uuid4().hex
+    with FakeManagementApi("backup", password, json.loads(json.dumps(HTTP_DEFINITIONS))) as api:
+        backup_set, manifest = run_backup(tmp_path, _http_conn(api.port, password), {"mode": "http"})
+        target = svc.RabbitEndpoint(mode="http", host="127.0.0.1", port=api.port, login="backup", password=password,
+                                    management_url=f"http://127.0.0.1:{api.port}")
+        guarded: list[tuple[str, int]] = []
+        ctx = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+        api.definitions = {"vhosts": [{"name": "/"}]}  # the scratch broker starts empty
+        report = svc.restore(backup_set.path, manifest, target)
+        found = svc.check_restored(target, backup_set.path, manifest, report, ctx)
+        assert found.problems == [] and guarded == [("127.0.0.1", api.port)]
+        assert "queues: 1 in the backup, 1 on the scratch node" in found.checks
+
+        api.definitions["queues"] = []
+        lost = svc.check_restored(target, backup_set.path, manifest, report, ctx)
+    assert lost.problems == ["queues: 0 on the scratch node, the backup has 1", "queues missing: erp:erp.orders"]

@@ -20,7 +20,7 @@ from erp_backup.plan import load_plan
 from erp_backup.scratch.base import free_port
 from erp_backup.scratch.redis import PID_FILE_NAME, STATE_FILE_NAME, ScratchRedis
 from erp_backup.services import redis as svc
-from erp_backup.services.base import BackupContext, BackupOutcome, RunInfo, SourceUnavailable
+from erp_backup.services.base import BackupContext, BackupOutcome, CheckContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
 from erp_backup.stream import decompress_to, stream_to_file
 
@@ -99,10 +99,11 @@ def test_shared_redis_backup_verify_and_restore_into_scratch(tmp_path: Path, sha
     scratch = ScratchRedis(tmp_path / "scratch")
     try:
         report = svc.restore(backup_set.path, manifest, scratch)
-        assert report["ok"] is True and report["problems"] == []
-        assert report["sampled_keys_matched"] >= len(shared_redis_data)
-        assert report["key_counts"][str(TEST_DB)]["restored"] >= len(shared_redis_data)
-        assert scratch.is_running() and report["target"]["port"] == scratch.port
+        assert report.ok is True and report.problems == []
+        assert report.details["sampled_keys_matched"] >= len(shared_redis_data)
+        assert report.details["key_counts"][str(TEST_DB)]["restored"] >= len(shared_redis_data)
+        assert scratch.is_running() and report.details["target"]["port"] == scratch.port
+        assert report.restored_bytes == manifest.details["rdb_bytes"]
 
         # Independent look at the restored data.
         port = scratch.port
@@ -153,12 +154,12 @@ def test_password_reaches_redis_cli_and_restore_is_exact(auth_backup, tmp_path: 
 
     with caplog.at_level("DEBUG"):
         report = svc.restore(backup_set.path, manifest, {"dir": tmp_path / "scratch"})
-    assert report["key_counts"] == {
+    assert report.details["key_counts"] == {
         "0": {"restored": 120, "expected_min": 120, "expected_max": 120},
         "5": {"restored": 2, "expected_min": 2, "expected_max": 2},
     }
-    assert report["sampled_keys_matched"] == 52 and report["ok"]
-    assert report["kept_running"] is False
+    assert report.details["sampled_keys_matched"] == 52 and report.ok
+    assert report.details["kept_running"] is False
     assert not (tmp_path / "scratch" / STATE_FILE_NAME).exists()  # the server this call started is stopped
     assert PASSWORD not in caplog.text
 
@@ -205,21 +206,37 @@ def test_restore_reports_a_sampled_key_that_differs_and_stops_its_server(auth_ba
     details["sample"][3]["digest"] = "0" * 40
     tampered = dataclasses.replace(manifest, details=details)
 
-    with pytest.raises(svc.RestoreCheckFailed, match="order:0003") as caught:
-        svc.restore(backup_set.path, tampered, {"dir": tmp_path / "scratch"})
-    report = caught.value.report
-    assert report["ok"] is False and report["sampled_keys_matched"] == 51
+    report = svc.restore(backup_set.path, tampered, {"dir": tmp_path / "scratch"})
+    assert report.ok is False and report.details["sampled_keys_matched"] == 51
+    assert len(report.problems) == 1 and "order:0003" in report.problems[0]
     assert not (tmp_path / "scratch" / PID_FILE_NAME).exists()
 
-    lenient = svc.restore(backup_set.path, tampered, {"dir": tmp_path / "again"}, strict=False)
-    assert lenient["ok"] is False and len(lenient["problems"]) == 1
+
+def test_check_restored_reads_the_server_the_restore_left_running(auth_backup, tmp_path: Path):
+    backup_set, manifest = auth_backup
+    guarded: list[tuple[str, int]] = []
+    ctx = CheckContext(guard=lambda host, port: guarded.append((host, port)))
+    scratch = ScratchRedis(tmp_path / "data")
+    try:
+        report = svc.restore(backup_set.path, manifest, scratch)
+        found = svc.check_restored(ScratchRedis(tmp_path / "data"), backup_set.path, manifest, report, ctx)
+        port = scratch.port
+    finally:
+        scratch.stop()
+    assert found.problems == []
+    assert found.checks == ["db0: 120 keys (backup: 120..120)", "db5: 2 keys (backup: 2..2)",
+                            "52/52 sampled keys match their digests (0 expired)"]
+    assert guarded == [("127.0.0.1", port)]
+
+    stopped = svc.check_restored(ScratchRedis(tmp_path / "data"), backup_set.path, manifest, report, ctx)
+    assert stopped.checks == [] and len(stopped.problems) == 1 and "is not running" in stopped.problems[0]
 
 
 def test_restore_dry_run_changes_nothing(auth_backup, tmp_path: Path):
     backup_set, manifest = auth_backup
     target = tmp_path / "scratch"
     report = svc.restore(backup_set.path, manifest, {"dir": target}, dry_run=True)
-    assert report["dry_run"] is True and any("decompress" in step for step in report["would"])
+    assert report.dry_run is True and any("decompress" in step for step in report.actions)
     assert not target.exists()
 
 

@@ -12,8 +12,9 @@ from airflow.sdk import Connection
 
 from erp_backup.plan import load_plan
 from erp_backup.runner import Command
-from erp_backup.services import gitlab
-from erp_backup.services.gitlab import GitLabBackupError, GitLabOptions, GitLabRestoreError
+from erp_backup.services.gitlab import commands as gitlab
+from erp_backup.services.gitlab import host
+from erp_backup.services.gitlab.commands import GitLabBackupError, GitLabOptions, GitLabRestoreError
 
 DEFAULTS = GitLabOptions()
 BACKUP_ID = "1764115200_2025_11_26_17.5.1-ee"
@@ -161,19 +162,19 @@ def test_untar_single_file_yields_the_member_bytes_from_small_chunks():
     content = bytes(range(256)) * 5000
     raw = _tar([_file("x.tar", content)], {"x.tar": content})
     chunks = (raw[i:i + 777] for i in range(0, len(raw), 777))
-    assert b"".join(gitlab.untar_single_file(chunks, "/b/x.tar")) == content
+    assert b"".join(host.untar_single_file(chunks, "/b/x.tar")) == content
 
 
 def test_untar_single_file_rejects_links_and_several_members():
     link = tarfile.TarInfo("gitlab-secrets.json")
     link.type, link.linkname = tarfile.SYMTYPE, "/srv/secrets.json"
     with pytest.raises(GitLabBackupError, match="is a link to /srv/secrets.json"):
-        list(gitlab.untar_single_file([_tar([link], {})], "/etc/gitlab/gitlab-secrets.json"))
+        list(host.untar_single_file([_tar([link], {})], "/etc/gitlab/gitlab-secrets.json"))
     two = _tar([_file("a", b"1"), _file("b", b"2")], {"a": b"1", "b": b"2"})
     with pytest.raises(GitLabBackupError, match=r"more than one entry \(b\)"):
-        list(gitlab.untar_single_file([two], "/x"))
+        list(host.untar_single_file([two], "/x"))
     with pytest.raises(tarfile.ReadError):
-        list(gitlab.untar_single_file([two[:700]], "/x"))
+        list(host.untar_single_file([two[:700]], "/x"))
 
 
 def test_restore_script_is_valid_bash_and_refuses_without_dry_run_or_yes(tmp_path):

@@ -332,7 +332,7 @@ def test_unreachable_engine_is_source_unavailable(tmp_path, monkeypatch):
     def refuse(**kwargs):
         raise RuntimeError(f"Failed to establish connection to any given Docker hosts ({kwargs['base_url']})")
 
-    monkeypatch.setattr(gitlab, "docker_api", refuse)
+    monkeypatch.setattr(gitlab.host, "docker_api", refuse)
     with pytest.raises(SourceUnavailable, match=rf"Docker engine {ENGINE} of connection 'ops_gitlab'"):
         gitlab.backup(make_context(tmp_path))
 

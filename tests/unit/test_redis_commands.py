@@ -10,8 +10,8 @@ from airflow.sdk import Connection
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erp_backup.services import redis as svc
-from erp_backup.services.redis import RedisEndpoint, SampledKey
+from erp_backup.services.redis import commands as svc
+from erp_backup.services.redis.commands import RedisEndpoint, SampledKey
 
 SECRET = "s3cr3t-Pa55"
 ENDPOINT = RedisEndpoint(host="10.0.0.5", port=6380, user="backup", password=SECRET)

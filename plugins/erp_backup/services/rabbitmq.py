@@ -29,23 +29,47 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
-from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
+from erp_backup.services.base import (
+    BackupContext,
+    BackupOutcome,
+    CheckContext,
+    Checks,
+    CliTarget,
+    ContainerSpec,
+    RestoreReport,
+    ScratchSpec,
+    SourceUnavailable,
+    TargetUsageError,
+    connection_for,
+)
+from erp_backup.services.base import no_after_prune as after_prune  # noqa: F401
+from erp_backup.services.base import no_point_in_time as plan_point_in_time  # noqa: F401
+from erp_backup.services.base import no_protected_sets as protected_sets  # noqa: F401
+from erp_backup.services.base import no_restore_to_time as restore_to_time  # noqa: F401
 from erp_backup.sets import BackupSet
 from erp_backup.stream import stream_to_file
+
+if TYPE_CHECKING:
+    from erp_backup.scratch.base import TargetInfo
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = frozenset({"definitions"})
+RESTORE_TYPES = frozenset({"definitions"})
+DRILL_TYPES = frozenset({"definitions"})
+PITR_TYPES: frozenset[str] = frozenset()
+RESTORE_OPTIONS = frozenset({"vhosts"})
 DEFINITIONS_FILE = "definitions.json"
 MODES = ("rabbitmqctl", "http")
 DEFAULT_MANAGEMENT_PORT = 15672
@@ -64,14 +88,6 @@ VHOST_SCOPED = ("queues", "exchanges", "bindings", "policies", "permissions", "t
 
 class DefinitionsError(ValueError):
     """A definitions export is unreadable or does not match its manifest."""
-
-
-class RestoreCheckFailed(RuntimeError):
-    """After an import, objects from the backup are missing on the broker. `report` holds the details."""
-
-    def __init__(self, message: str, report: dict[str, Any]):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -241,8 +257,10 @@ def missing_definitions(expected: Mapping[str, Any], actual: Mapping[str, Any]) 
 def parse_definitions(data: bytes, origin: str) -> dict[str, Any]:
     try:
         definitions = json.loads(data)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise DefinitionsError(f"{origin}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except ValueError as exc:  # bytes that do not decode as UTF-8/16/32
+        raise DefinitionsError(f"{origin}: not valid JSON ({exc})") from None
     if not isinstance(definitions, dict) or "vhosts" not in definitions:
         raise DefinitionsError(f"{origin}: not a RabbitMQ definitions export (no 'vhosts' section)")
     return definitions
@@ -326,16 +344,18 @@ class _Broker:
     def export(self) -> dict[str, Any]:
         return parse_definitions(b"".join(self.export_chunks()), f"{self.label} export")
 
-    def import_definitions(self, definitions: Mapping[str, Any]) -> None:
+    def import_definitions(self, definitions: Mapping[str, Any]) -> int:
+        """Import `definitions`; returns the size of the JSON sent."""
         body = json.dumps(definitions).encode()
         if self.endpoint.mode == "http":
             self._send(definitions_request(self.endpoint, "POST"), data=body,
                        headers={"content-type": "application/json"}).close()
-            return
+            return len(body)
         try:
             self.executor.run(import_command(self.endpoint), stdin=body)
         except CommandError as exc:
             raise self._ctl_error(exc) from exc
+        return len(body)
 
     def tool_versions(self) -> dict[str, str]:
         if self.endpoint.mode == "http":
@@ -396,16 +416,19 @@ def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
     try:
         definitions = parse_definitions(path.read_bytes(), f"{backup_set.key}/{DEFINITIONS_FILE}")
     except DefinitionsError as exc:
-        return problems + [str(exc)]
+        return [*problems, str(exc)]
     recorded = manifest.details.get("counts")
     if not recorded:
-        return problems + [f"{backup_set.key}: manifest has no definition counts"]
+        return [*problems, f"{backup_set.key}: manifest has no definition counts"]
     counts = count_definitions(definitions)
     for section in COUNTED:
         if section in recorded and recorded[section] != counts[section]:
             problems.append(f"{backup_set.key}: {counts[section]} {section} in the file, manifest says "
                             f"{recorded[section]}")
     return problems
+
+
+# -- restore and the drill's checks ------------------------------------------------------------------
 
 
 def _target_endpoint(target: Any) -> RabbitEndpoint:
@@ -420,54 +443,142 @@ def _target_endpoint(target: Any) -> RabbitEndpoint:
     return RabbitEndpoint.from_connection(target)  # an Airflow connection
 
 
-def restore(set_dir: Path, manifest: Manifest, target: Any = None, **options: Any) -> dict[str, Any]:
+def _selection(definitions: dict[str, Any], options: Mapping[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """The definitions to import (only the `vhosts` option's, if given) and whether that is a selection."""
+    unknown = sorted(set(options or {}) - RESTORE_OPTIONS)
+    if unknown:
+        raise ValueError(f"rabbitmq restore: unknown option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(RESTORE_OPTIONS))})")
+    vhosts = (options or {}).get("vhosts")
+    if vhosts is None:
+        return definitions, False
+    return select_vhosts(definitions, [vhosts] if isinstance(vhosts, str) else vhosts), True
+
+
+def missing_problems(missing: Mapping[str, list[str]]) -> list[str]:
+    """One sentence per section with objects missing after an import (the first ten named)."""
+    return [f"{section} missing after import: {', '.join(names[:10])}"
+            + (f" and {len(names) - 10} more" if len(names) > 10 else "") for section, names in missing.items()]
+
+
+def _import_and_check(endpoint: RabbitEndpoint, definitions: Mapping[str, Any], report: RestoreReport) -> None:
+    broker = _Broker(endpoint, f"restore target {endpoint.where}")
+    importing = time.monotonic()
+    report.restored_bytes = broker.import_definitions(definitions)
+    report.actions.append(f"imported the definitions ({report.restored_bytes} bytes) into {endpoint.where}")
+    report.details["import_seconds"] = round(time.monotonic() - importing, 3)
+    checking = time.monotonic()
+    missing = missing_definitions(definitions, broker.export())
+    report.problems += missing_problems(missing)
+    report.checks += [f"{section}: {count} imported, all present after the import"
+                      for section, count in report.details["imported"].items() if count and section not in missing]
+    report.details.update(missing=missing, check_seconds=round(time.monotonic() - checking, 3))
+
+
+def restore(set_dir: Path, manifest: Manifest, target: Any = None, *, dry_run: bool = False,
+            options: Mapping[str, Any] | None = None) -> RestoreReport:
     """Import the backup's definitions into a broker and check every imported object is there.
 
     `target`: a RabbitEndpoint, a dict of its fields (`{}`: the local node via rabbitmqctl), or an
-    Airflow connection. Options: `vhosts` (restore only these vhosts, their objects and the users
-    their permissions name), `dry_run`, `strict` (raise RestoreCheckFailed if objects are missing).
+    Airflow connection. Option `vhosts`: restore only these vhosts, their objects and the users
+    their permissions name. Objects missing after the import are the report's problems.
     """
     started = time.monotonic()
-    source = Path(set_dir) / DEFINITIONS_FILE
     endpoint = _target_endpoint(target)
-    definitions = parse_definitions(source.read_bytes(), f"backup {manifest.backup_id}/{DEFINITIONS_FILE}")
-    vhosts = options.get("vhosts")
-    if vhosts is not None:
-        if isinstance(vhosts, str):
-            vhosts = [vhosts]
-        definitions = select_vhosts(definitions, vhosts)
+    definitions = parse_definitions((Path(set_dir) / DEFINITIONS_FILE).read_bytes(),
+                                    f"backup {manifest.backup_id}/{DEFINITIONS_FILE}")
+    definitions, selective = _selection(definitions, options)
     counts = count_definitions(definitions)
-    report: dict[str, Any] = {
-        "backup_id": manifest.backup_id,
-        "target": endpoint.where,
-        "mode": endpoint.mode,
-        "vhosts": sorted(vhost["name"] for vhost in definitions.get("vhosts") or []),
-        "selective": vhosts is not None,
+    summary = ", ".join(f"{count} {section}" for section, count in counts.items())
+    report = RestoreReport(dry_run=dry_run, details={
+        "backup_id": manifest.backup_id, "target": endpoint.where, "mode": endpoint.mode,
+        "vhosts": sorted(vhost["name"] for vhost in definitions.get("vhosts") or []), "selective": selective,
         "imported": counts,
-        "dry_run": bool(options.get("dry_run")),
-    }
-    if report["dry_run"]:
-        log.info("dry run: would import into %s: %s", endpoint.where,
-                 ", ".join(f"{count} {section}" for section, count in counts.items()))
+    })
+    if dry_run:
+        log.info("dry run: would import into %s: %s", endpoint.where, summary)
+        report.actions = [f"import into {endpoint.where}: {summary}",
+                          "export the broker's definitions again and check every imported object is there"]
         return report
-
-    broker = _Broker(endpoint, f"restore target {endpoint.where}")
-    log.info("importing %s definitions of backup %s into %s (vhosts: %s)", "selected" if vhosts else "all",
-             manifest.backup_id, endpoint.where, ", ".join(report["vhosts"]))
-    importing = time.monotonic()
-    broker.import_definitions(definitions)
-    report["import_seconds"] = round(time.monotonic() - importing, 3)
-
-    checking = time.monotonic()
-    missing = missing_definitions(definitions, broker.export())
-    report.update(
-        missing=missing,
-        check_seconds=round(time.monotonic() - checking, 3),
-        total_seconds=round(time.monotonic() - started, 3),
-        ok=not missing,
-    )
-    if missing and options.get("strict", True):
-        summary = "; ".join(f"{section}: {', '.join(names[:5])}" for section, names in missing.items())
-        raise RestoreCheckFailed(f"rabbitmq restore of backup {manifest.backup_id}: missing after import: {summary}",
-                                 report)
+    log.info("importing %s definitions of backup %s into %s (vhosts: %s)", "selected" if selective else "all",
+             manifest.backup_id, endpoint.where, ", ".join(report.details["vhosts"]))
+    _import_and_check(endpoint, definitions, report)
+    report.details["total_seconds"] = round(time.monotonic() - started, 3)
     return report
+
+
+def check_restored(target: Any, set_dir: Path, manifest: Manifest, report: RestoreReport,
+                   ctx: CheckContext) -> Checks:
+    """The drill's check: the scratch broker holds every object of the backup, and at least its counts."""
+    endpoint = _target_endpoint(target)
+    if endpoint.port:
+        ctx.guard(endpoint.host, endpoint.port)
+    exported = _Broker(endpoint, f"scratch {endpoint.where}").export()
+    backup = parse_definitions((Path(set_dir) / DEFINITIONS_FILE).read_bytes(), f"backup {manifest.backup_id}")
+    recorded = manifest.details.get("counts") or {}
+    restored = count_definitions(exported)
+    problems = [f"{section}: {restored[section]} on the scratch node, the backup has {count}"
+                for section, count in recorded.items() if section in restored and restored[section] < count]
+    problems += [f"{section} missing: {', '.join(names[:10])}"
+                 for section, names in missing_definitions(backup, exported).items()]
+    checks = [f"{section}: {count} in the backup, {restored.get(section)} on the scratch node"
+              for section, count in sorted(recorded.items()) if count]
+    return Checks(checks, problems)
+
+
+# -- targets, versions, sizes -----------------------------------------------------------------------
+
+TARGET_HELP = ("rabbitmq restores take --target local, --target <node name> (rabbit@host), or "
+               "--target-conn <connection id> (its extra mode=http for the management API)")
+SCRATCH_USER = "drill"
+
+
+def target_from_cli(backup_type: str, target: str | None, target_conn: str | None,
+                    get_connection: Callable[[str], Any]) -> CliTarget:
+    """The local node, a node by name, or the broker a connection names."""
+    if target_conn and target:
+        raise TargetUsageError(f"give --target or --target-conn, not both: {TARGET_HELP}")
+    if target_conn:
+        try:
+            endpoint = RabbitEndpoint.from_connection(connection_for(target_conn, get_connection))
+        except ValueError as exc:
+            raise TargetUsageError(f"--target-conn {target_conn}: {exc}") from exc
+        return CliTarget(endpoint, f"{endpoint.where} (connection {target_conn!r})")
+    if target in (None, "local"):
+        return CliTarget(RabbitEndpoint(), "the local node (rabbitmqctl's default)")
+    if "://" in target or "@" not in target:
+        raise TargetUsageError(TARGET_HELP)
+    return CliTarget(RabbitEndpoint(node=target), f"node {target} (rabbitmqctl)")
+
+
+def _major_minor(version: Any) -> str | None:
+    found = re.search(r"\d+(?:\.\d+)?", str(version)) if version else None
+    return found.group(0) if found else None
+
+
+def scratch_spec(backup_type: str, versions: Mapping[str, Any], *, pitr: bool = False) -> ScratchSpec:
+    """A scratch node; in Docker the management image of the backed-up release (definitions go over HTTP)."""
+    image = f"rabbitmq:{_major_minor(versions.get('rabbitmq')) or '3.10'}-management"
+    return ScratchSpec("rabbitmq", ContainerSpec(image, DEFAULT_MANAGEMENT_PORT, {"RABBITMQ_DEFAULT_USER": SCRATCH_USER},
+                                                 None, secret_env=("RABBITMQ_DEFAULT_PASS",)))
+
+
+def scratch_target(info: TargetInfo) -> RabbitEndpoint:
+    """A container's management API (no docker exec needed), or a local node through rabbitmqctl."""
+    if info.container:
+        host = info.host or "127.0.0.1"
+        return RabbitEndpoint(mode="http", host=host, port=info.port, management_url=f"http://{host}:{info.port}",
+                              login=SCRATCH_USER, password=info.secret)
+    return RabbitEndpoint(mode="rabbitmqctl", host="127.0.0.1", port=info.port, node=info.node)
+
+
+def versions(manifest: Manifest) -> dict[str, Any]:
+    """The broker's release: rabbitmqctl's version, else the one the export names (http mode)."""
+    version = manifest.tools.get("rabbitmqctl") or manifest.details.get("rabbitmq_version")
+    return {"rabbitmq": version} if version and version != "unknown" else {}
+
+
+def source_size(manifest: Manifest) -> int | None:
+    """The export's size: definitions.json is stored uncompressed, so its manifest entry is the broker's export."""
+    sizes = [entry.size for entry in manifest.files if entry.path == DEFINITIONS_FILE]
+    return sizes[0] if sizes and sizes[0] > 0 else None
