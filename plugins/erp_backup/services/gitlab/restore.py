@@ -180,7 +180,7 @@ def restore(set_dir: Path, manifest: Manifest, target: Any, *, dry_run: bool = F
     not_restored = f"GitLab itself is not restored here: run on the GitLab host: {runbook['runbook_command_text']}"
     if dry_run:
         details["status"] = "dry run: nothing was prepared"
-        return RestoreReport(dry_run=True, actions=[*_planned(set_dir, manifest, target, recorded), not_restored],
+        return RestoreReport(dry_run=True, prepared_only=True, actions=[*_planned(set_dir, manifest, target, recorded), not_restored],
                              details=details)
     placed = _place(set_dir, manifest, target, recorded)
     details.update(status=PREPARED_STATUS, placed_bytes=placed, seconds=round(time.monotonic() - started, 3))
@@ -188,6 +188,7 @@ def restore(set_dir: Path, manifest: Manifest, target: Any, *, dry_run: bool = F
              target, runbook["runbook_command_text"])
     return RestoreReport(
         restored_bytes=sum(placed.values()),
+        prepared_only=True,
         checks=[f"{recorded.tar_name}: {placed[recorded.tar_name]} bytes, SHA-256 matches the manifest",
                 f"{SECRETS_NAME} and {CONFIG_NAME}: SHA-256 of the stored files match the manifest, decompressed"],
         actions=[f"prepared (not restored) {', '.join(placed)} in {target}", not_restored],
