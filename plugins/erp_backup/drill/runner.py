@@ -26,10 +26,10 @@ from erp_backup.drill.targets import (
     TargetInfo,
     drill_scratch_root,
     owner_for,
-    release_target,
     slug,
 )
 from erp_backup.manifest import MANIFEST_NAME, Manifest
+from erp_backup.scratch.local import release as release_target
 from erp_backup.plan import Plan
 from erp_backup.services import get_service
 from erp_backup.services.base import CheckContext, RestoreReport, ServiceModule, airflow_connection

@@ -29,17 +29,17 @@ import os
 import re
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from erp_backup.plan import Plan
 from erp_backup.scratch import local as scratch_local
-from erp_backup.scratch.base import ScratchError, TargetInfo, scratch_root, wait_tcp
+from erp_backup.scratch.base import ScratchError, TargetInfo, scratch_root, wait_ready
 from erp_backup.scratch.local import START_TIMEOUT_S
+from erp_backup.services.base import ContainerSpec, ScratchSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ DOCKER_CONN_ENV = "ERP_DRILL_DOCKER_CONN_ID"
 DOCKER_URL_ENV = "ERP_DRILL_DOCKER_URL"
 WORKER_CONTAINER_ENV = "ERP_DRILL_WORKER_CONTAINER"
 
-DEFAULT_PORTS = {"postgres": 5432, "redis": 6379, "rabbitmq": 5672, "milvus": 19530, "minio": 9000, "gitlab": 443}
-ROLE_PORTS = {"etcd": 2379}
 _LOOPBACK_NAMES = frozenset({"", "localhost", "ip6-localhost", "ip6-loopback", "0.0.0.0", "::"})
 
 
@@ -81,14 +79,6 @@ def drill_scratch_root(plan: Plan) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)
     return root
-
-
-def target_kind(service: str, backup_type: str, pitr: bool = False) -> str:
-    if service == "postgres":
-        return "postgres_pitr" if pitr else "postgres"
-    if service == "milvus":
-        return "etcd" if backup_type == "etcd" else "milvus_lite"
-    return {"redis": "redis", "rabbitmq": "rabbitmq", "minio": "s3", "gitlab": "directory"}[service]
 
 
 # ───────────────────────── production guard ─────────────────────────
@@ -161,10 +151,12 @@ class ProductionGuard:
     @classmethod
     def from_plan(cls, plan: Plan, get_connection: Callable[[str], Any]) -> ProductionGuard:
         """Every connection id in the plan (all services, enabled or not, and offsite); undefined ones are skipped."""
+        from erp_backup.services import get_service
+
         ports: dict[str, int | None] = {}
         for job in plan.jobs:
             for role, conn_id in job.connections.items():
-                ports.setdefault(conn_id, ROLE_PORTS.get(role) or DEFAULT_PORTS.get(job.service))
+                ports.setdefault(conn_id, get_service(job.service).DEFAULT_PORTS.get(role))
         if plan.offsite.conn_id:
             ports.setdefault(plan.offsite.conn_id, 443)
         endpoints: list[ProductionEndpoint] = []
@@ -176,6 +168,10 @@ class ProductionGuard:
                 continue
             endpoints.extend(_endpoints_of(conn_id, conn, default_port))
         return cls(endpoints)
+
+    def check_address(self, info: TargetInfo, host: str, port: int) -> None:
+        """Refuse `host:port`, a server a check starts for `info` (etcd on a restored data dir)."""
+        self.check(TargetInfo(info.service, info.backup_type, info.kind, info.backend, info.owner, host=host, port=port))
 
     def check(self, info: TargetInfo) -> None:
         """Raise ProductionTargetRefused if `info` is (or points at) a production endpoint."""
@@ -210,11 +206,10 @@ class LocalBackend:
     def __init__(self, root: Path, guard: ProductionGuard):
         self.root, self.guard = Path(root), guard
 
-    def start(self, service: str, backup_type: str, owner: str, *, pg_major: int | None = None,
-              pitr: bool = False, timeout: float = START_TIMEOUT_S) -> TargetInfo:
-        """Start (or prepare) the target of a service's set. Its address is checked before anything is created."""
-        return self.start_kind(target_kind(service, backup_type, pitr), service, backup_type, owner,
-                               pg_major=pg_major, timeout=timeout)
+    def start(self, spec: ScratchSpec, service: str, backup_type: str, owner: str, *, run_id: str = "",
+              timeout: float = START_TIMEOUT_S) -> TargetInfo:
+        """Start (or prepare) the scratch server a service asked for. Its address is checked before anything is made."""
+        return self.start_kind(spec.kind, service, backup_type, owner, pg_major=spec.major, timeout=timeout)
 
     def start_kind(self, kind: str, service: str, backup_type: str, owner: str, *, pg_major: int | None = None,
                    timeout: float = START_TIMEOUT_S) -> TargetInfo:
@@ -245,45 +240,6 @@ class LocalBackend:
 # ───────────────────────── Docker ─────────────────────────
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
-    image: str
-    port: int
-    environment: dict[str, str] = field(default_factory=dict)
-    command: tuple[str, ...] | None = None
-
-
-def _major_minor(version: str | None, parts: int) -> str | None:
-    if not version:
-        return None
-    match = re.search(r"\d+(?:\.\d+){0,%d}" % (parts - 1), str(version))
-    return match.group(0) if match else None
-
-
-def container_spec(kind: str, versions: dict[str, Any], secret: str) -> ContainerSpec | None:
-    """The image (matching the backed-up major version) and settings of a scratch container. Pure.
-
-    None: this kind has no container target (it runs on the local backend).
-    """
-    if kind == "postgres":
-        major = versions.get("postgres_major") or 15
-        return ContainerSpec(f"postgres:{major}", 5432, {"POSTGRES_PASSWORD": secret})
-    if kind == "rabbitmq":  # definitions go in and out through the management API
-        return ContainerSpec(f"rabbitmq:{_major_minor(versions.get('rabbitmq'), 2) or '3.10'}-management", 15672,
-                             {"RABBITMQ_DEFAULT_USER": "drill", "RABBITMQ_DEFAULT_PASS": secret})
-    if kind == "milvus_lite":
-        version = _major_minor(versions.get("milvus"), 3) or "2.5.4"
-        return ContainerSpec(
-            f"milvusdb/milvus:v{version}", 19530,
-            {"ETCD_USE_EMBED": "true", "ETCD_DATA_DIR": "/var/lib/milvus/etcd", "COMMON_STORAGETYPE": "local"},
-            ("milvus", "run", "standalone"),
-        )
-    if kind == "s3":
-        return ContainerSpec("minio/minio:latest", 9000, {"MINIO_ROOT_USER": "drill", "MINIO_ROOT_PASSWORD": secret},
-                             ("server", "/data"))
-    return None
-
-
 def _split_image(image: str) -> tuple[str, str]:
     repository, _, tag = image.rpartition(":")
     if not repository or "/" in tag:
@@ -291,21 +247,8 @@ def _split_image(image: str) -> tuple[str, str]:
     return repository, tag
 
 
-def _tcp_ready(info: TargetInfo, timeout: float = START_TIMEOUT_S) -> None:
-    assert info.host and info.port
-    wait_tcp(info.host, info.port, timeout, f"container {info.container}")
-    if info.kind == "postgres":
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with psycopg.connect(info.pg_conninfo, connect_timeout=5):
-                    return
-            except psycopg.OperationalError as exc:
-                if time.monotonic() > deadline:
-                    raise TargetError(f"PostgreSQL in {info.container} did not accept connections: {exc}") from exc
-                time.sleep(0.5)
+def _ready(info: TargetInfo) -> None:
+    wait_ready(info, START_TIMEOUT_S)
 
 
 class DockerBackend:
@@ -320,7 +263,7 @@ class DockerBackend:
     name = "docker"
 
     def __init__(self, api: Any, guard: ProductionGuard, local: LocalBackend, *, worker_container: str | None = None,
-                 docker_conn_id: str | None = None, ready: Callable[[TargetInfo], None] = _tcp_ready):
+                 docker_conn_id: str | None = None, ready: Callable[[TargetInfo], None] = _ready):
         self.api, self.guard, self.local = api, guard, local
         self.worker_container, self.docker_conn_id, self.ready = worker_container, docker_conn_id, ready
 
@@ -333,24 +276,21 @@ class DockerBackend:
         return cls(docker_api(conn_id, url), guard, local, worker_container=os.environ.get(WORKER_CONTAINER_ENV) or None,
                    docker_conn_id=conn_id)
 
-    def start(self, service: str, backup_type: str, owner: str, *, run_id: str, versions: dict[str, Any],
-              pitr: bool = False, pg_major: int | None = None, timeout: float = START_TIMEOUT_S) -> TargetInfo:
-        kind = target_kind(service, backup_type, pitr)
-        secret = secrets.token_hex(16)
-        spec = None if pitr else container_spec(kind, versions, secret)
-        if spec is None:
+    def start(self, spec: ScratchSpec, service: str, backup_type: str, owner: str, *, run_id: str,
+              timeout: float = START_TIMEOUT_S) -> TargetInfo:
+        """Run the service's scratch image; a spec without one runs on the local backend."""
+        if spec.container is None:
             log.info("%s/%s has no container target; using the local backend", service, backup_type)
-            return self.local.start(service, backup_type, owner, pg_major=pg_major, pitr=pitr, timeout=timeout)
-
+            return self.local.start(spec, service, backup_type, owner, run_id=run_id, timeout=timeout)
         name = f"erp-drill-{slug(run_id, 40)}-{service}"
         labels = {DRILL_LABEL: run_id, SERVICE_LABEL: service}
-        info = TargetInfo(service=service, backup_type=backup_type, kind="milvus" if kind == "milvus_lite" else kind,
-                          backend=self.name, owner=owner, image=spec.image, container=name, network=name,
-                          docker_conn_id=self.docker_conn_id, secret=secret)
-        log.info("drill %s: creating internal network %s and container %s (%s)", run_id, name, name, spec.image)
+        info = TargetInfo(service=service, backup_type=backup_type, kind=spec.kind, backend=self.name, owner=owner,
+                          image=spec.container.image, container=name, network=name,
+                          docker_conn_id=self.docker_conn_id, secret=secrets.token_hex(16))
+        log.info("drill %s: creating internal network %s and container %s (%s)", run_id, name, name, info.image)
         self.api.create_network(name, driver="bridge", internal=True, labels=labels, check_duplicate=True)
         try:
-            self._run_container(info, spec, labels)
+            self._run_container(info, spec.container, labels)
             self.guard.check(info)
             self.ready(info)
         except BaseException:
@@ -364,8 +304,9 @@ class DockerBackend:
         repository, tag = _split_image(spec.image)
         self.api.pull(repository, tag=tag)
         host_config = self.api.create_host_config(port_bindings={spec.port: ("127.0.0.1", None)}, network_mode=name)
+        environment = {**spec.environment, **dict.fromkeys(spec.secret_env, info.secret)}
         self.api.create_container(
-            image=spec.image, name=name, labels=labels, environment=spec.environment,
+            image=spec.image, name=name, labels=labels, environment=environment,
             command=list(spec.command) if spec.command else None, ports=[spec.port], host_config=host_config, detach=True,
         )
         self.api.start(name)
@@ -381,8 +322,8 @@ class DockerBackend:
             if binding.get("HostIp") != "127.0.0.1":
                 raise TargetError(f"container {name}: port {spec.port} published on {binding.get('HostIp')!r}, not 127.0.0.1")
             info.host, info.port = "127.0.0.1", int(binding["HostPort"])
-        if info.kind in ("milvus", "s3"):
-            info.uri = f"http://{info.host}:{info.port}"
+        if spec.uri_scheme:
+            info.uri = f"{spec.uri_scheme}://{info.host}:{info.port}"
 
     def stop(self, info: TargetInfo) -> list[str]:
         if info.backend != self.name:

@@ -186,7 +186,7 @@ class TargetInfo:
 
     service: str
     backup_type: str
-    kind: str  # postgres | postgres_cluster | redis | rabbitmq | milvus_lite | milvus | etcd | s3 | directory
+    kind: str  # postgres | postgres_cluster | redis | rabbitmq | milvus_lite | etcd | s3 | directory
     backend: str  # local | docker
     owner: str
     host: str | None = None
@@ -210,15 +210,12 @@ class TargetInfo:
 
     def describe(self) -> str:
         """Where it is, without secrets."""
-        cluster = f"PostgreSQL cluster, not started (PITR) 127.0.0.1:{self.port}"
         where = {
             "postgres": f"PostgreSQL {self.host}:{self.port}",
-            "postgres_cluster": cluster,
-            "postgres_pitr": cluster,
+            "postgres_cluster": f"PostgreSQL cluster, not started (PITR) 127.0.0.1:{self.port}",
             "redis": f"redis-server {self.host}:{self.port}",
             "rabbitmq": f"RabbitMQ node {self.node or self.container} (AMQP {self.host}:{self.port})",
-            "milvus_lite": f"milvus-lite {self.uri}",
-            "milvus": f"Milvus {self.uri}",
+            "milvus_lite": f"Milvus {self.uri}" if self.container else f"milvus-lite {self.uri}",
             "etcd": f"etcd data dir {self.uri}",
             "s3": f"S3 endpoint {self.uri}",
             "directory": f"directory {self.uri}",
@@ -232,36 +229,22 @@ class TargetInfo:
         password = f" password={self.secret}" if self.secret else ""
         return f"host={self.host} port={self.port} user=postgres dbname=postgres{password}"
 
-    def restore_target(self) -> Any:
-        """What the service module's restore() takes as `target` (until each service has scratch_target)."""
-        if self.kind == "postgres":
-            return self.pg_conninfo
-        if self.kind in ("postgres_cluster", "postgres_pitr"):
-            from erp_backup.scratch.postgres import ScratchPostgres, pg_bindir
 
-            assert self.base_dir
-            return ScratchPostgres(Path(self.base_dir), port=self.port, bindir=pg_bindir())
-        if self.kind == "redis":
-            from erp_backup.scratch.redis import ScratchRedis
+def wait_ready(info: TargetInfo, timeout: float) -> None:
+    """Wait until a started server answers: its TCP port, and for PostgreSQL a real login."""
+    if not (info.host and info.port):
+        raise ScratchError(f"{info.describe()} has no address to wait for")
+    wait_tcp(info.host, info.port, timeout, info.describe())
+    if info.kind != "postgres":
+        return
+    import psycopg
 
-            assert self.base_dir
-            return ScratchRedis(dir=Path(self.base_dir) / "data", host=self.host or HOST, port=self.port)
-        if self.kind == "rabbitmq":
-            return self._rabbit_endpoint()
-        if self.kind in ("milvus_lite", "milvus", "etcd"):
-            return self.uri
-        if self.kind == "s3":  # erp_backup.services.minio.RestoreTarget fields, without the bucket
-            return {"endpoint_url": self.uri, "access_key": "drill", "secret_key": self.secret or "drill",
-                    "region": "us-east-1", "create_bucket": True}
-        if self.kind == "directory":
-            assert self.uri
-            return Path(self.uri)
-        raise ScratchError(f"unknown target kind {self.kind!r}")
-
-    def _rabbit_endpoint(self) -> Any:
-        from erp_backup.services.rabbitmq import RabbitEndpoint
-
-        if self.container:  # the management API of the container (no docker exec needed)
-            return RabbitEndpoint(mode="http", host=self.host or HOST, port=self.port,
-                                  management_url=f"http://{self.host}:{self.port}", login="drill", password=self.secret)
-        return RabbitEndpoint(mode="rabbitmqctl", host=HOST, port=self.port, node=self.node)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(info.pg_conninfo, connect_timeout=5):
+                return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise ScratchError(f"{info.describe()} did not accept connections: {exc}") from exc
+            time.sleep(0.5)

@@ -55,7 +55,6 @@ LABEL_FILE = ".erp-drill.json"
 START_TIMEOUT_S = 180.0
 LOG_TAIL = 1500
 # The drill's name for `postgres_cluster` until every service declares scratch_spec (and in older drill state).
-KIND_ALIASES = {"postgres_pitr": "postgres_cluster"}
 
 
 @dataclass(frozen=True)
@@ -201,9 +200,15 @@ KINDS: dict[str, LocalKind] = {
 }
 
 
+def release(info: TargetInfo) -> None:
+    """Let go of what this process holds of a target once a step is done (an embedded milvus-lite server)."""
+    if info.kind == "milvus_lite" and info.uri and not info.container:
+        release_lite(Path(info.uri))
+
+
 def local_kind(kind: str) -> LocalKind:
     try:
-        return KINDS[KIND_ALIASES.get(kind, kind)]
+        return KINDS[kind]
     except KeyError:
         raise ScratchError(f"no local scratch target of kind {kind!r} (known: {', '.join(sorted(KINDS))})") from None
 
@@ -244,7 +249,7 @@ def remove(info: TargetInfo) -> list[str]:
     if not info.base_dir:
         return []
     base = Path(info.base_dir)
-    kind = KINDS.get(KIND_ALIASES.get(info.kind, info.kind))
+    kind = KINDS.get(info.kind)
     if kind is None:
         log.warning("scratch target %s has unknown kind %r: removing its directory only", base, info.kind)
     done = kind.stop(info, base) if kind else []

@@ -16,6 +16,8 @@ Module attributes:
 - ``DRILL_TYPES``: the types the weekly drill may pick (a subset of RESTORE_TYPES).
 - ``PITR_TYPES``: the types that together restore to a point in time (empty for most).
 - ``RESTORE_OPTIONS``: the option names ``restore`` accepts (the CLI refuses others).
+- ``DEFAULT_PORTS``: the port each connection role listens on when its connection names
+  none (``{"source": 5432}``), so the drill's production guard can compare addresses.
 
 Verbs (see :class:`ServiceModule` for the signatures):
 
@@ -199,6 +201,7 @@ class ContainerSpec:
 
     ``secret_env`` names the variables the backend sets to the target's one-off scratch
     password, so no secret ever passes through a service module or a spec.
+    ``uri_scheme`` makes the target's address a URI (``http://host:port``) for clients that take one.
     """
 
     image: str
@@ -206,6 +209,7 @@ class ContainerSpec:
     environment: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] | None = None
     secret_env: tuple[str, ...] = ()
+    uri_scheme: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,7 @@ class ScratchSpec:
 
     kind: str
     container: ContainerSpec | None = None
+    major: int | None = None  # the server major version local binaries must match (PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ class ServiceModule(Protocol):
     DRILL_TYPES: frozenset[str]
     PITR_TYPES: frozenset[str]
     RESTORE_OPTIONS: frozenset[str]
+    DEFAULT_PORTS: Mapping[str, int]
 
     def backup(self, ctx: BackupContext) -> BackupOutcome: ...
 

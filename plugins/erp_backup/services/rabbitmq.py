@@ -70,6 +70,7 @@ RESTORE_TYPES = frozenset({"definitions"})
 DRILL_TYPES = frozenset({"definitions"})
 PITR_TYPES: frozenset[str] = frozenset()
 RESTORE_OPTIONS = frozenset({"vhosts"})
+DEFAULT_PORTS = {"source": 5672}
 DEFINITIONS_FILE = "definitions.json"
 MODES = ("rabbitmqctl", "http")
 DEFAULT_MANAGEMENT_PORT = 15672

@@ -88,7 +88,7 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "GitLabBackupError",
+    "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "GitLabBackupError",
     "GitLabRestoreError", "after_prune", "backup", "check_restored", "plan_point_in_time", "protected_sets",
     "restore", "restore_to_time", "scratch_spec", "scratch_target", "source_size", "target_from_cli", "verify",
     "versions",
@@ -100,6 +100,7 @@ SUPPORTED_TYPES = frozenset({"full"})
 RESTORE_TYPES = frozenset({"full"})
 DRILL_TYPES = frozenset({"full"})
 PITR_TYPES: frozenset[str] = frozenset()
+DEFAULT_PORTS = {"source": 443}
 
 _INFO_VERSION = re.compile(r"^:?gitlab_version:\s*['\"]?([^'\"\s]+)", re.MULTILINE)
 _VERSION_NUMBER = re.compile(r"\d+\.\d+\.\d+")

@@ -160,6 +160,7 @@ DRILL_TYPES = SUPPORTED_TYPES
 PITR_TYPES: frozenset[str] = frozenset()
 # The options restore_full and restore_etcd take (each refuses the other's).
 RESTORE_OPTIONS = frozenset(RestoreSettings.__dataclass_fields__) | ETCD_RESTORE_OPTIONS
+DEFAULT_PORTS = {SOURCE_ROLE: DEFAULT_MILVUS_PORT, ETCD_ROLE: DEFAULT_ETCD_PORT}
 SCRATCH_MILVUS_VERSION = "2.5.4"  # the scratch image when the manifest records no server version
 SCRATCH_MILVUS_ENV = {"ETCD_USE_EMBED": "true", "ETCD_DATA_DIR": "/var/lib/milvus/etcd", "COMMON_STORAGETYPE": "local"}
 SIZE_KEYS = ("source_bytes", "raw_bytes")  # details keys a manifest may record its source size under
@@ -253,12 +254,13 @@ def scratch_spec(backup_type: str, versions: Mapping[str, Any], *, pitr: bool = 
         return ScratchSpec("etcd", None)
     version = _release(versions.get("milvus")) or SCRATCH_MILVUS_VERSION
     return ScratchSpec("milvus_lite", ContainerSpec(f"milvusdb/milvus:v{version}", DEFAULT_MILVUS_PORT,
-                                                    dict(SCRATCH_MILVUS_ENV), ("milvus", "run", "standalone")))
+                                                    dict(SCRATCH_MILVUS_ENV), ("milvus", "run", "standalone"),
+                                                    uri_scheme="http"))
 
 
 def scratch_target(info: TargetInfo) -> str:
     """The URI (milvus-lite path or Milvus URI) or the new etcd data dir of the started scratch target."""
-    if info.kind not in ("milvus_lite", "milvus", "etcd") or not info.uri:
+    if info.kind not in ("milvus_lite", "etcd") or not info.uri:
         raise ValueError(f"milvus cannot restore into a scratch target of kind {info.kind!r} without a uri")
     return str(info.uri)
 

@@ -143,6 +143,7 @@ log = logging.getLogger(__name__)
 RESTORE_TYPES = SUPPORTED_TYPES
 DRILL_TYPES = SUPPORTED_TYPES
 RESTORE_OPTIONS = frozenset(_RESTORE_OPTION_NAMES)
+DEFAULT_PORTS = {"source": 9000}
 PITR_TYPES: frozenset[str] = frozenset()
 SCRATCH_IMAGE = "minio/minio:latest"
 SCRATCH_USER = "drill"  # the scratch server's root user; its password is the target's one-off secret
@@ -178,7 +179,7 @@ def target_from_cli(backup_type: str, target: str | None, target_conn: str | Non
 def scratch_spec(backup_type: str, versions: Mapping[str, Any], *, pitr: bool = False) -> ScratchSpec:
     """A scratch S3 endpoint: moto locally, MinIO in Docker (its root password is the target's secret)."""
     return ScratchSpec("s3", ContainerSpec(SCRATCH_IMAGE, 9000, {"MINIO_ROOT_USER": SCRATCH_USER}, ("server", "/data"),
-                                           secret_env=("MINIO_ROOT_PASSWORD",)))
+                                           secret_env=("MINIO_ROOT_PASSWORD",), uri_scheme="http"))
 
 
 def scratch_target(info: TargetInfo) -> dict[str, Any]:

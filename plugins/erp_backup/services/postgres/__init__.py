@@ -85,6 +85,7 @@ RESTORE_TYPES = frozenset(_RESTORES)
 DRILL_TYPES = frozenset({FULL_TYPE})
 PITR_TYPES = frozenset({chain.SNAPSHOT_TYPE, chain.WAL_TYPE})
 RESTORE_OPTIONS = frozenset(OPTION_NAMES)
+DEFAULT_PORTS = {"source": SCRATCH_PORT}
 POINT_IN_TIME_HINT = ("they restore together, to a point in time: restore_to_time, or "
                       "include/scripts/pitr_restore.sh --target-time ...")
 
@@ -135,11 +136,12 @@ def target_from_cli(backup_type: str, target: str | None, target_conn: str | Non
 
 def scratch_spec(backup_type: str, versions: Mapping[str, Any], *, pitr: bool = False) -> ScratchSpec:
     """A PostgreSQL server of the backed-up major (full), or an initdb'd cluster left stopped (point in time)."""
+    recorded = versions.get("postgres_major")
     if pitr:
-        return ScratchSpec("postgres_cluster", None)
-    major = versions.get("postgres_major") or DEFAULT_MAJOR
+        return ScratchSpec("postgres_cluster", None, major=recorded)
+    major = recorded or DEFAULT_MAJOR
     return ScratchSpec("postgres", ContainerSpec(f"postgres:{major}", SCRATCH_PORT, {}, None,
-                                                 secret_env=("POSTGRES_PASSWORD",)))
+                                                 secret_env=("POSTGRES_PASSWORD",)), major=recorded)
 
 
 def scratch_target(info: TargetInfo) -> Any:
