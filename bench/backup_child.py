@@ -48,7 +48,7 @@ def main() -> None:
 
     from airflow.sdk import Connection
 
-    from erp_backup import pg_content
+    from erp_backup.services.postgres import content as pg_content
     from erp_backup.manifest import Manifest, write_manifest
     from erp_backup.plan import BackupJob
     from erp_backup.services import postgres

@@ -25,7 +25,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from erp_backup import pg_content, steps
+from erp_backup import steps
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch.postgres import ScratchPostgres

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from erp_backup import pg_content
+from erp_backup.services.postgres import content as pg_content
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from erp_backup import pg_content
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import MANIFEST_NAME, Manifest, write_manifest
 from erp_backup.plan import BackupJob
 from erp_backup.runner import LocalExecutor

@@ -10,7 +10,7 @@ A full set holds:
   bytes), so any name gives one safe, unique file name. The manifest maps names to files.
 
 Each dump runs with ``--snapshot`` exported by a REPEATABLE READ, READ ONLY
-transaction that computes the table inventory (``erp_backup.pg_content``) in a
+transaction that computes the table inventory (``erp_backup.services.postgres.content``) in a
 thread while the dump streams, so counts and hashes describe exactly the dumped data.
 The restore of a full set is in ``restore.py``; the commands in ``commands.py``.
 """
@@ -29,9 +29,9 @@ from typing import Any
 import psycopg
 import zstandard
 
-from erp_backup import pg_content
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import FileEntry, Manifest
-from erp_backup.pg_content import TableContent
+from erp_backup.services.postgres.content import TableContent
 from erp_backup.runner import CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.services.postgres.commands import (

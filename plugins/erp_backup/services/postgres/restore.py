@@ -24,9 +24,9 @@ from typing import Any
 
 import psycopg
 
-from erp_backup import pg_content
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import Manifest
-from erp_backup.pg_content import TableContent
+from erp_backup.services.postgres.content import TableContent
 from erp_backup.runner import Command, CommandError, Executor, LocalExecutor
 from erp_backup.services.base import RestoreReport
 from erp_backup.services.postgres.commands import (
