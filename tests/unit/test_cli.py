@@ -92,7 +92,7 @@ def test_list_shows_every_set_with_its_state_size_and_file_count(root: Path) -> 
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (("list", "postgress"), "unknown service 'postgress' (known: gitlab, milvus, minio, postgres, rabbitmq, redis)"),
+    (("list", "postgress"), "unknown service 'postgress' (known: files, gitlab, milvus, minio, postgres, rabbitmq, redis)"),
     (("list", "postgres", "daily"), "unknown backup type 'daily' for postgres (known: full, snapshot, wal)"),
 ])
 def test_list_rejects_unknown_service_or_type(root: Path, argv: tuple[str, ...], message: str) -> None:
@@ -194,14 +194,14 @@ def test_restore_checks_every_file_before_touching_the_target(root: Path, tmp_pa
     assert not target.exists()
 
 
-def test_dry_run_of_a_service_without_dry_run_stops_after_verify(root: Path, tmp_path: Path) -> None:
-    make_verified_set(root, {"x.tar": b"tar"}, service="gitlab", backup_id=ID_OLD)
-    target = tmp_path / "prepared"
+def test_every_service_dry_run_goes_through_its_restore_and_changes_nothing(root: Path, tmp_path: Path) -> None:
+    make_verified_set(root, {"files.tar.zst": b"tar"}, service="files", backup_id=ID_OLD)
+    target = tmp_path / "restored-config"
 
-    code, out, _ = run("restore", "gitlab", "full", ID_OLD, "--root", str(root), "--target", str(target), "--dry-run")
+    code, out, _ = run("restore", "files", "full", ID_OLD, "--root", str(root), "--target", str(target), "--dry-run")
 
     assert code == 0 and out.startswith("DRY RUN: nothing was changed.")
-    assert f"restore gitlab/full/{ID_OLD} into {target} with gitlab.restore" in out
+    assert f"  - extract 0 files (0 bytes), 0 directories and 0 symlinks from files.tar.zst into {target}" in out
     assert not target.exists()
 
 
@@ -212,17 +212,17 @@ def test_redis_dry_run_goes_through_the_service(root: Path, tmp_path: Path) -> N
                        "--dry-run", "--json")
 
     report = json.loads(out)
-    assert code == 0 and report["dry_run"] is True and report["target_dir"] == str(target)
-    assert report["would"][0].startswith("decompress ") and not target.exists()
+    assert code == 0 and report["dry_run"] is True and report["details"]["target_dir"] == str(target)
+    assert report["actions"][0].startswith("decompress ") and not target.exists()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (("postgres", "full", "--target", "not a dsn"), "--target is not a PostgreSQL connection string or URL"),
     (("postgres", "full"), "postgres restores need --target"),
-    (("postgres", "wal", "--target", "/tmp/x"), "cannot restore 'wal' backups here (supported: full). For a point-in-time"),
+    (("postgres", "wal", "--target", "/tmp/x"), "cannot restore 'wal' backups alone (restorable: full). For a point-in-time"),
     (("minio", "full", "--target", "s3://bucket/p"), "minio restores need --target-conn"),
     (("minio", "full", "--target", "/tmp/dir", "--target-conn", "x"), "need --target s3://bucket[/prefix]"),
-    (("redis", "rdb", "--target", "/tmp/x", "--schema", "tenant_acme"), "--schema and --database apply to postgres"),
+    (("redis", "rdb", "--target", "/tmp/x", "--schema", "tenant_acme"), "--schema: not an option of redis rdb restores"),
     (("rabbitmq", "definitions", "--target", "http://mq:15672"), "rabbitmq restores take --target local"),
     (("nosuch", "full", "--target", "x"), "unknown service 'nosuch'"),
 ])
@@ -232,17 +232,20 @@ def test_bad_restore_arguments_are_usage_errors(root: Path, argv: tuple[str, ...
     assert code == 2 and message in err
 
 
-def test_restore_targets_for_each_service(tmp_path: Path) -> None:
+def test_restore_targets_for_each_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_MINIO_DR", json.dumps(
+        {"conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": "http://minio-dr:9000"}}))
     dsn = "postgresql://postgres@db:5433/postgres"
-    assert cli.restore_target("postgres", "full", dsn, None) == (dsn, {})
-    assert cli.restore_target("minio", "full", "s3://restored/docs/2026/", "minio_dr") == (
-        {"bucket": "restored", "prefix": "docs/2026", "conn_id": "minio_dr"}, {})
-    assert cli.restore_target("redis", "rdb", str(tmp_path), None) == ({"dir": tmp_path}, {})
-    assert cli.restore_target("gitlab", "full", str(tmp_path / "g"), None) == (tmp_path / "g", {})
-    assert cli.restore_target("milvus", "etcd", str(tmp_path / "etcd"), None) == (tmp_path / "etcd", {})
-    assert cli.restore_target("milvus", "full", "http://milvus:19530", None) == ("http://milvus:19530", {})
-    assert cli.restore_target("rabbitmq", "definitions", "local", None) == ({}, {})
-    assert cli.restore_target("rabbitmq", "definitions", "rabbit@mq", None) == ({"node": "rabbit@mq"}, {})
+    assert cli.restore_target("postgres", "full", dsn, None).target == dsn
+    minio = cli.restore_target("minio", "full", "s3://restored/docs/2026/", "minio_dr").target
+    assert (minio.bucket, minio.prefix.rstrip("/"), minio.conn_id) == ("restored", "docs/2026", "minio_dr")
+    assert cli.restore_target("redis", "rdb", str(tmp_path), None).target == {"dir": tmp_path}
+    assert cli.restore_target("gitlab", "full", str(tmp_path / "g"), None).target == tmp_path / "g"
+    assert cli.restore_target("milvus", "etcd", str(tmp_path / "etcd"), None).target == tmp_path / "etcd"
+    assert cli.restore_target("milvus", "full", "http://milvus:19530", None).target.uri == "http://milvus:19530"
+    local = cli.restore_target("rabbitmq", "definitions", "local", None).target
+    assert (local.mode, local.node) == ("rabbitmqctl", None)
+    assert cli.restore_target("rabbitmq", "definitions", "rabbit@mq", None).target.node == "rabbit@mq"
     with pytest.raises(cli.UsageError, match="must be a new directory"):
         cli.restore_target("milvus", "etcd", str(tmp_path), None)
 
@@ -251,16 +254,10 @@ def test_postgres_target_from_an_env_connection(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("AIRFLOW_CONN_PG_DR", json.dumps(
         {"conn_type": "postgres", "host": "dr-db", "port": 5433, "login": "restorer", "password": "s3cret-pw"}))
 
-    dsn, _ = cli.restore_target("postgres", "full", None, "pg_dr")
+    chosen = cli.restore_target("postgres", "full", None, "pg_dr")
 
-    assert "host=dr-db" in dsn and "port=5433" in dsn and "user=restorer" in dsn and "dbname=postgres" in dsn
-    assert "s3cret-pw" not in cli.redact_target(dsn)
-
-
-def test_targets_are_shown_without_passwords() -> None:
-    assert cli.redact_target("postgresql://admin:hunter2@db:5432/postgres") == "postgresql://admin@db:5432/postgres"
-    assert sorted(cli.redact_target("host=db user=admin password=hunter2").split()) == ["host=db", "user=admin"]
-    assert cli.redact_target("http://milvus:19530") == "http://milvus:19530"
+    assert all(part in chosen.target for part in ("host=dr-db", "port=5433", "user=restorer", "dbname=postgres"))
+    assert "s3cret-pw" not in chosen.description
 
 
 # --- offsite (filesystem store) ----------------------------------------------------------------------

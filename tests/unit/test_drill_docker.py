@@ -19,9 +19,10 @@ from erp_backup.drill.targets import (
     ProductionGuard,
     ProductionTargetRefused,
     TargetError,
-    container_spec,
 )
 from erp_backup.scratch.base import TargetInfo
+from erp_backup.services import get_service
+from erp_backup.services.base import ScratchSpec
 from tests.unit.test_drill_pick import plan_with
 
 RUN_ID = "scheduled__2026-11-29T21:00:00+00:00"
@@ -86,6 +87,10 @@ class FakeAPIClient:
         return self.existing_networks
 
 
+def spec(service: str, backup_type: str, versions: dict[str, Any]) -> ScratchSpec:
+    return get_service(service).scratch_spec(backup_type, versions)
+
+
 def backend(tmp_path: Path, api: FakeAPIClient, guard: ProductionGuard | None = None, **kwargs: Any) -> DockerBackend:
     guard = guard or ProductionGuard([])
     ready_calls: list[TargetInfo] = []
@@ -97,7 +102,7 @@ def backend(tmp_path: Path, api: FakeAPIClient, guard: ProductionGuard | None = 
 def test_postgres_target_is_the_backed_up_major_on_an_internal_network_bound_to_loopback(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
-    info = docker.start("postgres", "full", OWNER, run_id=RUN_ID, versions={"postgres_major": 16})
+    info = docker.start(spec("postgres", "full", {"postgres_major": 16}), "postgres", "full", OWNER, run_id=RUN_ID)
 
     name = info.container
     assert name and name.startswith("erp-drill-scheduled-2026-11-29t21-00") and name.endswith("-postgres")
@@ -126,10 +131,10 @@ def test_postgres_target_is_the_backed_up_major_on_an_internal_network_bound_to_
 def test_teardown_removes_the_container_and_its_network(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
-    info = docker.start("rabbitmq", "definitions", OWNER, run_id=RUN_ID, versions={"rabbitmq": "3.10.8"})
+    info = docker.start(spec("rabbitmq", "definitions", {"rabbitmq": "3.10.8"}), "rabbitmq", "definitions", OWNER, run_id=RUN_ID)
     assert api.named("pull") == [(("rabbitmq",), {"tag": "3.10-management"})]
     assert api.named("create_host_config")[0][1]["port_bindings"] == {15672: ("127.0.0.1", None)}
-    endpoint = info.restore_target()
+    endpoint = get_service("rabbitmq").scratch_target(info)
     assert (endpoint.mode, endpoint.management_url, endpoint.login) == ("http", "http://127.0.0.1:49153", "drill")
     api.calls.clear()
     done = docker.stop(info)
@@ -141,7 +146,7 @@ def test_teardown_removes_the_container_and_its_network(tmp_path):
 def test_worker_in_a_container_joins_the_drill_network_and_uses_the_container_name(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api, worker_container="airflow-worker-1")
-    info = docker.start("milvus", "full", OWNER, run_id=RUN_ID, versions={})
+    info = docker.start(spec("milvus", "full", {}), "milvus", "full", OWNER, run_id=RUN_ID)
     assert api.named("connect_container_to_network") == [(("airflow-worker-1", info.network), {})]
     assert api.named("port") == []
     assert (info.host, info.port, info.uri) == (info.container, 19530, f"http://{info.container}:19530")
@@ -157,7 +162,7 @@ def test_a_port_published_beyond_loopback_is_refused_and_cleaned_up(tmp_path):
     api = FakeAPIClient(host_ip="0.0.0.0")
     docker = backend(tmp_path, api)
     with pytest.raises(TargetError, match="published on '0.0.0.0', not 127.0.0.1"):
-        docker.start("postgres", "full", OWNER, run_id=RUN_ID, versions={})
+        docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
     assert len(api.named("remove_container")) == 1 and len(api.named("remove_network")) == 1
     assert docker.ready_calls == []
 
@@ -167,14 +172,14 @@ def test_a_target_on_a_production_endpoint_is_refused_and_cleaned_up(tmp_path):
     guard = ProductionGuard([ProductionEndpoint("erp_postgres", frozenset({"loopback"}), 5432)])
     docker = backend(tmp_path, api, guard)
     with pytest.raises(ProductionTargetRefused, match="production endpoint of connection 'erp_postgres'"):
-        docker.start("postgres", "full", OWNER, run_id=RUN_ID, versions={})
+        docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
     assert [args[0] for args, _ in api.named("remove_container")] == [api.named("create_container")[0][1]["name"]]
 
 
 def test_services_without_a_container_target_use_the_local_backend(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
-    info = docker.start("redis", "rdb", OWNER, run_id=RUN_ID, versions={"redis": "7.0.15"})
+    info = docker.start(spec("redis", "rdb", {"redis": "7.0.15"}), "redis", "rdb", OWNER, run_id=RUN_ID)
     assert api.calls == [] and info.backend == "local" and info.kind == "redis" and info.host == "127.0.0.1"
     assert Path(info.base_dir, ".erp-drill.json").is_file()
     docker.stop(info)
@@ -199,12 +204,16 @@ def test_leftovers_of_other_drills_are_removed_by_label_and_this_runs_kept(tmp_p
 
 
 def test_container_images_follow_the_backed_up_versions():
-    assert container_spec("postgres", {"postgres_major": 15}, "s").image == "postgres:15"
-    assert container_spec("postgres", {}, "s").image == "postgres:15"
-    assert container_spec("rabbitmq", {"rabbitmq": "3.13.7"}, "s").image == "rabbitmq:3.13-management"
-    assert container_spec("milvus_lite", {"milvus": "v2.4.15"}, "s").image == "milvusdb/milvus:v2.4.15"
-    assert container_spec("redis", {}, "s") is None and container_spec("etcd", {}, "s") is None
-    assert container_spec("directory", {}, "s") is None
+    def image(service: str, backup_type: str, versions: dict[str, Any]) -> str | None:
+        container = spec(service, backup_type, versions).container
+        return container.image if container else None
+
+    assert image("postgres", "full", {"postgres_major": 15}) == "postgres:15"
+    assert image("postgres", "full", {}) == "postgres:15"
+    assert image("rabbitmq", "definitions", {"rabbitmq": "3.13.7"}) == "rabbitmq:3.13-management"
+    assert image("milvus", "full", {"milvus": "v2.4.15"}) == "milvusdb/milvus:v2.4.15"
+    assert image("redis", "rdb", {}) is None and image("milvus", "etcd", {}) is None
+    assert image("gitlab", "full", {}) is None
 
 
 # ───────────── production guard ─────────────

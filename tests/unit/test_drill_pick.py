@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from erp_backup.drill import pick as picking
 from erp_backup.drill import report as drill_report
 from erp_backup.drill.params import DrillParamError, drill_params, parse_request
-from erp_backup.drill.runner import ServiceState, ledger_entries_for_pick, size_measure
+from erp_backup.drill.choose import size_measure
+from erp_backup.drill.records import ServiceState, ledger_entries_for_pick
 from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.plan import DEFAULT_PLAN_PATH, parse_plan
 
@@ -162,7 +163,7 @@ def test_unknown_service_lists_the_valid_ones():
 @pytest.mark.parametrize(("params", "message"), [
     ({"service": "all", "backup_id": "20261120T170000Z"}, "needs a service: set service to one of postgres"),
     ({"service": "postgres", "backup_id": "yesterday"}, "is not a backup id; use <YYYYMMDDTHHMMSSZ>"),
-    ({"service": "redis", "target_time": "2026-11-26T10:15:00+09:00"}, "set service=postgres"),
+    ({"service": "redis", "target_time": "2026-11-26T10:15:00+09:00"}, "set service to one of postgres"),
     ({"service": "postgres", "target_time": "2026-11-26 10:15"}, "has no UTC offset"),
     ({"service": "postgres", "target_time": "tuesday"}, "is not an ISO 8601 time"),
     ({"source": "tape"}, "valid: offsite, local"),
@@ -194,7 +195,7 @@ def manifest_with(details: dict, sizes: list[int]) -> Manifest:
 
 
 def test_size_measure_prefers_the_source_size_in_the_details():
-    assert size_measure(manifest_with({"raw_bytes": 5000}, [100, 200])) == (5000, "details.raw_bytes")
+    assert size_measure(manifest_with({"raw_bytes": 5000}, [100, 200])) == (5000, "postgres source size")
     assert size_measure(manifest_with({}, [100, 200])) == (300, "set size")
 
 

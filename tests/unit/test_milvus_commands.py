@@ -430,7 +430,7 @@ def test_scratch_spec_follows_the_recorded_server_version() -> None:
     assert spec == ScratchSpec("milvus_lite", ContainerSpec(
         "milvusdb/milvus:v2.4.15", 19530,
         {"ETCD_USE_EMBED": "true", "ETCD_DATA_DIR": "/var/lib/milvus/etcd", "COMMON_STORAGETYPE": "local"},
-        ("milvus", "run", "standalone"),
+        ("milvus", "run", "standalone"), uri_scheme="http",
     ))
     assert spec.container is not None and spec.container.secret_env == ()
     assert milvus.scratch_spec("full", {}).container.image == "milvusdb/milvus:v2.5.4"  # type: ignore[union-attr]
@@ -441,7 +441,7 @@ def test_scratch_spec_follows_the_recorded_server_version() -> None:
 
 def test_scratch_target_is_the_uri_of_the_started_target() -> None:
     assert milvus.scratch_target(SimpleNamespace(kind="milvus_lite", uri="/drill/x/milvus.db")) == "/drill/x/milvus.db"
-    assert milvus.scratch_target(SimpleNamespace(kind="milvus", uri="http://10.1.2.3:19530")) == "http://10.1.2.3:19530"
+    assert milvus.scratch_target(SimpleNamespace(kind="milvus_lite", uri="http://10.1.2.3:19530")) == "http://10.1.2.3:19530"
     assert milvus.scratch_target(SimpleNamespace(kind="etcd", uri="/drill/x/etcd-data")) == "/drill/x/etcd-data"
     with pytest.raises(ValueError, match="kind 's3'"):
         milvus.scratch_target(SimpleNamespace(kind="s3", uri="http://127.0.0.1:9000"))

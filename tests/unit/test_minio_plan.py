@@ -356,7 +356,8 @@ def test_an_undefined_cli_target_connection_fails_before_any_restore() -> None:
 
 def test_scratch_spec_and_target_keep_the_secret_out_of_the_spec() -> None:
     expected = ScratchSpec("s3", ContainerSpec("minio/minio:latest", 9000, {"MINIO_ROOT_USER": "drill"},
-                                               ("server", "/data"), secret_env=("MINIO_ROOT_PASSWORD",)))
+                                               ("server", "/data"), secret_env=("MINIO_ROOT_PASSWORD",),
+                                               uri_scheme="http"))
     assert svc.scratch_spec("full", {}) == svc.scratch_spec("snapshot", {"minio": "x"}) == expected
     info = SimpleNamespace(kind="s3", uri="http://127.0.0.1:9100", secret="one-off-pw")
     assert svc.scratch_target(info) == {"endpoint_url": "http://127.0.0.1:9100", "access_key": "drill",

@@ -135,8 +135,10 @@ def test_redaction_of_urls_and_conninfo():
 
 def test_scratch_spec_is_the_backed_up_major_or_an_initdb_cluster_for_pitr():
     assert postgres.scratch_spec("snapshot", {}, pitr=True) == ScratchSpec("postgres_cluster", None)
+    assert postgres.scratch_spec("snapshot", {"postgres_major": 16}, pitr=True).major == 16  # local binaries of that major
     spec = postgres.scratch_spec("full", {"postgres_major": 16})
-    assert spec == ScratchSpec("postgres", ContainerSpec("postgres:16", 5432, {}, None, secret_env=("POSTGRES_PASSWORD",)))
+    assert spec == ScratchSpec("postgres", ContainerSpec("postgres:16", 5432, {}, None, secret_env=("POSTGRES_PASSWORD",)),
+                               major=16)
     assert postgres.scratch_spec("full", {}).container == ContainerSpec(
         "postgres:15", 5432, {}, None, secret_env=("POSTGRES_PASSWORD",))
 

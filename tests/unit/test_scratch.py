@@ -73,7 +73,6 @@ def test_every_scratch_server_follows_the_protocol(server: type) -> None:
 
 def test_the_registry_has_every_kind_a_service_can_ask_for():
     assert set(scratch_local.KINDS) == SPEC_KINDS
-    assert scratch_local.local_kind("postgres_pitr") is scratch_local.KINDS["postgres_cluster"]
     with pytest.raises(ScratchError, match="no local scratch target of kind 'milvus' .*known: directory, etcd"):
         scratch_local.local_kind("milvus")
 
