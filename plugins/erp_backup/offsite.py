@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from erp_backup.checksum import ChecksumMismatch
 from erp_backup.checksum import sha256sums_text
 from erp_backup.manifest import (
     DIR_MODE,
@@ -66,10 +67,6 @@ log = logging.getLogger(__name__)
 
 class OffsiteError(RuntimeError):
     """The offsite store is unreachable, or a set there is missing, incomplete or corrupt."""
-
-
-class ChecksumMismatch(OffsiteError):
-    """Bytes read from the offsite store differ from what the manifest (or the store) recorded."""
 
 
 @dataclass
@@ -365,7 +362,7 @@ class _SetStore(ABC):
                     raise OffsiteError(f"{what} is missing offsite")
                 try:
                     _receive(chunks, target, _Item(relative, entry.size, entry.sha256))
-                except OffsiteError as exc:  # ChecksumMismatch stays a ChecksumMismatch
+                except (OffsiteError, ChecksumMismatch) as exc:  # each keeps its type
                     raise type(exc)(f"{what}: {exc}") from exc
             sums = self._read(f"{base}/{SUMS_NAME}")
             write_atomic(dest / SUMS_NAME, sums if sums is not None else sha256sums_text(manifest).encode())

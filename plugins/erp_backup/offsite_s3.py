@@ -25,7 +25,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from erp_backup.manifest import HASH_CHUNK
-from erp_backup.offsite import ChecksumMismatch, OffsiteError, _Item, _SetStore
+from erp_backup.checksum import ChecksumMismatch
+from erp_backup.offsite import OffsiteError, _Item, _SetStore
 from erp_backup.s3 import (
     MIB,
     TransferSettings,

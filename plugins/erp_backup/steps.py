@@ -9,7 +9,7 @@ import errno
 import logging
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from erp_backup import notify
@@ -17,7 +17,8 @@ from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.services import get_service
-from erp_backup.services.base import BackupContext, RunInfo, airflow_connection
+from erp_backup.runs import RunInfo, utcnow
+from erp_backup.services.base import BackupContext, airflow_connection
 from erp_backup.sets import BackupSet, SetState, backup_id_for, remove_incomplete
 
 log = logging.getLogger(__name__)
@@ -25,23 +26,6 @@ log = logging.getLogger(__name__)
 
 class BackupFailed(RuntimeError):
     """A step could not complete. The message says which backup and why."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def run_info_from_context(context: dict[str, Any]) -> RunInfo:
-    """The run identity. Manual runs have no logical_date or data interval: use run_after."""
-    dag_run = context["dag_run"]
-    return RunInfo(
-        dag_id=dag_run.dag_id,
-        run_id=dag_run.run_id,
-        run_after=dag_run.run_after,
-        logical_date=context.get("logical_date") or getattr(dag_run, "logical_date", None),
-        data_interval_start=context.get("data_interval_start"),
-        data_interval_end=context.get("data_interval_end"),
-    )
 
 
 def backup_set_for(plan: Plan, job: BackupJob, backup_id: str) -> BackupSet:

@@ -49,6 +49,7 @@ from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
 from erp_backup.offsite import Offsite
 from erp_backup.plan import BackupJob, Plan
+from erp_backup.runs import utcnow
 from erp_backup.sets import SetState, list_sets
 
 log = logging.getLogger(__name__)
@@ -529,10 +530,6 @@ def render_table(statuses: Iterable[Status]) -> str:
         lines.extend(f"{status.label}: {reason.text}" for reason in status.reasons)
         lines.extend(f"{status.label}: note: {note}" for note in status.notes)
     return "\n".join(lines)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def run_check(plan: Plan | None = None, now: datetime | None = None, offsite: Offsite | None = None) -> list[dict]:

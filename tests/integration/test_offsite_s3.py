@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from erp_backup.offsite import ChecksumMismatch, Offsite, OffsiteError, S3Offsite
+from erp_backup.checksum import ChecksumMismatch
+from erp_backup.offsite import Offsite, OffsiteError, S3Offsite
 from erp_backup.sets import SUMS_NAME, BackupSet, SetState
 from tests.fixtures.s3 import SECRET_KEY, S3Endpoint, start_s3
 from tests.unit.test_offsite_fs import BACKUP_ID, make_verified_set

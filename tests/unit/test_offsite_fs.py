@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from erp_backup.manifest import FileEntry, Manifest, sha256_file, write_atomic, write_manifest
+from erp_backup.checksum import ChecksumMismatch
 from erp_backup.offsite import (
-    ChecksumMismatch,
     FilesystemOffsite,
     Offsite,
     OffsiteError,
