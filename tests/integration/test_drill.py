@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from erp_backup import steps
-from erp_backup.drill import runner
+from erp_backup.drill import records, runner
 from erp_backup.drill.params import DrillParamError
 from erp_backup.drill.pick import derive_seed
 from erp_backup.drill.targets import drill_scratch_root
@@ -29,6 +29,7 @@ from erp_backup.manifest import Manifest
 from erp_backup.plan import Plan, load_plan
 from erp_backup.scratch.local import PG_PREFIX
 from erp_backup.scratch.postgres import ScratchPostgres
+from erp_backup.services import get_service
 from erp_backup.services.base import RunInfo
 from tests.fixtures.s3 import S3Endpoint
 from tests.fixtures.slack import SlackReceiver
@@ -126,7 +127,7 @@ class Drill:
         self.put_object(self.key("manifest.json"), json.dumps(data, indent=2).encode())
 
     def run_record(self, run_id: str) -> Path:
-        return runner.run_dir(self.plan, run_id)
+        return records.run_dir(self.plan, run_id)
 
     def report(self, run_id: str) -> dict[str, Any]:
         return json.loads((self.run_record(run_id) / "report.json").read_text())
@@ -259,19 +260,19 @@ def test_drill_restores_the_real_postgres_backup_and_reports_plausible_numbers(d
 
     markdown = (drill.run_record(dag_run.run_id) / "report.md").read_text()
     assert f"postgres | full/{drill.backup.backup_id} | passed" in markdown and "RTO formula" in markdown
-    local = [json.loads(line) for line in runner.ledger_path(drill.plan).read_text().splitlines()]
+    local = [json.loads(line) for line in records.ledger_path(drill.plan).read_text().splitlines()]
     offsite = [json.loads(line) for line in drill.read_object(f"{PREFIX}/drills/ledger.jsonl").decode().splitlines()]
     assert local == offsite and len(local) == 1
     assert local[0]["status"] == "passed" and local[0]["backup_id"] == drill.backup.backup_id
     assert [text for text in slack_receiver.texts() if "DR drill passed" in text and drill.backup.backup_id in text]
     assert scratch_left(drill.plan) == []
-    assert not runner.work_dir(drill.plan, dag_run.run_id).exists()
+    assert not records.work_dir(drill.plan, dag_run.run_id).exists()
 
     # A rerun of the report step appends nothing twice.
     from erp_backup.drill.report import finish
 
     finish(drill.plan, dag_run.run_id, notify=False)
-    assert len(runner.ledger_path(drill.plan).read_text().splitlines()) == 1
+    assert len(records.ledger_path(drill.plan).read_text().splitlines()) == 1
 
 
 def test_a_flipped_byte_offsite_fails_the_fetch_and_slack_names_the_file(dagbag, airflow_db, drill: Drill, slack_receiver):
@@ -339,13 +340,13 @@ def test_teardown_runs_after_a_failed_restore_and_leaves_nothing(dagbag, airflow
     states = task_states(dag_run)
     assert states["drill.start_target"] == "success" and states["drill.restore"] == "failed"
     assert states["drill.verify"] == "upstream_failed" and states["drill.teardown"] == "success"
-    state = runner.ServiceState(drill.plan, dag_run.run_id, "postgres")
+    state = records.ServiceState(drill.plan, dag_run.run_id, "postgres")
     assert "pg_restore" in state.read("restore")["error"]
     target = state.target()
     assert target is not None and not Path(target.base_dir).exists()
     assert any("stopped PostgreSQL" in line for line in state.read("teardown")["done"])
     assert scratch_left(drill.plan) == []
-    assert not runner.work_dir(drill.plan, dag_run.run_id).exists()
+    assert not records.work_dir(drill.plan, dag_run.run_id).exists()
 
 
 # ───────────── the steps, called directly ─────────────
@@ -364,7 +365,7 @@ def test_local_source_verifies_staging_in_place_and_keep_scratch_keeps_the_targe
         runner.restore(plan, chosen)
         runner.verify(plan, chosen)
         runner.teardown(plan, chosen)
-        target = runner.ServiceState(plan, run.run_id, "postgres").target()
+        target = records.ServiceState(plan, run.run_id, "postgres").target()
         with psycopg.connect(target.pg_conninfo.replace("dbname=postgres", f"dbname={DB}")) as conn:  # kept, restored
             assert conn.execute("SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = %s",
                                 (drill.backup.app_role,)).fetchone()[0] == 1
@@ -380,14 +381,14 @@ def test_leftovers_of_a_crashed_drill_are_cleaned_by_the_next(drill: Drill):
     from erp_backup.drill.targets import LocalBackend, ProductionGuard
 
     local = LocalBackend(drill_scratch_root(drill.plan), ProductionGuard([]))
-    crashed = local.start("postgres", "full", "drill:scheduled__crashed")
-    redis_dir = local.start("redis", "rdb", "drill:scheduled__crashed")
+    crashed = local.start(get_service("postgres").scratch_spec("full", {}), "postgres", "full", "drill:scheduled__crashed")
+    redis_dir = local.start(get_service("redis").scratch_spec("rdb", {}), "redis", "rdb", "drill:scheduled__crashed")
     from erp_backup.scratch.redis import ScratchRedis
 
     server = ScratchRedis(dir=Path(redis_dir.base_dir) / "data", port=redis_dir.port).start()
-    stray_work = runner.work_dir(drill.plan, "scheduled__crashed", "postgres")
+    stray_work = records.work_dir(drill.plan, "scheduled__crashed", "postgres")
     stray_work.mkdir(parents=True)
-    mine = local.start("redis", "rdb", "drill:manual__current")
+    mine = local.start(get_service("redis").scratch_spec("rdb", {}), "redis", "rdb", "drill:manual__current")
     assert ScratchPostgres(Path(crashed.base_dir), port=crashed.port).is_running() and server.is_running()
 
     removed = runner.clean_leftovers(drill.plan, "manual__current", "local")
