@@ -18,6 +18,7 @@ from erp_backup.runs import RunInfo
 from erp_backup.services import files
 from erp_backup.services.base import CheckContext, RestoreReport, TargetUsageError
 from erp_backup.sets import BackupSet, SetState
+from tests.integration.test_drill_services import back_up, drill, make_env, passed  # noqa: F401 (make_env: fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -151,3 +152,14 @@ def test_a_missing_path_names_it_and_the_root(config_root: Path, tmp_path: Path,
     with pytest.raises(files.SourceUnavailable, match=r"/opt/erp/\.env does not exist under .*host"):
         steps.backup(plan, plan.job("files", "full"), RUN, get_connection=fs_connection(config_root))
     assert not any((tmp_path / "backup" / "files" / "full").glob("*/manifest.json"))
+
+
+def test_the_weekly_drill_restores_a_files_set_and_checks_every_entry(make_env, config_root: Path) -> None:
+    env = make_env("files")
+    backup_id = back_up(env, "files", "full", get_connection=fs_connection(config_root))
+
+    result = passed(drill(env, {"service": "files"}))
+
+    assert (result["backup_type"], result["backup_id"], result["status"]) == ("full", backup_id, "passed")
+    assert any(check.endswith("match the manifest") and "symlinks" in check for check in result["checks"])
+    assert result["target"].startswith("directory ") and result["rto"]["within_target"] is True
