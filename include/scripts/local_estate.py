@@ -10,6 +10,8 @@
 - milvus-lite: .estate/milvus.db with two sample collections (one with partitions and a dynamic field).
 - etcd (port 12379), Redis (port 16379) with sample keys; RabbitMQ is the machine's own broker.
 - A Slack sink on port 18090 that appends every alert to .estate/slack.jsonl.
+- Sample configuration trees for the `files` service under .estate/host (the plan's paths:
+  etc/gitlab, etc/ssl/erp, opt/erp/.env, etc/nginx), read through the `erp_files` connection.
 
 GitLab cannot run here, so `make run` disables its DAG (ERP_BACKUP_DISABLE=gitlab).
 
@@ -212,8 +214,34 @@ def seed_milvus() -> None:
     log(f"milvus-lite sample collections in {path}")
 
 
+SAMPLE_CONFIG = {
+    "etc/gitlab/gitlab.rb": ("external_url 'https://git.erp.local'\n", 0o600),
+    "etc/gitlab/gitlab-secrets.json": ('{"gitlab_rails": {"db_key_base": "dev-only-sample"}}\n', 0o600),
+    "etc/ssl/erp/erp.crt": ("-----BEGIN CERTIFICATE-----\n(dev sample)\n-----END CERTIFICATE-----\n", 0o644),
+    "etc/ssl/erp/erp.key": ("(dev sample key)\n", 0o600),
+    "opt/erp/.env": ("ERP_DB_HOST=127.0.0.1\nERP_DB_PASSWORD=dev-only\n", 0o640),
+    "etc/nginx/sites-available/erp": ("server { listen 443 ssl; server_name erp.local; }\n", 0o644),
+}
+
+
+def seed_config() -> None:
+    host = ESTATE / "host"
+    for relative, (text, mode) in SAMPLE_CONFIG.items():
+        path = host / relative
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            path.chmod(mode)
+    link = host / "etc/nginx/sites-enabled/erp"
+    if not link.is_symlink():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("../sites-available/erp")
+    log(f"sample configuration trees in {host}")
+
+
 def start() -> None:
     ESTATE.mkdir(parents=True, exist_ok=True)
+    seed_config()
     start_postgres()
     start_s3()
     start_etcd()
