@@ -192,12 +192,17 @@ class CheckContext:
 
 @dataclass(frozen=True)
 class ContainerSpec:
-    """A scratch container: image, the port the server listens on inside it, and its settings."""
+    """A scratch container: image, the port the server listens on inside it, and its settings.
+
+    ``secret_env`` names the variables the backend sets to the target's one-off scratch
+    password, so no secret ever passes through a service module or a spec.
+    """
 
     image: str
     port: int
     environment: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] | None = None
+    secret_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
