@@ -113,7 +113,9 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
         def backup_task() -> str:
             from erp_backup.plan import load_plan
 
-            run = steps.run_info_from_context(get_current_context())
+            from erp_backup.runs import RunInfo
+
+            run = RunInfo.from_context(get_current_context())
             current = load_plan()
             return steps.backup(current, current.job(job.service, job.backup_type), run)
 

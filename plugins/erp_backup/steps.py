@@ -9,10 +9,10 @@ import errno
 import logging
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from erp_backup import notify
+from erp_backup import notify, runs
 from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
@@ -25,23 +25,6 @@ log = logging.getLogger(__name__)
 
 class BackupFailed(RuntimeError):
     """A step could not complete. The message says which backup and why."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def run_info_from_context(context: dict[str, Any]) -> RunInfo:
-    """The run identity. Manual runs have no logical_date or data interval: use run_after."""
-    dag_run = context["dag_run"]
-    return RunInfo(
-        dag_id=dag_run.dag_id,
-        run_id=dag_run.run_id,
-        run_after=dag_run.run_after,
-        logical_date=context.get("logical_date") or getattr(dag_run, "logical_date", None),
-        data_interval_start=context.get("data_interval_start"),
-        data_interval_end=context.get("data_interval_end"),
-    )
 
 
 def backup_set_for(plan: Plan, job: BackupJob, backup_id: str) -> BackupSet:
@@ -75,11 +58,11 @@ def backup(
         backup_set.create_dir()
     except OSError as exc:
         raise BackupFailed(f"cannot create {backup_set.path}: {exc.strerror} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
-    started = utcnow()
+    started = runs.utcnow()
     log.info("backing up %s into %s (run %s)", job.dag_id, backup_set.path, run.run_id)
     try:
         outcome = service.backup(BackupContext(job, backup_set, run, get_connection))
-        finished = utcnow()
+        finished = runs.utcnow()
         manifest = Manifest(
             service=job.service,
             backup_type=job.backup_type,
@@ -162,7 +145,7 @@ def retention_prune(
 
     service = get_service(job.service)
     store = offsite or offsite_from_plan(plan)
-    now = now or utcnow()
+    now = now or runs.utcnow()
     protected_for = getattr(service, "protected_sets", None)
     protected = protected_for(plan, job, now=now, offsite=store) if protected_for else {}
     report = retention.prune(

@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
+from erp_backup import runs
 from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
 from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
@@ -531,17 +532,13 @@ def render_table(statuses: Iterable[Status]) -> str:
     return "\n".join(lines)
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def run_check(plan: Plan | None = None, now: datetime | None = None, offsite: Offsite | None = None) -> list[dict]:
     """The `check_freshness` task: check the present (wall clock), log the table, return the rows."""
     from erp_backup.offsite import offsite_from_plan
     from erp_backup.plan import load_plan
 
     plan = plan or load_plan()
-    statuses = check(plan, now or utcnow(), offsite or offsite_from_plan(plan))
+    statuses = check(plan, now or runs.utcnow(), offsite or offsite_from_plan(plan))
     log.info("backup freshness:\n%s", render_table(statuses))
     return [status.as_row() for status in statuses]
 

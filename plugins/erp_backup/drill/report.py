@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from erp_backup import runs
 from erp_backup.drill.runner import (
     LEDGER_KEY,
     ServiceState,
@@ -33,7 +34,6 @@ from erp_backup.drill.runner import (
     ledger_path,
     parse_ledger,
     run_dir,
-    utcnow,
     work_dir,
 )
 from erp_backup.manifest import write_atomic
@@ -159,7 +159,7 @@ def build_report(plan: Plan, run_id: str) -> dict[str, Any]:
         "run_id": run_id,
         "status": status,
         "error": error,
-        "finished_at": utcnow().isoformat(),
+        "finished_at": runs.utcnow().isoformat(),
         "request": pick_record.get("request") or {"params": pick_record.get("params")},
         "plan": str(plan.path),
         "services": results,

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from erp_backup import runs
 from erp_backup.drill import pick as picking
 from erp_backup.drill.params import (
     ALL,
@@ -48,6 +49,7 @@ from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_f
 from erp_backup.notify import one_line
 from erp_backup.offsite import ChecksumMismatch
 from erp_backup.plan import Plan
+from erp_backup.runs import RunInfo
 from erp_backup.services.base import airflow_connection
 from erp_backup.sets import SetState, list_sets
 
@@ -103,16 +105,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    run_id: str
-    moment: datetime  # logical date, or run_after for a manual run
-
-
 class ServiceState:
     """The records of one service's drill steps in one run."""
 
@@ -137,18 +129,18 @@ class ServiceState:
     def step(self, name: str) -> Iterator[dict[str, Any]]:
         """Record a step: running, then ok (or the status the body sets) or failed with the error."""
         attempts = (self.read(name) or {}).get("attempts", 0) + 1
-        record: dict[str, Any] = {"status": "running", "started_at": utcnow().isoformat(), "attempts": attempts}
+        record: dict[str, Any] = {"status": "running", "started_at": runs.utcnow().isoformat(), "attempts": attempts}
         self.write(name, record)
         started = time.monotonic()
         try:
             yield record
         except BaseException as exc:
             record.update(status="failed", error=one_line(exc), error_type=type(exc).__name__,
-                          seconds=round(time.monotonic() - started, 3), finished_at=utcnow().isoformat())
+                          seconds=round(time.monotonic() - started, 3), finished_at=runs.utcnow().isoformat())
             self.write(name, record)
             raise
         record["status"] = record.get("status") if record.get("status") not in (None, "running") else "ok"
-        record.update(seconds=round(time.monotonic() - started, 3), finished_at=utcnow().isoformat())
+        record.update(seconds=round(time.monotonic() - started, 3), finished_at=runs.utcnow().isoformat())
         self.write(name, record)
 
 

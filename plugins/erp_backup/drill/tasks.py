@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from erp_backup.runs import RunInfo
+
 T = TypeVar("T")
 
 
-def run_info(context: Mapping[str, Any]) -> Any:
-    """The run id and moment (logical date; run_after for a manual run without one)."""
-    from erp_backup.drill.runner import RunInfo
-
-    dag_run = context["dag_run"]
-    return RunInfo(run_id=dag_run.run_id, moment=context.get("logical_date") or dag_run.logical_date or dag_run.run_after)
+def run_info(context: Mapping[str, Any]) -> RunInfo:
+    """The drill run's identity; its moment is the logical date, or run_after for a manual run without one."""
+    return RunInfo.from_context(context)
 
 
 def fail_fast(call: Callable[[], T]) -> T:
