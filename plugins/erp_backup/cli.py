@@ -378,7 +378,7 @@ class FetchProgress:
 
 def fetch(source: Source, manifest: Manifest, work_root: Path, console: Console) -> Path:
     """Download an offsite set into `work_root/<service>/<type>/<id>`, each file's SHA-256 checked."""
-    from erp_backup.offsite import OffsiteError
+    from erp_backup.offsite import OFFSITE_FAILURES
 
     key = f"{manifest.service}/{manifest.backup_type}/{manifest.backup_id}"
     dest = work_root / manifest.service / manifest.backup_type / manifest.backup_id
@@ -393,7 +393,7 @@ def fetch(source: Source, manifest: Manifest, work_root: Path, console: Console)
     try:
         with FetchProgress(console, dest, manifest, key):
             source.store.fetch_set(manifest.service, manifest.backup_type, manifest.backup_id, dest)
-    except OffsiteError as exc:
+    except OFFSITE_FAILURES as exc:
         raise Failure(f"fetching {key} from {source.store.description} failed: {exc}") from exc
     return dest
 
@@ -861,14 +861,14 @@ def read_ledger(source: Source, work_dir: str | None) -> tuple[str, str]:
         if not path.is_file():
             raise Failure(f"no DR drill ledger at {path}: no drill has been recorded there (or --root is wrong)")
         return path.read_text(encoding="utf-8", errors="replace"), str(path)
-    from erp_backup.offsite import OffsiteError
+    from erp_backup.offsite import OFFSITE_FAILURES
 
     origin = f"{source.store.description}/{LEDGER_KEY}"
     with tempfile.TemporaryDirectory(prefix="erp-ledger-", dir=work_dir) as work:
         local = Path(work) / "ledger.jsonl"
         try:
             found = source.store.get_file(LEDGER_KEY, local)
-        except OffsiteError as exc:
+        except OFFSITE_FAILURES as exc:
             raise Failure(f"reading the drill ledger {origin} failed: {exc}") from exc
         if not found:
             raise Failure(f"no DR drill ledger at {origin}: no drill has been recorded offsite")
@@ -1010,9 +1010,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         console.note("interrupted")
         return 130
     except Exception as exc:
-        from erp_backup.offsite import OffsiteError
+        from erp_backup.offsite import OFFSITE_FAILURES
 
-        if isinstance(exc, OffsiteError):
+        if isinstance(exc, OFFSITE_FAILURES):  # a local ChecksumMismatch never gets here (_verify_local)
             console.note(f"error: {exc}{offsite_hint(load_plan(args.plan))}")
             return EXIT_FAILED
         if args.verbose:

@@ -63,12 +63,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from erp_backup.checksum import sha256sums_text
+from erp_backup import runs
+from erp_backup.checksum import ChecksumMismatch, sha256sums_text
 from erp_backup.manifest import (
     DIR_MODE,
     HASH_CHUNK,
@@ -102,11 +102,15 @@ _PARTS_SUFFIX = re.compile(r"-(\d+)$")
 
 
 class OffsiteError(RuntimeError):
-    """The offsite store is unreachable, or a set there is missing, incomplete or corrupt."""
+    """The offsite store is unreachable, or a set there is missing or incomplete.
+
+    Bytes that differ from the manifest (or from the store's own checksum) raise
+    `checksum.ChecksumMismatch` instead; callers that handle every offsite failure
+    catch both (`OFFSITE_FAILURES`).
+    """
 
 
-class ChecksumMismatch(OffsiteError):
-    """Bytes read from the offsite store differ from what the manifest (or the store) recorded."""
+OFFSITE_FAILURES = (OffsiteError, ChecksumMismatch)
 
 
 @dataclass
@@ -313,7 +317,7 @@ class _SetStore(ABC):
             "bytes": report.bytes_uploaded + report.bytes_skipped,
             "bytes_uploaded": report.bytes_uploaded,
             "bytes_skipped": report.bytes_skipped,
-            "verified_at": datetime.now(timezone.utc).isoformat(),
+            "verified_at": runs.utcnow().isoformat(),
         })
         log.info(
             "offsite %s: %s verified; uploaded %d objects (%d bytes), skipped %d (%d bytes)",
@@ -393,7 +397,7 @@ class _SetStore(ABC):
                     raise OffsiteError(f"{what} is missing offsite")
                 try:
                     _receive(chunks, target, _Item(relative, entry.size, entry.sha256))
-                except OffsiteError as exc:  # ChecksumMismatch stays a ChecksumMismatch
+                except OFFSITE_FAILURES as exc:  # ChecksumMismatch stays a ChecksumMismatch
                     raise type(exc)(f"{what}: {exc}") from exc
             sums = self._read(f"{base}/{SUMS_NAME}")
             write_atomic(dest / SUMS_NAME, sums if sums is not None else sha256sums_text(manifest).encode())

@@ -44,10 +44,9 @@ from erp_backup.drill.targets import (
     owner_for,
     slug,
 )
-from erp_backup.checksum import entry_problem
+from erp_backup.checksum import ChecksumMismatch, entry_problem
 from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, write_atomic
 from erp_backup.notify import one_line
-from erp_backup.offsite import ChecksumMismatch
 from erp_backup.plan import Plan
 from erp_backup.runs import RunInfo
 from erp_backup.services.base import airflow_connection

@@ -23,7 +23,7 @@ def fail_fast(call: Callable[[], T]) -> T:
     from erp_backup.drill.params import DrillParamError
     from erp_backup.drill.runner import DrillFailed
     from erp_backup.drill.targets import ProductionTargetRefused
-    from erp_backup.offsite import ChecksumMismatch
+    from erp_backup.checksum import ChecksumMismatch
 
     try:
         return call()
