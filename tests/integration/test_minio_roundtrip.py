@@ -33,6 +33,7 @@ from erp_backup.scratch_pg import free_port
 from erp_backup.services import minio as svc
 from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable, airflow_connection
 from erp_backup.sets import BackupSet, SetState
+from tests.fixtures.factories import make_backup_context
 from tests.fixtures.s3 import S3Endpoint
 
 pytestmark = pytest.mark.integration
@@ -494,9 +495,8 @@ def test_a_corrupted_stored_object_is_detected_and_never_restored(
 
 
 def context_for(plan: Plan, job: BackupJob, conn: Connection, tmp_path: Path) -> BackupContext:
-    backup_set = BackupSet(tmp_path / "ctx", "minio", job.backup_type, "20260101T030000Z")
-    backup_set.create_dir()
-    return BackupContext(job, backup_set, RunInfo(job.dag_id, "manual", DAY1), get_connection=lambda conn_id: conn)
+    return make_backup_context(tmp_path / "ctx", job=job, run=RunInfo(job.dag_id, "manual", DAY1),
+                               backup_id="20260101T030000Z", connection=conn)
 
 
 def test_unreachable_source_raises_source_unavailable_naming_connection_and_host(plan: Plan, tmp_path: Path) -> None:
