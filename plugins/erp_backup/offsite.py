@@ -38,11 +38,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from erp_backup.checksum import ChecksumMismatch
+from erp_backup.runs import utcnow
 from erp_backup.checksum import sha256sums_text
 from erp_backup.manifest import (
     DIR_MODE,
@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 
 class OffsiteError(RuntimeError):
     """The offsite store is unreachable, or a set there is missing, incomplete or corrupt."""
+
+
+# What reading from the offsite store can raise: the store's own errors and bytes that do not match.
+OFFSITE_FAILURES = (OffsiteError, ChecksumMismatch)
 
 
 @dataclass
@@ -282,7 +286,7 @@ class _SetStore(ABC):
             "bytes": report.bytes_uploaded + report.bytes_skipped,
             "bytes_uploaded": report.bytes_uploaded,
             "bytes_skipped": report.bytes_skipped,
-            "verified_at": datetime.now(timezone.utc).isoformat(),
+            "verified_at": utcnow().isoformat(),
         })
         log.info(
             "offsite %s: %s verified; uploaded %d objects (%d bytes), skipped %d (%d bytes)",
@@ -362,7 +366,7 @@ class _SetStore(ABC):
                     raise OffsiteError(f"{what} is missing offsite")
                 try:
                     _receive(chunks, target, _Item(relative, entry.size, entry.sha256))
-                except (OffsiteError, ChecksumMismatch) as exc:  # each keeps its type
+                except OFFSITE_FAILURES as exc:  # each keeps its type
                     raise type(exc)(f"{what}: {exc}") from exc
             sums = self._read(f"{base}/{SUMS_NAME}")
             write_atomic(dest / SUMS_NAME, sums if sums is not None else sha256sums_text(manifest).encode())

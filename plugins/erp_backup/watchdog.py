@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
+from erp_backup import runs
 from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
 from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
@@ -538,7 +539,7 @@ def run_check(plan: Plan | None = None, now: datetime | None = None, offsite: Of
     from erp_backup.plan import load_plan
 
     plan = plan or load_plan()
-    statuses = check(plan, now or utcnow(), offsite or offsite_from_plan(plan))
+    statuses = check(plan, now or runs.utcnow(), offsite or offsite_from_plan(plan))
     log.info("backup freshness:\n%s", render_table(statuses))
     return [status.as_row() for status in statuses]
 

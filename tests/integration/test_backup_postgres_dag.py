@@ -19,9 +19,9 @@ import pytest
 
 from erp_backup import retention
 from erp_backup.manifest import Manifest
-from erp_backup.services.postgres.content import TableContent, apply_session_settings, inventory
 from erp_backup.plan import load_plan
 from erp_backup.scratch.base import free_port
+from erp_backup.services.postgres.content import TableContent, apply_session_settings, inventory
 from erp_backup.sets import BackupSet, SetState
 from tests.fixtures.s3 import start_s3
 from tests.integration.dagrun import run_dag, write_plan

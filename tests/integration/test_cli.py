@@ -26,11 +26,11 @@ import psycopg
 import pytest
 
 from erp_backup import steps
-from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.base import RunInfo
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.sets import FAILED_NAME, BackupSet, SetState
 from tests.fixtures.pg_estate import SAMPLE_SQL
 from tests.fixtures.s3 import S3Endpoint

@@ -228,8 +228,9 @@ def test_unknown_service_is_refused_with_the_valid_ones(dagbag, airflow_db, dril
 
     with pytest.raises(ParamValidationError, match=r"'mysql' is not one of \['all', 'random', .*'postgres'"):
         dagbag.dags["dr_drill"].test(logical_date=soon(10), run_conf=conf(service="mysql"))
+    run = RunInfo(dag_id="dr_drill", run_id="manual__x", run_after=datetime.now(timezone.utc))
     with pytest.raises(DrillParamError, match="valid: all, random, postgres$"):
-        runner.pick(drill.plan, {"service": "mysql"}, RunInfo("dr_drill", "manual__x", datetime.now(timezone.utc)))
+        runner.pick(drill.plan, {"service": "mysql"}, run)
 
 
 def test_drill_restores_the_real_postgres_backup_and_reports_plausible_numbers(dagbag, airflow_db, drill: Drill, slack_receiver):
@@ -325,7 +326,7 @@ def test_a_backup_id_of_an_incomplete_set_is_rejected_at_pick(dagbag, airflow_db
     assert f"backup postgres/full/{incomplete}" in report["error"] and "is incomplete" in report["error"]
     assert f"complete sets: full/{drill.backup.backup_id}" in report["error"]
 
-    run = RunInfo("dr_drill", "manual__y", datetime.now(timezone.utc))
+    run = RunInfo(dag_id="dr_drill", run_id="manual__y", run_after=datetime.now(timezone.utc))
     with pytest.raises(DrillParamError, match=f"no backup postgres/20260101T000000Z .* complete sets: full/{drill.backup.backup_id}"):
         runner.pick(drill.plan, {"service": "postgres", "backup_id": "20260101T000000Z"}, run)
 
@@ -355,7 +356,7 @@ def test_teardown_runs_after_a_failed_restore_and_leaves_nothing(dagbag, airflow
 def test_local_source_verifies_staging_in_place_and_keep_scratch_keeps_the_target(drill: Drill, monkeypatch):
     monkeypatch.setenv("ERP_BACKUP_ROOT", str(drill.backup.staging))
     plan = load_plan(drill.plan.path)
-    run = RunInfo("dr_drill", "manual__local", datetime.now(timezone.utc))
+    run = RunInfo(dag_id="dr_drill", run_id="manual__local", run_after=datetime.now(timezone.utc))
     (chosen,) = runner.pick(plan, {"service": "postgres", "source": "local", "keep_scratch": True}, run)
     assert chosen["source_description"] == f"staging {drill.backup.staging}"
     try:
@@ -401,7 +402,7 @@ def test_leftovers_of_a_crashed_drill_are_cleaned_by_the_next(drill: Drill):
 
 
 def test_target_time_outside_the_archive_is_refused_listing_the_coverage(drill: Drill):
-    run = RunInfo("dr_drill", "manual__pitr", datetime.now(timezone.utc))
+    run = RunInfo(dag_id="dr_drill", run_id="manual__pitr", run_after=datetime.now(timezone.utc))
     with pytest.raises(DrillParamError, match=r"target_time 2026-11-26T10:15:00\+09:00: .*outside what the backups cover: nothing"):
         runner.pick(drill.plan, {"service": "postgres", "target_time": "2026-11-26T10:15:00+09:00"}, run)
 

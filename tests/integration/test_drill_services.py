@@ -94,7 +94,7 @@ def back_up(env: Env, service: str, backup_type: str, get_connection: Callable[[
 def drill(env: Env, params: dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
     """The dr_drill tasks in order, stopping a set's steps at its first failure; teardown always runs."""
     run_id = run_id or f"manual__{uuid.uuid4().hex[:8]}"
-    run = RunInfo("dr_drill", run_id, datetime.now(timezone.utc))
+    run = RunInfo(dag_id="dr_drill", run_id=run_id, run_after=datetime.now(timezone.utc))
     picks = runner.pick(env.plan, params, run)
     runner.clean_leftovers(env.plan, run_id, "local")
     for chosen in picks:

@@ -16,7 +16,7 @@ from erp_backup import steps
 from erp_backup.plan import load_plan
 from erp_backup.runs import RunInfo
 from erp_backup.services import files
-from erp_backup.services.base import CheckContext, RestoreReport, TargetUsageError
+from erp_backup.services.base import CheckContext, TargetUsageError
 from erp_backup.sets import BackupSet, SetState
 from tests.integration.test_drill_services import back_up, drill, make_env, passed  # noqa: F401 (make_env: fixture)
 
@@ -154,7 +154,7 @@ def test_a_missing_path_names_it_and_the_root(config_root: Path, tmp_path: Path,
     assert not any((tmp_path / "backup" / "files" / "full").glob("*/manifest.json"))
 
 
-def test_the_weekly_drill_restores_a_files_set_and_checks_every_entry(make_env, config_root: Path) -> None:
+def test_the_weekly_drill_restores_a_files_set_and_checks_every_entry(make_env, config_root: Path) -> None:  # noqa: F811
     env = make_env("files")
     backup_id = back_up(env, "files", "full", get_connection=fs_connection(config_root))
 

@@ -16,9 +16,9 @@ import pytest
 from pymilvus import MilvusClient
 
 from erp_backup.manifest import sha256_file
+from erp_backup.scratch.base import free_port
 from erp_backup.services import milvus
 from erp_backup.services.base import CheckContext, SourceUnavailable
-from erp_backup.scratch.base import free_port
 from erp_backup.sets import BackupSet
 from tests.fixtures.milvus import (
     CHUNKS,

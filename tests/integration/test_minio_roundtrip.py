@@ -34,6 +34,7 @@ from erp_backup.scratch.base import free_port
 from erp_backup.services import minio as svc
 from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable, airflow_connection
 from erp_backup.sets import BackupSet, SetState
+from tests.fixtures.factories import make_backup_context
 from tests.fixtures.s3 import SECRET_KEY, S3Endpoint
 
 pytestmark = pytest.mark.integration
@@ -554,9 +555,8 @@ def test_a_dry_run_writes_nothing_then_every_bucket_is_restored_under_its_name_a
 
 
 def context_for(plan: Plan, job: BackupJob, conn: Connection, tmp_path: Path) -> BackupContext:
-    backup_set = BackupSet(tmp_path / "ctx", "minio", job.backup_type, "20260101T030000Z")
-    backup_set.create_dir()
-    return BackupContext(job, backup_set, RunInfo(job.dag_id, "manual", DAY1), get_connection=lambda conn_id: conn)
+    return make_backup_context(tmp_path / "ctx", job=job, run=RunInfo(job.dag_id, "manual", DAY1),
+                               backup_id="20260101T030000Z", connection=conn)
 
 
 def test_unreachable_source_raises_source_unavailable_naming_connection_and_host(plan: Plan, tmp_path: Path) -> None:

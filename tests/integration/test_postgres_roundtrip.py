@@ -21,16 +21,17 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import MANIFEST_NAME, Manifest, write_manifest
 from erp_backup.plan import BackupJob
 from erp_backup.runner import LocalExecutor
 from erp_backup.scratch.base import free_port
 from erp_backup.services import postgres
+from erp_backup.services.base import BackupContext, BackupOutcome, RunInfo, SourceUnavailable
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.services.postgres import dump
 from erp_backup.services.postgres.commands import read_zst_text
-from erp_backup.services.base import BackupContext, BackupOutcome, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
+from tests.fixtures.factories import make_backup_context, make_manifest
 from tests.fixtures.pg_estate import TENANTS, PgEstate
 
 pytestmark = pytest.mark.integration
@@ -49,18 +50,13 @@ def make_context(root: Path, estate: PgEstate, backup_id: str, **options) -> Bac
     )
     connection = estate.connection()
     connection.password = SECRET  # the shared server trusts 127.0.0.1: accepted and ignored
-    backup_set = BackupSet(root, "postgres", "full", backup_id)
-    backup_set.create_dir()
     run = RunInfo(dag_id="backup_postgres_full", run_id=f"manual__{backup_id}", run_after=datetime.now(timezone.utc))
-    return BackupContext(job=job, backup_set=backup_set, run=run, get_connection=lambda conn_id: connection)
+    return make_backup_context(root, job=job, run=run, backup_id=backup_id, connection=connection)
 
 
 def write_manifest_for(ctx: BackupContext, outcome: BackupOutcome, started: datetime) -> Manifest:
-    manifest = Manifest(
-        service="postgres", backup_type="full", backup_id=ctx.backup_set.backup_id,
-        captured_started_at=started, captured_finished_at=datetime.now(timezone.utc), run=ctx.run.as_dict(),
-        source=outcome.source, tools=outcome.tools, files=outcome.files, details=outcome.details,
-    )
+    manifest = make_manifest(context=ctx, outcome=outcome, captured_started_at=started,
+                             captured_finished_at=datetime.now(timezone.utc))
     write_manifest(ctx.set_dir, manifest)
     return Manifest.read(ctx.set_dir / MANIFEST_NAME)
 

@@ -25,11 +25,11 @@ import pytest
 from airflow.sdk import Connection
 
 from erp_backup.manifest import FILE_MODE, Manifest
-from erp_backup.plan import load_plan
 from erp_backup.scratch.base import free_port
 from erp_backup.services import rabbitmq as svc
-from erp_backup.services.base import BackupContext, CheckContext, RunInfo, SourceUnavailable
+from erp_backup.services.base import CheckContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
+from tests.fixtures.factories import make_backup_context, make_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -43,21 +43,14 @@ def listed(*args: str) -> list[dict[str, Any]]:
 
 
 def run_backup(root: Path, conn: Connection, options: dict[str, Any] | None = None) -> tuple[BackupSet, Manifest]:
-    job = load_plan().job("rabbitmq", "definitions")
-    if options:
-        job = dataclasses.replace(job, options={**job.options, **options})
-    backup_set = BackupSet(root, "rabbitmq", "definitions", "20261126T034500Z")
-    backup_set.create_dir()
     started = datetime.now(timezone.utc)
-    ctx = BackupContext(job=job, backup_set=backup_set, run=RunInfo(job.dag_id, "manual", started),
-                        get_connection=lambda conn_id: conn)
+    ctx = make_backup_context(root, service="rabbitmq", backup_type="definitions", options=options,
+                              run=RunInfo("backup_rabbitmq_definitions", "manual", started),
+                              backup_id="20261126T034500Z", connection=conn)
     outcome = svc.backup(ctx)
-    manifest = Manifest(
-        service="rabbitmq", backup_type="definitions", backup_id=backup_set.backup_id, captured_started_at=started,
-        captured_finished_at=datetime.now(timezone.utc), run=ctx.run.as_dict(), source=outcome.source,
-        tools=outcome.tools, files=outcome.files, details=outcome.details,
-    )
-    return backup_set, manifest
+    manifest = make_manifest(context=ctx, outcome=outcome, captured_started_at=started,
+                             captured_finished_at=datetime.now(timezone.utc))
+    return ctx.backup_set, manifest
 
 
 LOCAL_BROKER = Connection(conn_id="erp_rabbitmq", conn_type="amqp", host="127.0.0.1", port=5672,

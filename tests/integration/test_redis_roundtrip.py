@@ -16,13 +16,13 @@ import pytest
 from airflow.sdk import Connection
 
 from erp_backup.manifest import FILE_MODE, Manifest
-from erp_backup.plan import load_plan
 from erp_backup.scratch.base import free_port
 from erp_backup.scratch.redis import PID_FILE_NAME, STATE_FILE_NAME, ScratchRedis
 from erp_backup.services import redis as svc
-from erp_backup.services.base import BackupContext, BackupOutcome, CheckContext, RunInfo, SourceUnavailable
+from erp_backup.services.base import BackupOutcome, CheckContext, RunInfo, SourceUnavailable
 from erp_backup.sets import BackupSet
 from erp_backup.stream import decompress_to, stream_to_file
+from tests.fixtures.factories import make_backup_context, make_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -39,19 +39,13 @@ def redis_cli(port: int, *args: str, db: int = 0, password: str | None = None, s
 
 
 def run_backup(root: Path, conn: Connection, backup_id: str = "20261126T031500Z") -> tuple[BackupSet, Manifest]:
-    job = load_plan().job("redis", "rdb")
-    backup_set = BackupSet(root, "redis", "rdb", backup_id)
-    backup_set.create_dir()
     started = datetime.now(timezone.utc)
-    ctx = BackupContext(job=job, backup_set=backup_set, run=RunInfo("backup_redis_rdb", "manual", started),
-                        get_connection=lambda conn_id: conn)
+    ctx = make_backup_context(root, service="redis", backup_type="rdb", run=RunInfo("backup_redis_rdb", "manual", started),
+                              backup_id=backup_id, connection=conn)
     outcome: BackupOutcome = svc.backup(ctx)
-    manifest = Manifest(
-        service="redis", backup_type="rdb", backup_id=backup_id, captured_started_at=started,
-        captured_finished_at=datetime.now(timezone.utc), run=ctx.run.as_dict(), source=outcome.source,
-        tools=outcome.tools, files=outcome.files, details=outcome.details,
-    )
-    return backup_set, manifest
+    manifest = make_manifest(context=ctx, outcome=outcome, captured_started_at=started,
+                             captured_finished_at=datetime.now(timezone.utc))
+    return ctx.backup_set, manifest
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 from erp_backup.drill import pick as picking
 from erp_backup.drill import report as drill_report
-from erp_backup.drill.params import DrillParamError, drill_params, parse_request
 from erp_backup.drill.choose import size_measure
+from erp_backup.drill.params import DrillParamError, drill_params, parse_request
 from erp_backup.drill.records import ServiceState, ledger_entries_for_pick
-from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.plan import DEFAULT_PLAN_PATH, parse_plan
+from tests.fixtures.factories import make_manifest
 
 NOW = datetime(2026, 11, 29, 21, 0, tzinfo=timezone.utc)  # Sunday 06:00 Asia/Seoul
 
@@ -186,17 +186,9 @@ def test_seed_defaults_to_the_run_id_and_backup_id_may_name_the_type():
 # ───────────── report numbers ─────────────
 
 
-def manifest_with(details: dict, sizes: list[int]) -> Manifest:
-    return Manifest(
-        service="postgres", backup_type="full", backup_id="20261120T170000Z", captured_started_at=NOW,
-        captured_finished_at=NOW, run={}, source={}, tools={},
-        files=[FileEntry(f"f{i}", size, "0" * 64) for i, size in enumerate(sizes)], details=details,
-    )
-
-
 def test_size_measure_prefers_the_source_size_in_the_details():
-    assert size_measure(manifest_with({"raw_bytes": 5000}, [100, 200])) == (5000, "postgres source size")
-    assert size_measure(manifest_with({}, [100, 200])) == (300, "set size")
+    assert size_measure(make_manifest(details={"raw_bytes": 5000}, sizes=[100, 200])) == (5000, "postgres source size")
+    assert size_measure(make_manifest(details={}, sizes=[100, 200])) == (300, "set size")
 
 
 def test_rto_measured_is_fetch_restore_verify_and_extrapolation_scales_by_production_size(tmp_path):

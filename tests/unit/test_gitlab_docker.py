@@ -27,8 +27,8 @@ from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob
 from erp_backup.runner import CommandError
 from erp_backup.services import gitlab
-from erp_backup.services.base import BackupContext, RunInfo, SourceUnavailable
-from erp_backup.sets import BackupSet
+from erp_backup.services.base import BackupContext, SourceUnavailable
+from tests.fixtures.factories import make_backup_context, make_manifest
 
 CONTAINER = "ops-gitlab"
 ENGINE = "unix:///var/run/docker.sock"
@@ -186,20 +186,12 @@ def make_context(root: Path, **options: Any) -> BackupContext:
         connections={"source": "ops_gitlab"}, enabled=True,
         options={"exec_mode": "docker", "container": CONTAINER, **options},
     )
-    run = RunInfo(dag_id="backup_gitlab_full", run_id="scheduled__2026-11-26T04:00", run_after=datetime(2026, 11, 25, 19, tzinfo=timezone.utc))
-    backup_set = BackupSet(root, "gitlab", "full", "20261125T190000Z")
-    backup_set.create_dir()
     conn = Connection(conn_id="ops_gitlab", conn_type="docker", host=ENGINE)
-    return BackupContext(job, backup_set, run, get_connection=lambda conn_id: conn)
+    return make_backup_context(root, job=job, moment=datetime(2026, 11, 25, 19, tzinfo=timezone.utc), connection=conn)
 
 
 def write_set_manifest(ctx: BackupContext, outcome: Any) -> Manifest:
-    moment = ctx.run.run_after
-    manifest = Manifest(
-        service="gitlab", backup_type="full", backup_id=ctx.backup_set.backup_id, captured_started_at=moment,
-        captured_finished_at=moment, run=ctx.run.as_dict(), source=outcome.source, tools=outcome.tools,
-        files=outcome.files, details=outcome.details,
-    )
+    manifest = make_manifest(context=ctx, outcome=outcome, captured_started_at=ctx.run.run_after)
     write_manifest(ctx.set_dir, manifest)
     return manifest
 

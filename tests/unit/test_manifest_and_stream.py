@@ -16,6 +16,7 @@ from erp_backup.checksum import ChecksumMismatch, sha256sums_text, verify_and_se
 from erp_backup.manifest import Manifest, ManifestError, write_atomic, write_manifest
 from erp_backup.sets import BackupSet, SetState, backup_id_for, list_sets, remove_incomplete
 from erp_backup.stream import ProgressStage, decompress_to, stream_to_file
+from tests.fixtures.factories import make_manifest
 
 
 def make_set(root, files: dict[str, bytes], backup_id="20260101T020000Z") -> BackupSet:
@@ -23,10 +24,7 @@ def make_set(root, files: dict[str, bytes], backup_id="20260101T020000Z") -> Bac
     backup_set.create_dir()
     entries = [stream_to_file([data], backup_set.path, name, compress=False).entry for name, data in files.items()]
     moment = datetime(2026, 1, 1, 2, tzinfo=timezone.utc)
-    write_manifest(backup_set.path, Manifest(
-        service="postgres", backup_type="full", backup_id=backup_id, captured_started_at=moment,
-        captured_finished_at=moment, run={"run_id": "r"}, source={}, tools={}, files=entries,
-    ))
+    write_manifest(backup_set.path, make_manifest(backup_id=backup_id, captured_started_at=moment, files=entries))
     return backup_set
 
 

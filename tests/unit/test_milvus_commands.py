@@ -16,8 +16,7 @@ from pymilvus.grpc_gen import schema_pb2
 
 from erp_backup.manifest import Manifest, sha256_file
 from erp_backup.plan import load_plan
-from erp_backup.services import get_service
-from erp_backup.services import milvus
+from erp_backup.services import get_service, milvus
 from erp_backup.services.base import (
     CliTarget,
     ConnectionMissing,

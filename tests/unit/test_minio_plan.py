@@ -18,9 +18,16 @@ from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
 from erp_backup.services import get_service
 from erp_backup.services import minio as svc
-from erp_backup.services.base import ConnectionMissing, ContainerSpec, PointInTimeUnavailable, ScratchSpec, TargetUsageError
+from erp_backup.services.base import (
+    ConnectionMissing,
+    ContainerSpec,
+    PointInTimeUnavailable,
+    ScratchSpec,
+    TargetUsageError,
+)
 from erp_backup.sets import BackupSet
 from erp_backup.stream import stream_to_file
+from tests.fixtures.factories import make_manifest
 
 BUCKET = "erp-documents"
 ODD_KEYS = [
@@ -211,9 +218,8 @@ def build_set(root: Path, objects: dict[str, bytes], compress: bool = False) -> 
         entries.append({"bucket": BUCKET, "key": key, "file": relative, "size": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(), "compressed": compress})
     moment = datetime(2026, 1, 1, 3, tzinfo=timezone.utc)
-    manifest = Manifest(
-        service="minio", backup_type="full", backup_id=backup_set.backup_id, captured_started_at=moment,
-        captured_finished_at=moment, run={}, source={}, tools={}, files=files,
+    manifest = make_manifest(
+        service="minio", backup_type="full", backup_id=backup_set.backup_id, captured_started_at=moment, files=files,
         details={
             "buckets": {BUCKET: {"objects": len(objects), "bytes": sum(map(len, objects.values())),
                                  "config_file": svc.config_file(BUCKET)}},

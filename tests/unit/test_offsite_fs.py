@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from erp_backup.manifest import FileEntry, Manifest, sha256_file, write_atomic, write_manifest
 from erp_backup.checksum import ChecksumMismatch
+from erp_backup.manifest import FileEntry, sha256_file, write_atomic, write_manifest
 from erp_backup.offsite import (
     FilesystemOffsite,
     Offsite,
@@ -22,6 +22,7 @@ from erp_backup.offsite import (
 )
 from erp_backup.plan import DEFAULT_PLAN_PATH, OFFSITE_PATH_ENV, parse_plan
 from erp_backup.sets import SUMS_NAME, BackupSet, SetState
+from tests.fixtures.factories import make_manifest
 
 BACKUP_ID = "20260101T020000Z"
 
@@ -45,11 +46,10 @@ def make_verified_set(
         size, sha256 = sha256_file(path)
         entries.append(FileEntry(relative, size, sha256))
     captured = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
-    write_manifest(backup_set.path, Manifest(
+    write_manifest(backup_set.path, make_manifest(
         service=service, backup_type=backup_type, backup_id=backup_id,
         captured_started_at=captured, captured_finished_at=captured + timedelta(minutes=3),
-        run={"dag_id": f"backup_{service}_{backup_type}"}, source={"host": "db.test"},
-        tools={"pg_dump": "15"}, files=entries,
+        source={"host": "db.test"}, tools={"pg_dump": "15"}, files=entries,
     ))
     write_atomic(backup_set.path / SUMS_NAME, "".join(f"{e.sha256}  {e.path}\n" for e in entries).encode())
     assert backup_set.state is SetState.VERIFIED

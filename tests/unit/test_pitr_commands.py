@@ -12,10 +12,10 @@ import pytest
 from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.services import postgres
 from erp_backup.services.base import PointInTimeUnavailable
-from erp_backup.services.postgres import archiver
+from erp_backup.services.postgres import archiver, wal
 from erp_backup.services.postgres import segments as wal_names
 from erp_backup.services.postgres import snapshot as snap
-from erp_backup.services.postgres import wal
+from erp_backup.services.postgres.archiver import ArchiverStatus
 from erp_backup.services.postgres.pitr import (
     RestoreError,
     TargetOutsideArchive,
@@ -25,9 +25,9 @@ from erp_backup.services.postgres.pitr import (
     recovery_settings,
     restore_command,
 )
-from erp_backup.services.postgres.archiver import ArchiverStatus
 from erp_backup.services.postgres.segments import Segment
 from erp_backup.services.postgres.wal import ArchivedFile, check_continuity
+from tests.fixtures.factories import make_manifest
 
 UTC = timezone.utc
 MB16 = 16 * 1024 * 1024
@@ -387,10 +387,10 @@ def test_read_base_info_rejects_a_directory_without_label(tmp_path: Path) -> Non
 
 
 def base_manifest(backup_id: str, start: int, end: int, finished: datetime) -> Manifest:
-    return Manifest(
+    return make_manifest(
         service="postgres", backup_type="snapshot", backup_id=backup_id,
         captured_started_at=finished - timedelta(minutes=5), captured_finished_at=finished + timedelta(minutes=2),
-        run={}, source={}, tools={}, files=[FileEntry("base.tar.zst", 1, "0" * 64)],
+        files=[FileEntry("base.tar.zst", 1, "0" * 64)],
         details={"start_segment": seg(start).name, "end_segment": seg(end).name, "start_lsn": wal_names.format_lsn(seg(start).start_lsn + 0x28),
                  "wal_segment_size": MB16, "backup_end_time": finished.isoformat()},
     )
@@ -401,9 +401,8 @@ def wal_manifest(backup_id: str, segments: dict[int, datetime]) -> Manifest:
         {"name": seg(n).name, "kind": "segment", "archived_at": when.isoformat(), "raw_size": MB16, "raw_sha256": "0" * 64, "file": f"wal/{seg(n).name}.zst"}
         for n, when in segments.items()
     ]
-    return Manifest(
-        service="postgres", backup_type="wal", backup_id=backup_id,
-        captured_started_at=T0, captured_finished_at=T0, run={}, source={}, tools={},
+    return make_manifest(
+        service="postgres", backup_type="wal", backup_id=backup_id, captured_started_at=T0,
         files=[FileEntry(r["file"], 1, "0" * 64) for r in records], details={"wal": records, "wal_segment_size": MB16},
     )
 

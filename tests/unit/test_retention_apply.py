@@ -18,6 +18,7 @@ from erp_backup.plan import BackupJob
 from erp_backup.retention import PruneError, prune, staging_records
 from erp_backup.sets import SUMS_NAME, BackupSet, SetState, backup_id_for, list_sets
 from erp_backup.stream import stream_to_file
+from tests.fixtures.factories import make_manifest
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
@@ -73,10 +74,9 @@ def make_set(root: Path, backup_id: str, state: SetState, captured_at: datetime 
     if state is SetState.INCOMPLETE:
         return backup_set
     captured_at = captured_at or datetime.strptime(backup_id, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    write_manifest(set_dir, Manifest(
+    write_manifest(set_dir, make_manifest(
         service=JOB.service, backup_type=JOB.backup_type, backup_id=backup_id,
-        captured_started_at=captured_at - timedelta(minutes=3), captured_finished_at=captured_at,
-        run={"dag_id": JOB.dag_id}, source={"host": "127.0.0.1"}, tools={"pg_dump": "15"}, files=[result.entry],
+        captured_started_at=captured_at - timedelta(minutes=3), captured_finished_at=captured_at, files=[result.entry],
     ))
     if state is SetState.CORRUPT:
         backup_set.mark_corrupt([f"postgres.sql.zst: sha256 mismatch (expected {result.entry.sha256})"])

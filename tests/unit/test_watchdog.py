@@ -35,6 +35,7 @@ from erp_backup.watchdog import (
     state_path,
     transitions,
 )
+from tests.fixtures.factories import make_manifest
 
 UTC = timezone.utc
 SLACK_ENV = "AIRFLOW_CONN_SLACK_BACKUP_ALERTS"
@@ -48,13 +49,9 @@ def make_job(schedule: str = "0 2 * * *", rpo: timedelta = timedelta(days=7), *,
     )
 
 
-def make_manifest(started: datetime, finished: datetime | None = None, *, backup_id: str | None = None,
-                  service: str = "milvus", backup_type: str = "etcd") -> Manifest:
-    return Manifest(
-        service=service, backup_type=backup_type, backup_id=backup_id or backup_id_for(started),
-        captured_started_at=started, captured_finished_at=finished or started + timedelta(minutes=10),
-        run={}, source={}, tools={}, files=[],
-    )
+def etcd_manifest(started: datetime, finished: datetime) -> Manifest:
+    """A milvus etcd set captured from `started` to `finished` (the job these tests watch)."""
+    return make_manifest(service="milvus", backup_type="etcd", captured_started_at=started, captured_finished_at=finished)
 
 
 def codes(status: Status) -> list[str]:
@@ -63,7 +60,7 @@ def codes(status: Status) -> list[str]:
 
 # 02:00 Asia/Seoul is 17:00 UTC the day before. 2026-03-10 is a Tuesday, 2026-03-13 a Friday.
 LAST_RUN = datetime(2026, 3, 9, 17, 0, tzinfo=UTC)
-LAST_SET = make_manifest(LAST_RUN + timedelta(seconds=5), LAST_RUN + timedelta(minutes=10))
+LAST_SET = etcd_manifest(LAST_RUN + timedelta(seconds=5), LAST_RUN + timedelta(minutes=10))
 
 
 # --- evaluate -----------------------------------------------------------------------
@@ -89,7 +86,7 @@ def test_overdue_after_the_next_fire_plus_capture_time_plus_grace():
 
 
 def test_a_long_backup_gets_its_own_duration_before_it_is_overdue():
-    slow = make_manifest(LAST_RUN, LAST_RUN + timedelta(minutes=90))
+    slow = etcd_manifest(LAST_RUN, LAST_RUN + timedelta(minutes=90))
     job = make_job()
     assert evaluate(job, slow, SetCounts(), datetime(2026, 3, 10, 19, 20, tzinfo=UTC)).reasons == ()
     assert codes(evaluate(job, slow, SetCounts(), datetime(2026, 3, 10, 19, 40, tzinfo=UTC))) == ["overdue"]
@@ -98,7 +95,7 @@ def test_a_long_backup_gets_its_own_duration_before_it_is_overdue():
 def test_weekday_schedule_is_not_overdue_over_the_weekend():
     job = make_job("0 2 * * 1-5")
     friday = datetime(2026, 3, 12, 17, 0, tzinfo=UTC)  # Fri 02:00 KST
-    friday_set = make_manifest(friday, friday + timedelta(minutes=10))
+    friday_set = etcd_manifest(friday, friday + timedelta(minutes=10))
     saturday_noon = datetime(2026, 3, 14, 3, 0, tzinfo=UTC)
     monday_0330 = datetime(2026, 3, 15, 18, 30, tzinfo=UTC)
     assert evaluate(job, friday_set, SetCounts(), saturday_noon).reasons == ()
@@ -163,7 +160,7 @@ def test_a_set_missing_offsite_is_a_breach():
 def test_ages_are_real_time_across_a_dst_change():
     job = make_job(tz="America/New_York")
     saturday_0205_est = datetime(2026, 3, 7, 7, 5, tzinfo=UTC)
-    set_ = make_manifest(saturday_0205_est - timedelta(minutes=5), saturday_0205_est)
+    set_ = etcd_manifest(saturday_0205_est - timedelta(minutes=5), saturday_0205_est)
     # Sunday 2026-03-08: 02:00 does not exist, the run fires at 03:00 EDT = 07:00 UTC (24 h later).
     before = evaluate(job, set_, SetCounts(), datetime(2026, 3, 8, 8, 0, tzinfo=UTC))
     after = evaluate(job, set_, SetCounts(), datetime(2026, 3, 8, 8, 10, tzinfo=UTC))
@@ -258,11 +255,9 @@ def make_offsite_set(root: Path, nas: FilesystemOffsite | None, finished: dateti
     data = backup_set.path / "globals.sql.zst"
     data.write_bytes(f"data of {backup_set.backup_id}".encode())
     size, sha256 = sha256_file(data)
-    write_manifest(backup_set.path, Manifest(
+    write_manifest(backup_set.path, make_manifest(
         service=service, backup_type=backup_type, backup_id=backup_set.backup_id,
-        captured_started_at=started, captured_finished_at=finished,
-        run={"dag_id": f"backup_{service}_{backup_type}"}, source={}, tools={},
-        files=[FileEntry("globals.sql.zst", size, sha256)],
+        captured_started_at=started, captured_finished_at=finished, files=[FileEntry("globals.sql.zst", size, sha256)],
     ))
     verify_and_seal(backup_set)
     if nas is not None:

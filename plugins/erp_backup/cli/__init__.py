@@ -147,9 +147,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         console.note("interrupted")
         return 130
     except Exception as exc:
-        from erp_backup.offsite import OffsiteError
+        from erp_backup.offsite import OFFSITE_FAILURES
 
-        if isinstance(exc, OffsiteError):
+        if isinstance(exc, OFFSITE_FAILURES):
             console.note(f"error: {exc}{offsite_hint(load_plan(args.plan))}")
             return EXIT_FAILED
         if args.verbose:

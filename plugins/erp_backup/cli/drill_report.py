@@ -93,14 +93,14 @@ def read_ledger(source: Source, work_dir: str | None) -> tuple[str, str]:
         if not path.is_file():
             raise Failure(f"no DR drill ledger at {path}: no drill has been recorded there (or --root is wrong)")
         return path.read_text(encoding="utf-8", errors="replace"), str(path)
-    from erp_backup.offsite import OffsiteError
+    from erp_backup.offsite import OFFSITE_FAILURES
 
     origin = f"{source.store.description}/{LEDGER_KEY}"
     with tempfile.TemporaryDirectory(prefix="erp-ledger-", dir=work_dir) as work:
         local = Path(work) / "ledger.jsonl"
         try:
             found = source.store.get_file(LEDGER_KEY, local)
-        except OffsiteError as exc:
+        except OFFSITE_FAILURES as exc:
             raise Failure(f"reading the drill ledger {origin} failed: {exc}") from exc
         if not found:
             raise Failure(f"no DR drill ledger at {origin}: no drill has been recorded offsite")

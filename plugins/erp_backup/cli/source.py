@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from erp_backup.checksum import ChecksumMismatch, find_problems
+from erp_backup.checksum import find_problems
 from erp_backup.cli.console import Console, human_size
 from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError
 from erp_backup.plan import Plan, PlanError, known_services, load_plan
@@ -183,7 +183,7 @@ class FetchProgress:
 
 def fetch(source: Source, manifest: Manifest, work_root: Path, console: Console) -> Path:
     """Download an offsite set into `work_root/<service>/<type>/<id>`, each file's SHA-256 checked."""
-    from erp_backup.offsite import OffsiteError
+    from erp_backup.offsite import OFFSITE_FAILURES
 
     key = f"{manifest.service}/{manifest.backup_type}/{manifest.backup_id}"
     dest = work_root / manifest.service / manifest.backup_type / manifest.backup_id
@@ -198,7 +198,7 @@ def fetch(source: Source, manifest: Manifest, work_root: Path, console: Console)
     try:
         with FetchProgress(console, dest, manifest, key):
             source.store.fetch_set(manifest.service, manifest.backup_type, manifest.backup_id, dest)
-    except (OffsiteError, ChecksumMismatch) as exc:
+    except OFFSITE_FAILURES as exc:
         raise Failure(f"fetching {key} from {source.store.description} failed: {exc}") from exc
     return dest
 

@@ -21,12 +21,12 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import zstandard
 
+from erp_backup.runs import utcnow
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.scratch.base import scratch_root
@@ -279,9 +279,9 @@ def backup(ctx: BackupContext, *, executor: Executor | None = None) -> BackupOut
         binary=str(options.get("pg_basebackup", "pg_basebackup")),
     )
     try:
-        started_at = datetime.now(timezone.utc)
+        started_at = utcnow()
         streamed = stream_to_file(executor.stream(command), ctx.set_dir, BASE_FILE, level=int(options.get("compress_level", 3)))
-        finished_at = datetime.now(timezone.utc)
+        finished_at = utcnow()
     except CommandError as exc:
         if _UNREACHABLE.search(exc.stderr):
             raise SourceUnavailable(

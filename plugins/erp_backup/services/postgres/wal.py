@@ -21,6 +21,7 @@ from typing import Any
 
 import zstandard
 
+from erp_backup.runs import utcnow
 from erp_backup.manifest import FileEntry, Manifest, ManifestError
 from erp_backup.services.base import BackupContext, BackupOutcome
 from erp_backup.services.postgres.archiver import archiver_findings, failed_count_growth, read_archiver_status
@@ -305,7 +306,7 @@ def ship_file(entry: ArchivedFile, archive_dir: Path, set_dir: Path, level: int)
 def closed_window(ctx: BackupContext, now: datetime | None = None) -> tuple[datetime, datetime]:
     """The run's window [start, end), which must have ended."""
     start, end = ctx.run.window(ctx.job.interval)
-    now = now or datetime.now(timezone.utc)
+    now = now or utcnow()
     if start >= end:
         raise WalBackupError(f"{ctx.job.dag_id}: empty window [{start}, {end}): the plan needs interval: 6h for postgres wal")
     if end > now:
