@@ -50,7 +50,6 @@ from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
 from erp_backup.offsite import Offsite
 from erp_backup.plan import BackupJob, Plan
-from erp_backup.runs import utcnow
 from erp_backup.sets import SetState, list_sets
 
 log = logging.getLogger(__name__)

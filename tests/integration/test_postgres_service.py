@@ -21,8 +21,8 @@ from psycopg import sql
 from erp_backup.manifest import MANIFEST_NAME, Manifest, write_manifest
 from erp_backup.plan import BackupJob
 from erp_backup.services import postgres
-from erp_backup.services.base import BackupContext, CheckContext, RestoreReport, RunInfo
-from erp_backup.sets import BackupSet
+from erp_backup.services.base import CheckContext, RestoreReport, RunInfo
+from tests.fixtures.factories import make_backup_context, make_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -61,16 +61,13 @@ def _backup(root: Path, databases: tuple[str, str]) -> tuple[Path, Manifest]:
     )
     connection = Connection(conn_id="erp_postgres", conn_type="postgres", host=SHARED["host"], port=SHARED["port"],
                             login=SHARED["user"], schema="postgres")
-    backup_set = BackupSet(root, "postgres", "full", "20260301T020000Z")
-    backup_set.create_dir()
     run = RunInfo(dag_id="backup_postgres_full", run_id="manual__20260301T020000Z", run_after=datetime.now(timezone.utc))
+    ctx = make_backup_context(root, job=job, run=run, backup_id="20260301T020000Z", connection=connection)
+    backup_set = ctx.backup_set
     started = datetime.now(timezone.utc)
-    outcome = postgres.backup(BackupContext(job=job, backup_set=backup_set, run=run, get_connection=lambda _: connection))
-    manifest = Manifest(
-        service="postgres", backup_type="full", backup_id=backup_set.backup_id, captured_started_at=started,
-        captured_finished_at=datetime.now(timezone.utc), run=run.as_dict(), source=outcome.source, tools=outcome.tools,
-        files=outcome.files, details=outcome.details,
-    )
+    outcome = postgres.backup(ctx)
+    manifest = make_manifest(context=ctx, outcome=outcome, captured_started_at=started,
+                             captured_finished_at=datetime.now(timezone.utc))
     write_manifest(backup_set.path, manifest)
     return backup_set.path, Manifest.read(backup_set.path / MANIFEST_NAME)
 

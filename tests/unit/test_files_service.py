@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 import pytest
 from airflow.sdk import Connection
 
-from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.services import files, get_service
 from erp_backup.services.base import ServiceModule, TargetUsageError
+from tests.fixtures.factories import make_manifest
 
 
 def test_the_module_satisfies_the_contract() -> None:
@@ -54,9 +53,7 @@ def test_cli_target_from_an_fs_connection(tmp_path: Path) -> None:
 def test_scratch_is_a_local_directory_and_sizes_come_from_the_manifest() -> None:
     spec = files.scratch_spec("full", {})
     assert (spec.kind, spec.container) == ("directory", None)
-    at = datetime(2026, 12, 1, tzinfo=timezone.utc)
-    manifest = Manifest("files", "full", "20261201T000000Z", at, at, {}, {}, {}, [FileEntry("files.tar.zst", 10, "0" * 64)],
-                        details={"source_bytes": 4096})
+    manifest = make_manifest(service="files", sizes=[10], details={"source_bytes": 4096})
     assert files.source_size(manifest) == 4096 and files.versions(manifest) == {}
 
 

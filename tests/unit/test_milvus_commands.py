@@ -49,6 +49,7 @@ from erp_backup.services.milvus import (
     snapshot_save_command,
     snapshot_status_command,
 )
+from tests.fixtures.factories import make_manifest
 
 # ───────────────────────── connections ─────────────────────────
 
@@ -362,9 +363,8 @@ def test_service_is_dispatched_by_name_and_type() -> None:
 
 def _manifest(backup_type: str, details: dict, tools: dict | None = None) -> Manifest:
     moment = datetime(2026, 11, 22, 20, tzinfo=timezone.utc)
-    return Manifest(service="milvus", backup_type=backup_type, backup_id="20261122T200000Z",
-                    captured_started_at=moment, captured_finished_at=moment, run={}, source={},
-                    tools=tools or {}, files=[], details=details)
+    return make_manifest(service="milvus", backup_type=backup_type, captured_started_at=moment,
+                         tools=tools or {}, details=details)
 
 
 def _no_connections(conn_id: str) -> Connection:

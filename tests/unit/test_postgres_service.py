@@ -11,24 +11,22 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from erp_backup.manifest import FileEntry, Manifest
+from erp_backup.manifest import Manifest
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services import CONTRACT, get_service, postgres
 from erp_backup.services.base import ContainerSpec, ScratchSpec, TargetUsageError
 from erp_backup.services.postgres.commands import RestoreError
 from erp_backup.services.postgres.conninfo import redact_conninfo
 from erp_backup.services.postgres.restore import FullRestoreOptions
+from tests.fixtures.factories import make_manifest
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 SECRET = "s3cret pass'word"
 
 
 def manifest(backup_type: str, details: dict[str, Any], sizes: tuple[int, ...] = (10,)) -> Manifest:
-    return Manifest(
-        service="postgres", backup_type=backup_type, backup_id="20260301T020000Z", captured_started_at=T0,
-        captured_finished_at=T0, run={}, source={}, tools={},
-        files=[FileEntry(f"f{i}", size, "0" * 64) for i, size in enumerate(sizes)], details=details,
-    )
+    return make_manifest(service="postgres", backup_type=backup_type, captured_started_at=T0, sizes=sizes,
+                         details=details)
 
 
 class FakeConnection:

@@ -23,6 +23,7 @@ from erp_backup.services.base import (
     TargetUsageError,
 )
 from erp_backup.services.rabbitmq import RabbitEndpoint
+from tests.fixtures.factories import make_manifest
 
 NAMES = ("redis", "rabbitmq", "gitlab")
 TYPES = {"redis": "rdb", "rabbitmq": "definitions", "gitlab": "full"}
@@ -35,9 +36,8 @@ def no_connection(conn_id: str) -> Any:
 
 def manifest(service: str, *, details: dict[str, Any] | None = None, tools: dict[str, str] | None = None,
              files: list[FileEntry] | None = None) -> Manifest:
-    return Manifest(service=service, backup_type=TYPES[service], backup_id="20261126T031500Z",
-                    captured_started_at=NOW, captured_finished_at=NOW, run={}, source={}, tools=tools or {},
-                    files=files or [], details=details or {})
+    return make_manifest(service=service, backup_type=TYPES[service], captured_started_at=NOW, tools=tools or {},
+                         files=files or [], details=details or {})
 
 
 def info(service: str, kind: str, **fields: Any) -> TargetInfo:
