@@ -18,6 +18,9 @@ from erp_backup.cli.source import (
 from erp_backup.services import get_service
 from erp_backup.services.base import CliTarget, RestoreReport, TargetUsageError, airflow_connection
 
+# Service details worth a line in the text output, when a service reports them.
+SUMMARY_KEYS = ("status", "tables_checked", "rows_checked", "keys_restored", "sampled_keys_matched", "imported",
+                "rows", "objects", "verified", "data_dir", "prepared_dir", "runbook_command_text", "durations")
 # Generic flags and the restore option each one sets.
 FLAG_OPTIONS = {"schema": "schema", "database": "databases", "jobs": "jobs"}
 
@@ -76,6 +79,10 @@ def _print_report(console: Console, report: RestoreReport) -> None:
         console.say(f"  ✓ {check}")
     for problem in report.problems:
         console.say(f"  ✗ {problem}")
+    for key in SUMMARY_KEYS:
+        value = report.details.get(key)
+        if value not in (None, "", {}, []):
+            console.say(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if report.restored_bytes:
         console.say(f"  restored_bytes: {report.restored_bytes}")
 
