@@ -28,6 +28,9 @@ Rules, for each job:
 - suspect: an offsite manifest disagrees with its upload record (edited, back-dated,
   copied; see erp_backup.offsite_trust). Retention keeps it and the drill skips it.
 
+And one row for the plan when service blocks of it are broken (`plan_error`): those
+services' DAGs are not loaded, so only this row says so. Fixing the plan sends a recovery.
+
 When the offsite store is unreachable, its row says so, and each job is judged from
 its staging manifests (their offsite receipts were verified at upload), with a note.
 """
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 
 GRACE = timedelta(hours=1)
 OFFSITE_KEY = "offsite"
+PLAN_KEY = "plan"
 STATE_DIR = "watchdog"
 STATE_NAME = "state.json"
 OK, BREACH = "ok", "breach"
@@ -308,6 +312,15 @@ def evaluate(
     )
 
 
+def plan_status(plan: Plan, now: datetime) -> Status:
+    """The plan's row: a breach while service blocks are broken (their DAGs are not loaded)."""
+    reasons = tuple(
+        Reason("plan_error", f"services.{service} is broken, so its backup DAGs are not loaded: {error}")
+        for service, error in sorted(plan.service_errors.items())
+    )
+    return Status(key=PLAN_KEY, label=f"backup plan {plan.path}", checked_at=_utc(now), reasons=reasons)
+
+
 def offsite_status(description: str, error: str | None, now: datetime) -> Status:
     reasons = (Reason("offsite_unreachable", f"offsite unreachable: {error}"),) if error else ()
     return Status(key=OFFSITE_KEY, label=f"offsite {description}", checked_at=_utc(now), reasons=reasons)
@@ -409,6 +422,8 @@ def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
                 reasons=(Reason("check_failed", f"the watchdog could not check {plan.backup_root}: {one_line(exc)}"),),
             ))
     statuses.append(offsite_status(offsite.description, offsite_error, now))
+    if plan.service_errors:
+        statuses.append(plan_status(plan, now))
     return statuses
 
 
@@ -428,10 +443,16 @@ def transitions(
     - breach -> breach: nothing, unless a new kind of problem appeared ("changed");
       a set only getting older (overdue, then rpo) is the same incident.
     - breach -> ok: one "recovery" alert.
-    Keys absent from `statuses` (jobs no longer enabled) are dropped without a message.
+    Keys absent from `statuses` (jobs no longer enabled) are dropped without a message,
+    except the plan's: its row is only there while the plan is broken, so its absence is a recovery.
     """
     alerts: list[Alert] = []
     state: dict[str, dict[str, Any]] = {}
+    statuses = list(statuses)
+    plan_before = previous.get(PLAN_KEY) or {}
+    if plan_before.get("status") == BREACH and statuses and all(s.key != PLAN_KEY for s in statuses):
+        statuses.append(Status(key=PLAN_KEY, label=str(plan_before.get("label", "backup plan")),
+                               checked_at=statuses[0].checked_at))
     for status in statuses:
         before = previous.get(status.key) or {}
         was_breached = before.get("status") == BREACH
