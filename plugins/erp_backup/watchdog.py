@@ -387,7 +387,8 @@ def suspect_sets(checks: Iterable[OffsiteSetCheck]) -> dict[str, str]:
 
 
 def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
-    """A status for every enabled job of the plan, then one for the offsite store. Never raises for one job."""
+    """A status for every enabled job of the plan, then one for the offsite store, then one for the plan
+    while service blocks of it are broken. Never raises for one job."""
     now = _utc(now)
     jobs = plan.enabled_jobs
     offsite_error = None
