@@ -371,7 +371,7 @@ def confirm_offsite(
     `checks` are the offsite sets of the job by backup id (erp_backup.offsite_trust). A candidate
     whose offsite manifest is suspect is neither confirmed nor missing: it is reported as suspect.
     """
-    missing = []
+    missing: list[str] = []
     for local in candidates:
         remote = checks.get(local.backup_id)
         if remote is not None and remote.state is SetState.OFFSITE:
