@@ -18,8 +18,10 @@ or OOM), a paused backup DAG, a scheduler outage, an unreachable offsite store.
 1. `check_freshness`: for each job, the newest set in state OFFSITE whose manifest the
    offsite store holds; breach when it is older than the service's RPO, or when the
    run due after it (next cron fire + its capture time + 1 h grace) has not produced
-   a newer one. Also counts incomplete and corrupt sets. Logs a table and returns it
-   as XCom (one dict per job, plus one for the offsite store).
+   a newer one. Also counts incomplete and corrupt sets, and offsite sets whose manifest
+   disagrees with its upload record (suspect). Logs a table and returns it as XCom (one
+   dict per job, one for the offsite store, and one for the plan while a service block of
+   it is broken: that service's DAGs are not loaded, so this row is what alerts).
 2. `alert`: posts a breach once, a new kind of problem once, and a recovery once.
 
 Rules in detail: `plugins/erp_backup/watchdog.py`.

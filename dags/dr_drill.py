@@ -9,6 +9,7 @@ from erp_backup.drill.params import drill_params
 from erp_backup.drill.tasks import fail_fast, report_or_fail, run_info
 from erp_backup.factory import START_DATE, default_args
 from erp_backup.plan import load_plan
+from erp_backup.plan_alert import alert_plan_errors
 
 PLAN = load_plan()
 
@@ -31,6 +32,7 @@ def dr_drill():
     @task(task_id="pick")
     def pick() -> list[dict]:
         context = get_current_context()
+        fail_fast(lambda: alert_plan_errors(load_plan(), DAG_ID))
         return fail_fast(lambda: runner.pick(load_plan(), context["params"], run_info(context)))
 
     @task(task_id="clean_leftovers")

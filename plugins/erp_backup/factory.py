@@ -1,11 +1,15 @@
 """The DAG factory: one DAG per enabled (service, backup type) of the plan.
 
 Every DAG has the same four tasks: backup → checksum → offsite_upload → retention_prune.
+Each runs `guarded`: a fault no retry can fix fails it at once (erp_backup.fail_fast), and a
+killed task process still gets its Slack alert (erp_backup.kill_alert).
 Nothing here touches a connection, variable or network: it runs at parse time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +18,7 @@ from airflow.sdk import DAG, Asset, CronTriggerTimetable, Param, get_current_con
 
 from erp_backup.notify import failure_notifier
 from erp_backup.plan import BackupJob, Plan
+from erp_backup.runs import RunInfo
 
 OWNER = "ops-backup"
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -39,6 +44,16 @@ def default_args(plan: Plan) -> dict[str, Any]:
         "max_retry_delay": timedelta(minutes=30),
         "on_failure_callback": failure_notifier(plan.slack_conn_id),
     }
+
+
+@contextmanager
+def guarded(slack_conn_id: str) -> Iterator[None]:
+    """The body of every backup task: killed processes are alerted, unfixable faults are not retried."""
+    from erp_backup.fail_fast import failing_fast
+    from erp_backup.kill_alert import armed
+
+    with armed(slack_conn_id), failing_fast():
+        yield
 
 
 def _fmt(delta: timedelta | None) -> str:
@@ -113,25 +128,26 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
         def backup_task() -> str:
             from erp_backup.plan import load_plan
 
-            from erp_backup.runs import RunInfo
-
-            run = RunInfo.from_context(get_current_context())
-            current = load_plan()
-            return steps.backup(current, current.job(job.service, job.backup_type), run)
+            with guarded(plan.slack_conn_id):
+                run = RunInfo.from_context(get_current_context())
+                current = load_plan()
+                return steps.backup(current, current.job(job.service, job.backup_type), run)
 
         @task(task_id="checksum")
         def checksum_task(backup_id: str) -> dict:
             from erp_backup.plan import load_plan
 
-            current = load_plan()
-            return steps.checksum(current, current.job(job.service, job.backup_type), backup_id)
+            with guarded(plan.slack_conn_id):
+                current = load_plan()
+                return steps.checksum(current, current.job(job.service, job.backup_type), backup_id)
 
         @task(task_id="offsite_upload", outlets=[asset])
         def offsite_task(backup_id: str) -> dict:
             from erp_backup.plan import load_plan
 
-            current = load_plan()
-            result = steps.offsite_upload(current, current.job(job.service, job.backup_type), backup_id)
+            with guarded(plan.slack_conn_id):
+                current = load_plan()
+                result = steps.offsite_upload(current, current.job(job.service, job.backup_type), backup_id)
             get_current_context()["outlet_events"][asset].extra = {
                 "backup_id": result["backup_id"], "size": result["size"], "captured_at": result["captured_at"],
             }
@@ -142,11 +158,12 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
             from erp_backup.plan import load_plan
 
             context = get_current_context()
-            current = load_plan()
-            return steps.retention_prune(
-                current, current.job(job.service, job.backup_type), backup_id,
-                dry_run=bool(context["params"].get("prune_dry_run")),
-            )
+            with guarded(plan.slack_conn_id):
+                current = load_plan()
+                return steps.retention_prune(
+                    current, current.job(job.service, job.backup_type), backup_id,
+                    dry_run=bool(context["params"].get("prune_dry_run")),
+                )
 
         backup_id = backup_task()
         checked = checksum_task(backup_id)

@@ -24,6 +24,10 @@ A filesystem store (`FilesystemOffsite`) copies each file to a temp name, fsyncs
 it, renames it into place and fsyncs the directory (files 0600, directories
 0700), then drops it from the page cache and hashes it again to verify it.
 Its root must already exist, so an unmounted NAS is an error, not a local copy.
+It records a manifest's SHA-256 in `<root>/.sha256/<set key>/manifest.json` before
+writing the manifest itself (S3 keeps it as metadata). `manifest_object` returns the manifest's
+bytes with that record and the object's timestamp, so erp_backup.offsite_trust can
+check an offsite manifest instead of trusting it.
 
 Transfers run one file at a time; S3 multipart parts run `max_concurrency` at a time.
 """
@@ -38,6 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -63,6 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RECORDS_DIR = ".sha256"  # filesystem store: <root>/.sha256/<key> holds the SHA-256 of the object at <key>
 
 
 class OffsiteError(RuntimeError):
@@ -85,6 +91,16 @@ class UploadReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """An object's bytes with what the store knows about them (read by erp_backup.offsite_trust)."""
+
+    data: bytes
+    modified_at: datetime  # when the object was written: S3 LastModified, the file's mtime (UTC)
+    recorded_sha256: str | None  # hex SHA-256 recorded at upload: S3 metadata, the filesystem sidecar
+    store_sha256: str | None = None  # hex SHA-256 the store computed itself (S3 ChecksumSHA256, single part)
+
+
 @runtime_checkable
 class Offsite(Protocol):
     description: str  # e.g. "s3://bucket/prefix" or "file:///mnt/nas/x"; never secrets
@@ -96,6 +112,8 @@ class Offsite(Protocol):
     def list_backup_ids(self, service: str, backup_type: str) -> list[str]: ...
 
     def read_manifest(self, service: str, backup_type: str, backup_id: str) -> Manifest | None: ...
+
+    def manifest_object(self, service: str, backup_type: str, backup_id: str) -> StoredObject | None: ...
 
     def fetch_set(self, service: str, backup_type: str, backup_id: str, dest: Path) -> Manifest: ...
 
@@ -218,6 +236,10 @@ class _SetStore(ABC):
     def _check_ready(self) -> None:
         """Fail with OffsiteError if the store is not there at all (bucket missing, NAS not mounted)."""
 
+    @abstractmethod
+    def _object_record(self, key: str) -> tuple[datetime, str | None, str | None] | None:
+        """(written at, SHA-256 recorded at upload, SHA-256 the store computed) of an object; None if absent."""
+
     # --- sets -------------------------------------------------------------------
     def _read(self, key: str) -> bytes | None:
         chunks = self._open(key)
@@ -286,6 +308,7 @@ class _SetStore(ABC):
             "bytes": report.bytes_uploaded + report.bytes_skipped,
             "bytes_uploaded": report.bytes_uploaded,
             "bytes_skipped": report.bytes_skipped,
+            "manifest_sha256": manifest_item.sha256,  # what offsite_trust checks the offsite manifest against
             "verified_at": utcnow().isoformat(),
         })
         log.info(
@@ -325,6 +348,16 @@ class _SetStore(ABC):
         if data is None:
             return None
         return Manifest.from_json(data.decode("utf-8", errors="replace"), origin=f"{self.description} {self._name(key)}")
+
+    def manifest_object(self, service: str, backup_type: str, backup_id: str) -> StoredObject | None:
+        """The offsite manifest's raw bytes, when it was written and the SHA-256s recorded for it; None if absent."""
+        self._check_ready()
+        key = f"{set_key(service, backup_type, backup_id)}/{MANIFEST_NAME}"
+        record = self._object_record(key)
+        data = self._read(key) if record is not None else None
+        if record is None or data is None:
+            return None
+        return StoredObject(data, *record)
 
     def fetch_set(self, service: str, backup_type: str, backup_id: str, dest: Path) -> Manifest:
         """Download a set into `dest` (created; must be absent or empty), checking each file's SHA-256.
@@ -452,13 +485,39 @@ class FilesystemOffsite(_SetStore):
             problems.append(f"{key}: {size} bytes offsite, {item.size} expected")
         if sha256 != item.sha256:
             problems.append(f"{key}: sha256 {sha256} offsite, {item.sha256} expected")
+        if PurePosixPath(key).name == MANIFEST_NAME and self._recorded_sha256(key) != item.sha256:
+            problems.append(f"{key}: its recorded SHA-256 ({RECORDS_DIR}/{key}) is missing or differs")
         return problems
+
+    def _sidecar(self, key: str) -> Path:
+        return self.root / RECORDS_DIR / key
+
+    def _recorded_sha256(self, key: str) -> str | None:
+        with self._errors(f"reading {key}"):
+            try:
+                return self._sidecar(key).read_text(encoding="ascii").strip() or None
+            except FileNotFoundError:
+                return None
+            except UnicodeDecodeError:
+                return "not ascii"
+
+    def _object_record(self, key: str) -> tuple[datetime, str | None, str | None] | None:
+        with self._errors(f"reading {key}"):
+            try:
+                written = self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                return None
+        recorded = self._recorded_sha256(key) if PurePosixPath(key).name == MANIFEST_NAME else None
+        return datetime.fromtimestamp(written, timezone.utc), recorded, None
 
     def _store(self, key: str, item: _Item) -> None:
         assert item.local is not None
         dest = self._path(key)
         with self._errors(f"copying {item.local} to {key}"):
             _make_dirs(dest.parent, self.root)
+            if PurePosixPath(key).name == MANIFEST_NAME:  # the record first: never a manifest without it
+                _make_dirs(self._sidecar(key).parent, self.root)
+                write_atomic(self._sidecar(key), f"{item.sha256}\n".encode())
             with open(item.local, "rb") as source, atomic_file(dest) as target:
                 shutil.copyfileobj(source, target, HASH_CHUNK)
                 target.flush()
@@ -506,6 +565,7 @@ class FilesystemOffsite(_SetStore):
             self._delete(manifest_key)
             shutil.rmtree(set_dir)
             fsync_dir(set_dir.parent)
+            shutil.rmtree(self._sidecar(key), ignore_errors=True)  # after the manifest: never one without it
         return count
 
 

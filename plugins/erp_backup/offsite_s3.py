@@ -18,9 +18,11 @@ multipart), and verified with `head_object(ChecksumMode="ENABLED")`:
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +129,19 @@ class S3Offsite(_SetStore):
 
     def _exists(self, key: str) -> bool:
         return self._head(key) is not None
+
+    def _object_record(self, key: str) -> tuple[datetime, str | None, str | None] | None:
+        head = self._head(key)
+        if head is None:
+            return None
+        computed = None
+        if head.get("ChecksumSHA256") and parts_count(head) is None:
+            try:
+                computed = base64.b64decode(head["ChecksumSHA256"], validate=True).hex()
+            except ValueError:
+                computed = "not base64: " + head["ChecksumSHA256"]
+        recorded = (head.get("Metadata") or {}).get(SHA256_METADATA)
+        return head["LastModified"].astimezone(timezone.utc), recorded, computed
 
     def _check_ready(self) -> None:
         if not self._bucket_checked:

@@ -2,6 +2,13 @@
 
 The plan is the single source of truth for schedules, retention, RPO/RTO and
 connection ids. Every error names the file, the service and the field.
+
+`load_plan` isolates service blocks: a broken block leaves that service out of
+`Plan.jobs` and records why in `Plan.service_errors`, so the other services' DAGs,
+the watchdog and the drill still load and can alert (dags/backup_plan_check.py fails
+to import with the errors, for the UI). Anything outside `services` fails the whole
+plan. `parse_plan` alone stays strict. Cron schedules have exactly 5 fields, and a
+duplicate YAML key is an error naming its line (erp_backup.plan_yaml).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 from croniter import croniter
+
+from erp_backup import plan_yaml
 
 PLAN_ENV = "ERP_BACKUP_PLAN"
 BACKUP_ROOT_ENV = "ERP_BACKUP_ROOT"
@@ -92,12 +101,23 @@ class Plan:
     drill: DrillPlan
     jobs: tuple[BackupJob, ...]
     services_enabled: dict[str, bool]
+    service_errors: dict[str, str] = field(default_factory=dict)  # service -> why its block was left out
 
     def job(self, service: str, backup_type: str) -> BackupJob:
         for job in self.jobs:
             if job.service == service and job.backup_type == backup_type:
                 return job
+        if service in self.service_errors:
+            raise PlanError(self.service_errors[service])
         raise KeyError(f"{self.path}: no backup job {service}/{backup_type} in the plan")
+
+    def raise_for_errors(self) -> None:
+        """PlanError listing every broken service block; nothing when the plan is whole."""
+        if self.service_errors:
+            raise PlanError(
+                f"{len(self.service_errors)} service block(s) of the backup plan are broken; their DAGs are not "
+                "loaded:\n" + "\n".join(self.service_errors[name] for name in sorted(self.service_errors))
+            )
 
     @property
     def enabled_jobs(self) -> tuple[BackupJob, ...]:
@@ -140,6 +160,12 @@ class _Reader:
         value = self.get(key, str)
         if not croniter.is_valid(value):
             self.fail(f"invalid cron expression {value!r}", key)
+        fields = len(value.split())
+        if fields != 5:
+            why = ("; croniter reads a 6th field as seconds, so the job would fire every second of one minute"
+                   if fields == 6 else "")
+            self.fail(f"cron expression {value!r} has {fields} field(s): use exactly 5 "
+                      f"(minute hour day-of-month month day-of-week){why}", key)
         return value
 
     def duration(self, key: str, default: Any = ...) -> timedelta:
@@ -194,7 +220,24 @@ def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -
     )
 
 
-def parse_plan(path: Path, data: Any) -> Plan:
+def _read_service(top: _Reader, services: _Reader, name: str, tz: str) -> tuple[list[BackupJob], bool]:
+    """One service block: its jobs, and whether the service is enabled."""
+    known = known_services()
+    if name not in known:
+        services.fail(f"unknown service (known: {', '.join(sorted(known))})", name)
+    svc = services.sub(name)
+    svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
+    enabled = svc.get("enabled", bool) and name not in _disabled_by_env()
+    return [_read_job(top, name, svc, type_name, tz) for type_name in svc.sub("backups").data], enabled
+
+
+def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
+               broken: dict[str, str] | None = None) -> Plan:
+    """Validate the plan's data. Strict by default: the first error raises PlanError.
+
+    With `isolate_services`, an error inside one service block (or one given in `broken`,
+    service -> message) leaves that service out and is recorded in `Plan.service_errors`.
+    """
     top = _Reader(path, "plan", data)
     top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services")
     if top.get("version", int) != 1:
@@ -223,15 +266,17 @@ def parse_plan(path: Path, data: Any) -> Plan:
     services = top.sub("services")
     jobs: list[BackupJob] = []
     enabled: dict[str, bool] = {}
-    known = known_services()
+    service_errors: dict[str, str] = {}
     for name in services.data:
-        if name not in known:
-            services.fail(f"unknown service (known: {', '.join(sorted(known))})", name)
-        svc = services.sub(name)
-        svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
-        enabled[name] = svc.get("enabled", bool) and name not in _disabled_by_env()
-        for type_name in svc.sub("backups").data:
-            jobs.append(_read_job(top, name, svc, type_name, tz))
+        try:
+            if name in (broken or {}):
+                raise PlanError((broken or {})[name])
+            service_jobs, enabled[name] = _read_service(top, services, name, tz)
+            jobs.extend(service_jobs)
+        except PlanError as exc:
+            if not isolate_services:
+                raise
+            service_errors[str(name)] = str(exc)
 
     root = os.environ.get(BACKUP_ROOT_ENV) or top.get("backup_root", str)
     return Plan(
@@ -249,11 +294,15 @@ def parse_plan(path: Path, data: Any) -> Plan:
         drill=DrillPlan(schedule=drill.cron("schedule"), timezone=drill.timezone("timezone", tz), backend=backend),
         jobs=tuple(jobs),
         services_enabled=enabled,
+        service_errors=service_errors,
     )
 
 
 def load_plan(path: str | os.PathLike[str] | None = None) -> Plan:
-    """Load and validate the plan (default: $ERP_BACKUP_PLAN or include/backup_plan.yaml)."""
+    """Load and validate the plan (default: $ERP_BACKUP_PLAN or include/backup_plan.yaml).
+
+    A broken service block is left out and listed in `Plan.service_errors`; any other error raises PlanError.
+    """
     resolved = Path(path or os.environ.get(PLAN_ENV) or DEFAULT_PLAN_PATH)
     env = tuple(os.environ.get(name) for name in (BACKUP_ROOT_ENV, OFFSITE_PATH_ENV, OFFSITE_KIND_ENV, DISABLE_ENV))
     return _load_cached(resolved, env)
@@ -266,7 +315,13 @@ def _load_cached(path: Path, _env: tuple[str | None, ...]) -> Plan:
     except OSError as exc:
         raise PlanError(f"{path}: cannot read the backup plan: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text)
+        data, duplicates = plan_yaml.load(text)
     except yaml.YAMLError as exc:
         raise PlanError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_plan(path, data)
+    outside = [d.message(path) for d in duplicates if d.service is None]
+    if outside:
+        raise PlanError("\n".join(outside))
+    broken: dict[str, str] = {}
+    for duplicate in duplicates:
+        broken.setdefault(str(duplicate.service), duplicate.message(path))
+    return parse_plan(path, data, isolate_services=True, broken=broken)

@@ -7,6 +7,8 @@ The policy, checked in this order for each set:
 
 1. The running backup's own set (`current_id`) is kept.
 2. Protected sets (`protected`: backup id -> reason, e.g. a WAL chain) are kept.
+   Suspect offsite sets (their manifest disagrees with its upload record, see
+   erp_backup.offsite_trust) are kept: their age cannot be believed.
 3. The newest good set (verified, by manifest capture time) is kept whatever its age.
 4. Age comes from the manifest's `captured_finished_at`. Only an incomplete set
    (no manifest) falls back to the timestamp in its backup id. A set whose
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from erp_backup.manifest import Manifest, ManifestError
+from erp_backup.offsite_trust import check_offsite_sets
 from erp_backup.sets import BACKUP_ID_FORMAT, BackupSet, SetState, is_backup_id, list_sets
 
 if TYPE_CHECKING:
@@ -48,6 +51,8 @@ class Offsite(Protocol):
 
     def read_manifest(self, service: str, backup_type: str, backup_id: str) -> Manifest | None: ...
 
+    def manifest_object(self, service: str, backup_type: str, backup_id: str) -> Any: ...
+
     def delete_set(self, service: str, backup_type: str, backup_id: str) -> int: ...
 
 
@@ -61,6 +66,7 @@ class SetRecord:
     state: SetState
     captured_at: datetime | None  # manifest.captured_finished_at; None when there is none to read
     offsite_verified: bool  # staging: the offsite copy exists and was verified
+    note: str = ""  # why a set is suspect
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ def _decide_one(
         return keep, "set of the running backup (current_id); never pruned while it runs"
     if record.backup_id in protected:
         return keep, f"protected: {protected[record.backup_id]}"
+    if record.state is SetState.SUSPECT:
+        return keep, f"suspect, never pruned: {record.note}; check it by hand"
 
     if record.captured_at is not None:
         age = now - record.captured_at
@@ -200,23 +208,19 @@ def staging_records(
     return records
 
 
-def offsite_records(offsite: Offsite, service: str, backup_type: str) -> list[SetRecord]:
-    """Records for every offsite set: with a manifest it is good (OFFSITE), without one INCOMPLETE.
+def offsite_records(offsite: Offsite, service: str, backup_type: str, root: Path | None = None) -> list[SetRecord]:
+    """Records for every offsite set, each checked against staging's receipt in `root` or the store's record.
 
-    An offsite manifest that cannot be parsed makes the set CORRUPT with no known age.
+    A manifest that matches its record is good (OFFSITE), no manifest is INCOMPLETE, one that
+    cannot be parsed is CORRUPT with no known age, and one that disagrees is SUSPECT (kept).
     """
     records = []
-    for backup_id in sorted(offsite.list_backup_ids(service, backup_type)):
-        try:
-            manifest = offsite.read_manifest(service, backup_type, backup_id)
-        except ManifestError as exc:
-            log.warning("retention: offsite %s/%s/%s: %s", service, backup_type, backup_id, exc)
-            records.append(SetRecord(backup_id, SetState.CORRUPT, None, False))
-            continue
-        if manifest is None:
-            records.append(SetRecord(backup_id, SetState.INCOMPLETE, None, False))
-        else:
-            records.append(SetRecord(backup_id, SetState.OFFSITE, _aware(manifest.captured_finished_at), True))
+    for check in check_offsite_sets(offsite, service, backup_type, root):
+        if check.state is SetState.CORRUPT:
+            log.warning("retention: offsite %s: %s", check.key, check.why)
+        captured_at = check.captured_at if check.state is SetState.OFFSITE else None
+        records.append(SetRecord(check.backup_id, check.state, captured_at, check.state is SetState.OFFSITE,
+                                 note=check.why))
     return records
 
 
@@ -251,7 +255,7 @@ def prune(
     Failed deletions are collected and raised at the end, naming each set.
     """
     report = PruneReport(dag_id=job.dag_id, dry_run=dry_run)
-    remote = offsite_records(offsite, job.service, job.backup_type) if offsite is not None else None
+    remote = offsite_records(offsite, job.service, job.backup_type, root) if offsite is not None else None
     remote_good = {r.backup_id for r in remote or [] if r.state.is_good}
     local = staging_records(root, job.service, job.backup_type, offsite_ids=remote_good if remote is not None else None)
     failures: list[str] = []

@@ -7,6 +7,9 @@ A set's state is derived from the marker files in its directory:
 - CORRUPT: the checksum task found a mismatch (CHECKSUM_FAILED holds the details).
 - VERIFIED: SHA256SUMS was written after every file matched the manifest.
 - OFFSITE: verified, and the offsite copy was verified object by object.
+
+Offsite listings add SUSPECT (erp_backup.offsite_trust): an offsite manifest that does
+not match what was recorded at upload. It is never pruned, drilled or counted.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class SetState(str, enum.Enum):
     CORRUPT = "corrupt"
     VERIFIED = "verified"
     OFFSITE = "offsite"
+    SUSPECT = "suspect"  # offsite only: the manifest disagrees with its upload record
 
     @property
     def is_good(self) -> bool:

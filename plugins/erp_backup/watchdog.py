@@ -25,6 +25,11 @@ Rules, for each job:
 - corrupt / incomplete: sets that failed (checksum mismatch; no manifest and nothing
   written for `GRACE`) since the newest good set. Older ones are only counted.
 - offsite_missing: staging says a set is offsite, but the store has no manifest for it.
+- suspect: an offsite manifest disagrees with its upload record (edited, back-dated,
+  copied; see erp_backup.offsite_trust). Retention keeps it and the drill skips it.
+
+And one row for the plan when service blocks of it are broken (`plan_error`): those
+services' DAGs are not loaded, so only this row says so. Fixing the plan sends a recovery.
 
 When the offsite store is unreachable, its row says so, and each job is judged from
 its staging manifests (their offsite receipts were verified at upload), with a note.
@@ -49,6 +54,7 @@ from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
 from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
 from erp_backup.offsite import Offsite
+from erp_backup.offsite_trust import OffsiteSetCheck, check_offsite_sets
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.sets import SetState, list_sets
 
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 
 GRACE = timedelta(hours=1)
 OFFSITE_KEY = "offsite"
+PLAN_KEY = "plan"
 STATE_DIR = "watchdog"
 STATE_NAME = "state.json"
 OK, BREACH = "ok", "breach"
@@ -78,9 +85,11 @@ class SetCounts:
     corrupt: tuple[str, ...] = ()  # the checksum task found a mismatch, or the manifest is unreadable
     pending: tuple[str, ...] = ()  # still on their way: being written, unverified, or not yet offsite
     offsite_missing: tuple[str, ...] = ()  # OFFSITE on staging, but no manifest in the offsite store
+    suspect: tuple[str, ...] = ()  # offsite manifests that disagree with their upload record
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {name: list(getattr(self, name)) for name in ("incomplete", "corrupt", "pending", "offsite_missing")}
+        names = ("incomplete", "corrupt", "pending", "offsite_missing", "suspect")
+        return {name: list(getattr(self, name)) for name in names}
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,7 @@ class Status:
             "corrupt": len(self.counts.corrupt),
             "pending": len(self.counts.pending),
             "offsite_missing": len(self.counts.offsite_missing),
+            "suspect": len(self.counts.suspect),
             "sets": self.counts.as_dict(),
             "captured_at": _iso(self.captured_at),
             "expected_by": _iso(self.due_by),
@@ -224,8 +234,12 @@ def evaluate(
     *,
     carries_rpo: bool = True,
     grace: timedelta = GRACE,
+    suspect_reasons: Mapping[str, str] | None = None,
 ) -> Status:
-    """Judge one job from its newest offsite-verified manifest and its problem sets. Pure."""
+    """Judge one job from its newest offsite-verified manifest and its problem sets. Pure.
+
+    `suspect_reasons` says why each set in `counts.suspect` is suspect (backup id -> why).
+    """
     now = _utc(now)
     what = f"{job.service}/{job.backup_type}"
     reasons: list[Reason] = []
@@ -278,6 +292,14 @@ def evaluate(
             f"{what} set(s) {', '.join(counts.offsite_missing)} have an offsite receipt on staging "
             "but no manifest in the offsite store",
         ))
+    if counts.suspect:
+        why = suspect_reasons or {}
+        reasons.append(Reason(
+            "suspect",
+            f"{len(counts.suspect)} offsite {what} set(s) with a manifest that disagrees with its upload record, "
+            "kept and never drilled until checked by hand (rerun its offsite_upload from staging, or delete it): "
+            + "; ".join(f"{i}: {why.get(i, 'see `list --from offsite`')}" for i in counts.suspect),
+        ))
     return Status(
         key=job.dag_id,
         label=what,
@@ -289,6 +311,15 @@ def evaluate(
         counts=counts,
         reasons=tuple(reasons),
     )
+
+
+def plan_status(plan: Plan, now: datetime) -> Status:
+    """The plan's row: a breach while service blocks are broken (their DAGs are not loaded)."""
+    reasons = tuple(
+        Reason("plan_error", f"services.{service} is broken, so its backup DAGs are not loaded: {error}")
+        for service, error in sorted(plan.service_errors.items())
+    )
+    return Status(key=PLAN_KEY, label=f"backup plan {plan.path}", checked_at=_utc(now), reasons=reasons)
 
 
 def offsite_status(description: str, error: str | None, now: datetime) -> Status:
@@ -333,26 +364,32 @@ def scan_staging(
     return offsite_sets, SetCounts(tuple(incomplete), tuple(corrupt), tuple(pending))
 
 
-def confirm_offsite(candidates: list[Manifest], offsite: Offsite) -> tuple[Manifest | None, tuple[str, ...]]:
-    """The first candidate whose manifest the offsite store holds, and the ids it lacks.
+def confirm_offsite(
+    candidates: list[Manifest], checks: Mapping[str, OffsiteSetCheck]
+) -> tuple[Manifest | None, tuple[str, ...]]:
+    """The offsite manifest of the first candidate whose offsite copy checks out, and the ids lacking one.
 
-    Raises whatever the store raises when it cannot be reached.
+    `checks` are the offsite sets of the job by backup id (erp_backup.offsite_trust). A candidate
+    whose offsite manifest is suspect is neither confirmed nor missing: it is reported as suspect.
     """
-    missing = []
+    missing: list[str] = []
     for local in candidates:
-        try:
-            remote = offsite.read_manifest(local.service, local.backup_type, local.backup_id)
-        except ManifestError as exc:
-            log.warning("watchdog: %s", exc)
-            remote = None
-        if remote is not None:
-            return remote, tuple(missing)
-        missing.append(local.backup_id)
+        remote = checks.get(local.backup_id)
+        if remote is not None and remote.state is SetState.OFFSITE:
+            return remote.manifest, tuple(missing)
+        if remote is None or remote.state is not SetState.SUSPECT or remote.manifest_missing:
+            missing.append(local.backup_id)
     return None, tuple(missing)
 
 
+def suspect_sets(checks: Iterable[OffsiteSetCheck]) -> dict[str, str]:
+    """Backup id -> why, for the offsite sets whose manifest is there but disagrees with its record."""
+    return {c.backup_id: c.why for c in checks if c.state is SetState.SUSPECT and not c.manifest_missing}
+
+
 def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
-    """A status for every enabled job of the plan, then one for the offsite store. Never raises for one job."""
+    """A status for every enabled job of the plan, then one for the offsite store, then one for the plan
+    while service blocks of it are broken. Never raises for one job."""
     now = _utc(now)
     jobs = plan.enabled_jobs
     offsite_error = None
@@ -366,17 +403,19 @@ def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
     for job in jobs:
         try:
             candidates, counts = scan_staging(plan.backup_root, job, now)
-            newest, notes = None, []
+            newest, notes, suspect = None, [], {}
             if offsite_error is None:
                 try:
-                    newest, missing = confirm_offsite(candidates, offsite)
-                    counts = replace(counts, offsite_missing=missing)
+                    checks = check_offsite_sets(offsite, job.service, job.backup_type, plan.backup_root)
+                    newest, missing = confirm_offsite(candidates, {c.backup_id: c for c in checks})
+                    suspect = suspect_sets(checks)
+                    counts = replace(counts, offsite_missing=missing, suspect=tuple(sorted(suspect)))
                 except Exception as exc:
                     offsite_error = one_line(exc)
             if offsite_error is not None:
                 newest = candidates[0] if candidates else None
                 notes.append("offsite not confirmed (unreachable): judged from the staging manifest")
-            status = evaluate(job, newest, counts, now, carries_rpo=job.dag_id in carriers)
+            status = evaluate(job, newest, counts, now, carries_rpo=job.dag_id in carriers, suspect_reasons=suspect)
             statuses.append(replace(status, notes=tuple(notes)))
         except Exception as exc:
             log.exception("watchdog: checking %s failed", job.dag_id)
@@ -385,6 +424,8 @@ def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
                 reasons=(Reason("check_failed", f"the watchdog could not check {plan.backup_root}: {one_line(exc)}"),),
             ))
     statuses.append(offsite_status(offsite.description, offsite_error, now))
+    if plan.service_errors:
+        statuses.append(plan_status(plan, now))
     return statuses
 
 
@@ -404,10 +445,16 @@ def transitions(
     - breach -> breach: nothing, unless a new kind of problem appeared ("changed");
       a set only getting older (overdue, then rpo) is the same incident.
     - breach -> ok: one "recovery" alert.
-    Keys absent from `statuses` (jobs no longer enabled) are dropped without a message.
+    Keys absent from `statuses` (jobs no longer enabled) are dropped without a message,
+    except the plan's: its row is only there while the plan is broken, so its absence is a recovery.
     """
     alerts: list[Alert] = []
     state: dict[str, dict[str, Any]] = {}
+    statuses = list(statuses)
+    plan_before = previous.get(PLAN_KEY) or {}
+    if plan_before.get("status") == BREACH and statuses and all(s.key != PLAN_KEY for s in statuses):
+        statuses.append(Status(key=PLAN_KEY, label=str(plan_before.get("label", "backup plan")),
+                               checked_at=statuses[0].checked_at))
     for status in statuses:
         before = previous.get(status.key) or {}
         was_breached = before.get("status") == BREACH

@@ -7,6 +7,7 @@ so each test can damage its own offsite copy. The drill runs with `dag.test()`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -122,9 +123,14 @@ class Drill:
         self.s3.client().put_object(Bucket=self.bucket, Key=key, Body=data)
 
     def edit_offsite_manifest(self, edit: Callable[[dict], None]) -> None:
+        """Replace the offsite manifest with an edited one, stored as the uploader stores it (with its
+        SHA-256 as metadata), so it passes the offsite trust check and the drill reaches the step under test:
+        a manifest that was wrong at upload, not one changed afterwards (tests/integration/test_offsite_trust_stores.py)."""
         data = json.loads(self.read_object(self.key("manifest.json")))
         edit(data)
-        self.put_object(self.key("manifest.json"), json.dumps(data, indent=2).encode())
+        body = json.dumps(data, indent=2).encode()
+        self.s3.client().put_object(Bucket=self.bucket, Key=self.key("manifest.json"), Body=body,
+                                    Metadata={"sha256": hashlib.sha256(body).hexdigest()})
 
     def run_record(self, run_id: str) -> Path:
         return records.run_dir(self.plan, run_id)

@@ -222,6 +222,7 @@ def test_property_safety_invariants(history):
         assert rec.backup_id != newest_good, "the newest good set was deleted"
         assert rec.backup_id not in protected, "a protected set was deleted"
         assert rec.backup_id != current_id, "the running backup's set was deleted"
+        assert rec.state is not SetState.SUSPECT, "a suspect set was deleted"
         age = age_of(rec)
         assert age is not None, "a set of unknown age was deleted"
         assert age > retention, f"a set within the window was deleted: {decision}"
@@ -245,6 +246,7 @@ def test_property_nothing_is_kept_without_a_rule_asking_for_it(history):
             rec.backup_id not in protected
             and rec.backup_id != current_id
             and rec.backup_id != newest_good
+            and rec.state is not SetState.SUSPECT  # its manifest disagrees with its upload record
             and age is not None
             and age > retention
             and not (require_offsite and rec.state in HOLDS_DATA and not rec.offsite_verified)

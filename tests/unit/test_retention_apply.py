@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from erp_backup.manifest import MANIFEST_NAME, Manifest, write_manifest
+from erp_backup.offsite import StoredObject
 from erp_backup.plan import BackupJob
 from erp_backup.retention import PruneError, prune, staging_records
 from erp_backup.sets import SUMS_NAME, BackupSet, SetState, backup_id_for, list_sets
@@ -37,7 +39,11 @@ JOB = BackupJob(
 
 
 class DirectoryOffsite:
-    """The offsite store's protocol over a local directory: `<root>/<service>/<type>/<id>/`."""
+    """The offsite store's protocol over a local directory: `<root>/<service>/<type>/<id>/`.
+
+    Like the real stores, it records each manifest's SHA-256 at upload (under `<root>/.records/`)
+    and the manifest's mtime is its upload time: a minute after the capture it records.
+    """
 
     def __init__(self, root: Path):
         self.root = root
@@ -50,20 +56,39 @@ class DirectoryOffsite:
         base = self.root / service / backup_type
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
+    def _record(self, service: str, backup_type: str, backup_id: str) -> Path:
+        return self.root / ".records" / service / backup_type / f"{backup_id}.sha256"
+
     def read_manifest(self, service: str, backup_type: str, backup_id: str) -> Manifest | None:
         path = self._dir(service, backup_type, backup_id) / MANIFEST_NAME
         return Manifest.read(path) if path.is_file() else None
+
+    def manifest_object(self, service: str, backup_type: str, backup_id: str) -> StoredObject | None:
+        path = self._dir(service, backup_type, backup_id) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        record = self._record(service, backup_type, backup_id)
+        written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        return StoredObject(path.read_bytes(), written, record.read_text() if record.is_file() else None)
 
     def delete_set(self, service: str, backup_type: str, backup_id: str) -> int:
         target = self._dir(service, backup_type, backup_id)
         count = sum(1 for p in target.rglob("*") if p.is_file())
         shutil.rmtree(target)
+        self._record(service, backup_type, backup_id).unlink(missing_ok=True)
         return count
 
     def upload(self, backup_set: BackupSet, *, with_manifest: bool = True) -> None:
         target = self._dir(backup_set.service, backup_set.backup_type, backup_set.backup_id)
         ignore = shutil.ignore_patterns("offsite.json", *(() if with_manifest else (MANIFEST_NAME,)))
         shutil.copytree(backup_set.path, target, ignore=ignore)
+        manifest = target / MANIFEST_NAME
+        if manifest.is_file():
+            record = self._record(backup_set.service, backup_set.backup_type, backup_set.backup_id)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(hashlib.sha256(manifest.read_bytes()).hexdigest())
+            uploaded = (Manifest.read(manifest).captured_finished_at + timedelta(minutes=1)).timestamp()
+            os.utime(manifest, (uploaded, uploaded))
 
 
 def make_set(root: Path, backup_id: str, state: SetState, captured_at: datetime | None = None) -> BackupSet:
@@ -244,7 +269,7 @@ def disk_histories(draw):
     day_offsets = draw(st.lists(st.integers(0, 90), unique=True, max_size=8))
     sets = []
     for days in day_offsets:
-        staging_state = draw(st.sampled_from([None, *SetState]))
+        staging_state = draw(st.sampled_from([None, *(s for s in SetState if s is not SetState.SUSPECT)]))  # offsite-only
         offsite_copy = draw(st.sampled_from([None, "complete", "incomplete"]))
         captured_days = draw(st.integers(0, 90))
         sets.append((days_ago(days), staging_state, offsite_copy, captured_days))

@@ -8,16 +8,14 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from erp_backup.cli.console import Console, human_size, table, utc_text
-from erp_backup.cli.source import EXIT_OK, backup_ids, check_service_type, open_source
+from erp_backup.cli.source import EXIT_OK, check_service_type, open_source
 from erp_backup.manifest import MANIFEST_NAME, ManifestError
+from erp_backup.offsite_trust import OffsiteSetCheck, check_offsite_sets
 from erp_backup.plan import known_services
 from erp_backup.sets import BackupSet, SetState, list_sets
-
-if TYPE_CHECKING:
-    from erp_backup.offsite import Offsite
 
 OFFSITE_STATE = "offsite"  # a set offsite with its manifest (complete)
 
@@ -61,18 +59,19 @@ def local_info(backup_set: BackupSet) -> SetInfo:
                    files=len(manifest.files), **common)
 
 
-def offsite_info(store: Offsite, service: str, backup_type: str, backup_id: str) -> SetInfo:
-    common = {"service": service, "backup_type": backup_type, "backup_id": backup_id,
-              "location": f"{store.description}/{service}/{backup_type}/{backup_id}"}
-    try:
-        manifest = store.read_manifest(service, backup_type, backup_id)
-    except ManifestError as exc:
-        return SetInfo(state=SetState.CORRUPT.value, captured_at=None, size=None, files=None, note=str(exc), **common)
-    if manifest is None:
-        return SetInfo(state=SetState.INCOMPLETE.value, captured_at=None, size=None, files=None,
+def offsite_info(check: OffsiteSetCheck, description: str) -> SetInfo:
+    """A row for one offsite set, checked against its upload record (erp_backup.offsite_trust)."""
+    common = {"service": check.service, "backup_type": check.backup_type, "backup_id": check.backup_id,
+              "location": f"{description}/{check.key}"}
+    manifest = check.manifest
+    if check.state is SetState.INCOMPLETE:
+        return SetInfo(state=check.state.value, captured_at=None, size=None, files=None,
                        note=f"no {MANIFEST_NAME} offsite: cannot be used", **common)
-    return SetInfo(state=OFFSITE_STATE, captured_at=manifest.captured_finished_at, size=manifest.total_size,
-                   files=len(manifest.files), **common)
+    if manifest is None:
+        return SetInfo(state=check.state.value, captured_at=None, size=None, files=None, note=check.why, **common)
+    state = OFFSITE_STATE if check.state is SetState.OFFSITE else check.state.value
+    return SetInfo(state=state, captured_at=manifest.captured_finished_at, size=manifest.total_size,
+                   files=len(manifest.files), note=check.why, **common)
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -88,8 +87,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             if source.is_local:
                 infos += [local_info(s) for s in list_sets(source.root, service, backup_type)]
             else:
-                infos += [offsite_info(source.store, service, backup_type, backup_id)
-                          for backup_id, _ in backup_ids(source, service, backup_type)]
+                infos += [offsite_info(check, source.store.description)
+                          for check in check_offsite_sets(source.store, service, backup_type, source.root)]
     if args.json:
         console.say(json.dumps([info.as_dict() for info in infos], indent=2))
         return EXIT_OK
@@ -103,5 +102,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         for i in infos
     ]
     console.say(table(("SERVICE", "TYPE", "BACKUP_ID", "STATE", "CAPTURED (UTC)", "SIZE", "FILES"), rows))
+    for info in infos:
+        if info.state == SetState.SUSPECT.value:
+            console.note(f"{info.service}/{info.backup_type}/{info.backup_id} is suspect, never pruned or drilled: {info.note}")
     console.note(f"{len(infos)} set(s) in {source.where}")
     return EXIT_OK

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from erp_backup.drill import pick as picking
 from erp_backup.drill.params import ALL, RANDOM, DrillParamError, DrillRequest, drill_types, drillable_services, parse_request
 from erp_backup.drill.records import ledger_entries_for_pick, read_ledger, run_dir, write_json
-from erp_backup.manifest import Manifest, ManifestError
+from erp_backup.manifest import Manifest
 from erp_backup.notify import one_line
+from erp_backup.offsite_trust import check_offsite_sets
 from erp_backup.plan import Plan
 from erp_backup.runs import RunInfo
 from erp_backup.services import get_service
@@ -52,24 +53,24 @@ class Listing:
     complete: list[tuple[picking.Candidate, Manifest]]
     incomplete: list[str]  # "<type>/<id>" without a manifest (or corrupt)
     where: str
+    suspect: dict[str, str] = field(default_factory=dict)  # "<type>/<id>" -> why its offsite manifest is not trusted
 
 
 def list_sets_for(plan: Plan, service: str, types: list[str], source: str, store: Any) -> Listing:
     """Complete and incomplete sets of a service, offsite or on staging (any age)."""
     complete: list[tuple[picking.Candidate, Manifest]] = []
     incomplete: list[str] = []
+    suspect: dict[str, str] = {}
     for backup_type in types:
         if source == "offsite":
-            for backup_id in store.list_backup_ids(service, backup_type):
-                try:
-                    manifest = store.read_manifest(service, backup_type, backup_id)
-                except ManifestError as exc:
-                    log.warning("offsite %s/%s/%s: %s", service, backup_type, backup_id, exc)
-                    manifest = None
-                if manifest is None:
-                    incomplete.append(f"{backup_type}/{backup_id}")
+            for check in check_offsite_sets(store, service, backup_type, plan.backup_root):
+                name = f"{backup_type}/{check.backup_id}"
+                if check.state is SetState.OFFSITE and check.manifest is not None:
+                    complete.append((_candidate(check.manifest), check.manifest))
+                elif check.state is SetState.SUSPECT:
+                    suspect[name] = check.why
                 else:
-                    complete.append((_candidate(manifest), manifest))
+                    incomplete.append(name)
         else:
             for backup_set in list_sets(plan.backup_root, service, backup_type):
                 state = backup_set.state
@@ -79,7 +80,7 @@ def list_sets_for(plan: Plan, service: str, types: list[str], source: str, store
                 manifest = backup_set.manifest()
                 complete.append((_candidate(manifest), manifest))
     where = store.description if source == "offsite" else f"staging {plan.backup_root}"
-    return Listing(complete, incomplete, where)
+    return Listing(complete, incomplete, where, suspect)
 
 
 def _candidate(manifest: Manifest) -> picking.Candidate:
@@ -158,6 +159,12 @@ def _explicit(plan: Plan, request: DrillRequest, run: RunInfo, store: Any, ledge
             + ", ".join(f"{c.backup_type}/{c.backup_id}" for c, _ in matches)
         )
     if not matches:
+        suspect = [(name, why) for name, why in listing.suspect.items() if name.split("/", 1)[1] == request.backup_id]
+        if suspect:
+            raise DrillParamError(
+                f"backup {request.service}/{suspect[0][0]} at {listing.where} is suspect and cannot be drilled: its "
+                f"offsite manifest, not a data file, is at fault: {suspect[0][1]}; complete sets: {_valid_list(listing)}"
+            )
         incomplete = [name for name in listing.incomplete if name.split("/", 1)[1].split(" ")[0] == request.backup_id]
         if incomplete:
             raise DrillParamError(

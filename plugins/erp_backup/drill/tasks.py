@@ -16,19 +16,15 @@ def run_info(context: Mapping[str, Any]) -> RunInfo:
 
 
 def fail_fast(call: Callable[[], T]) -> T:
-    """Run a step; failures that a retry cannot fix (bad params, checksum or content mismatches,
-    a production endpoint as target) fail the task at once instead of being retried."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from erp_backup.drill.params import DrillParamError
+    """Run a step; failures that a retry cannot fix (bad params, a missing connection, a broken plan,
+    checksum or content mismatches, a production endpoint as target) fail the task at once instead
+    of being retried (erp_backup.fail_fast)."""
+    from erp_backup import fail_fast as failing
     from erp_backup.drill.runner import DrillFailed
     from erp_backup.drill.targets import ProductionTargetRefused
     from erp_backup.checksum import ChecksumMismatch
 
-    try:
-        return call()
-    except (DrillParamError, DrillFailed, ChecksumMismatch, ProductionTargetRefused) as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    return failing.fail_fast(call, also=(DrillFailed, ChecksumMismatch, ProductionTargetRefused))
 
 
 def report_or_fail(run_id: str) -> dict[str, Any]:
