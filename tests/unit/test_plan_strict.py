@@ -75,7 +75,7 @@ def test_a_duplicate_key_in_a_service_block_breaks_only_that_service_naming_the_
     assert f"line {first + 1}: duplicate key 'schedule' in plan.services.postgres.backups.full" in error
     assert f"(first at line {first})" in error
     assert not any(job.service == "postgres" for job in plan.jobs)
-    assert {job.service for job in plan.jobs} == {"minio", "milvus", "gitlab", "redis", "rabbitmq"}
+    assert {job.service for job in plan.jobs} == {"minio", "milvus", "gitlab", "redis", "rabbitmq", "files"}
     with pytest.raises(PlanError, match="duplicate key 'schedule'"):
         plan.job("postgres", "full")
 
@@ -103,7 +103,7 @@ def test_a_bad_service_block_is_left_out_and_the_rest_of_the_plan_loads(tmp_path
 
     assert set(plan.service_errors) == {"redis", "rabbitmq"}
     assert "plan.services.redis.backups.rdb.schedule" in plan.service_errors["redis"]
-    assert {job.service for job in plan.enabled_jobs} == {"postgres", "minio", "milvus", "gitlab"}
+    assert {job.service for job in plan.enabled_jobs} == {"postgres", "minio", "milvus", "gitlab", "files"}
     with pytest.raises(PlanError) as caught:
         plan.raise_for_errors()
     assert "2 service block(s) of the backup plan are broken" in str(caught.value)
