@@ -197,7 +197,7 @@ def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -
 
 def parse_plan(path: Path, data: Any) -> Plan:
     top = _Reader(path, "plan", data)
-    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services")
+    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging")
     if top.get("version", int) != 1:
         top.fail("only version 1 is supported", "version")
     tz = top.timezone("timezone", "Asia/Seoul")

@@ -25,6 +25,8 @@ Rules, for each job:
 - corrupt / incomplete: sets that failed (checksum mismatch; no manifest and nothing
   written for `GRACE`) since the newest good set. Older ones are only counted.
 - offsite_missing: staging says a set is offsite, but the store has no manifest for it.
+- unshipped: a set holding data has not reached offsite `staging.alert_after_days` after
+  its capture (erp_backup.staging).
 
 When the offsite store is unreachable, its row says so, and each job is judged from
 its staging manifests (their offsite receipts were verified at upload), with a note.
@@ -44,6 +46,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
+from erp_backup import staging
 from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
 from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
@@ -376,7 +379,8 @@ def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
                 newest = candidates[0] if candidates else None
                 notes.append("offsite not confirmed (unreachable): judged from the staging manifest")
             status = evaluate(job, newest, counts, now, carries_rpo=job.dag_id in carriers)
-            statuses.append(replace(status, notes=tuple(notes)))
+            late = tuple(Reason("unshipped", text) for text in staging.unshipped_alerts(plan, job, now))
+            statuses.append(replace(status, reasons=status.reasons + late, notes=tuple(notes)))
         except Exception as exc:
             log.exception("watchdog: checking %s failed", job.dag_id)
             statuses.append(Status(
