@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from erp_backup.diskio import io_context
 from erp_backup.manifest import FileEntry, Manifest, sha256_file, write_atomic
 from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet
 
@@ -28,7 +29,8 @@ def entry_problem(set_dir: Path, entry: FileEntry) -> str | None:
     path = set_dir / entry.path
     if not path.is_file():
         return f"{entry.path}: missing"
-    size, digest = sha256_file(path)
+    with io_context(path, set_dir=set_dir, action="reading"):
+        size, digest = sha256_file(path)
     if size != entry.size:
         return f"{entry.path}: size {size} != manifest {entry.size}"
     if digest != entry.sha256:
@@ -70,6 +72,7 @@ def verify_and_seal(
         raise ChecksumMismatch(
             f"backup {backup_set.key} failed verification ({len(problems)} problem(s)): " + "; ".join(problems[:5])
         )
-    write_atomic(backup_set.path / SUMS_NAME, sha256sums_text(manifest).encode())
+    with io_context(backup_set.path / SUMS_NAME, set_dir=backup_set.path):
+        write_atomic(backup_set.path / SUMS_NAME, sha256sums_text(manifest).encode())
     log.info("checksum %s: %d files, %d bytes match the manifest", backup_set.key, len(manifest.files), manifest.total_size)
     return ChecksumReport(files=len(manifest.files), bytes=manifest.total_size)

@@ -102,6 +102,10 @@ run removes it.
   (add `--reprocess-behavior completed` to redo finished runs; offsite gets no duplicates).
   A backfilled run cannot capture the past: its manifest records the real capture time
   next to the run's logical date.
+- A backfill runs one window at a time, whatever its `--max-active-runs`: every task has
+  `max_active_tis_per_dag=1` (backfill runs do not obey the DAG's `max_active_runs`), so
+  no two windows write or prune this job's staging at once; the job's lock
+  (`$BACKUP_ROOT/{job.service}/{job.backup_type}/.lock`) also stops a second deployment sharing the root.
 """
 
 
@@ -120,7 +124,7 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
         max_active_runs=1,
         tags=["backup", f"service:{job.service}", f"type:{job.backup_type}"],
         doc_md=render_doc(job, plan),
-        default_args=default_args(plan),
+        default_args={**default_args(plan), "max_active_tis_per_dag": 1},  # one window at a time, backfills too
         params={"prune_dry_run": Param(False, type="boolean", description="Only log what retention would delete.")},
     ) as dag:
 

@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from erp_backup.diskio import io_context
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 FILE_MODE = 0o600
@@ -139,7 +141,8 @@ def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
 
 def write_manifest(set_dir: Path, manifest: Manifest) -> Path:
     target = set_dir / MANIFEST_NAME
-    write_atomic(target, manifest.to_json().encode("utf-8"))
+    with io_context(target, set_dir=set_dir):
+        write_atomic(target, manifest.to_json().encode("utf-8"))
     return target
 
 

@@ -239,7 +239,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     service -> message) leaves that service out and is recorded in `Plan.service_errors`.
     """
     top = _Reader(path, "plan", data)
-    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services")
+    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging")
     if top.get("version", int) != 1:
         top.fail("only version 1 is supported", "version")
     tz = top.timezone("timezone", "Asia/Seoul")

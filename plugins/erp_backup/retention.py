@@ -6,7 +6,8 @@ Every decision, keep or delete, carries the reason that is logged.
 The policy, checked in this order for each set:
 
 1. The running backup's own set (`current_id`) is kept.
-2. Protected sets (`protected`: backup id -> reason, e.g. a WAL chain) are kept.
+2. Protected sets (`protected`: backup id -> reason, e.g. a WAL chain) are kept; `prune`
+   adds incomplete sets whose writer may still run (erp_backup.staging.writer_protection).
    Suspect offsite sets (their manifest disagrees with its upload record, see
    erp_backup.offsite_trust) are kept: their age cannot be believed.
 3. The newest good set (verified, by manifest capture time) is kept whatever its age.
@@ -30,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from erp_backup import staging
 from erp_backup.manifest import Manifest, ManifestError
 from erp_backup.offsite_trust import check_offsite_sets
 from erp_backup.sets import BACKUP_ID_FORMAT, BackupSet, SetState, is_backup_id, list_sets
@@ -255,6 +257,7 @@ def prune(
     Failed deletions are collected and raised at the end, naming each set.
     """
     report = PruneReport(dag_id=job.dag_id, dry_run=dry_run)
+    protected = {**staging.writer_protection(root, job.service, job.backup_type), **(protected or {})}
     remote = offsite_records(offsite, job.service, job.backup_type, root) if offsite is not None else None
     remote_good = {r.backup_id for r in remote or [] if r.state.is_good}
     local = staging_records(root, job.service, job.backup_type, offsite_ids=remote_good if remote is not None else None)

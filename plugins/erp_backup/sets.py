@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from erp_backup import locks
+from erp_backup.diskio import io_context
 from erp_backup.manifest import DIR_MODE, MANIFEST_NAME, Manifest, write_atomic
 
 log = logging.getLogger(__name__)
@@ -113,12 +115,14 @@ class BackupSet:
         return self.path
 
     def mark_corrupt(self, problems: list[str]) -> None:
-        write_atomic(self.path / FAILED_NAME, ("\n".join(problems) + "\n").encode())
-        (self.path / SUMS_NAME).unlink(missing_ok=True)
-        (self.path / OFFSITE_RECEIPT_NAME).unlink(missing_ok=True)
+        with io_context(self.path / FAILED_NAME, set_dir=self.path):
+            write_atomic(self.path / FAILED_NAME, ("\n".join(problems) + "\n").encode())
+            (self.path / SUMS_NAME).unlink(missing_ok=True)
+            (self.path / OFFSITE_RECEIPT_NAME).unlink(missing_ok=True)
 
     def write_offsite_receipt(self, receipt: dict) -> None:
-        write_atomic(self.path / OFFSITE_RECEIPT_NAME, json.dumps(receipt, indent=2).encode())
+        with io_context(self.path / OFFSITE_RECEIPT_NAME, set_dir=self.path):
+            write_atomic(self.path / OFFSITE_RECEIPT_NAME, json.dumps(receipt, indent=2).encode())
 
     def offsite_receipt(self) -> dict | None:
         path = self.path / OFFSITE_RECEIPT_NAME
@@ -142,10 +146,35 @@ def list_sets(root: Path, service: str, backup_type: str) -> list[BackupSet]:
 
 
 def remove_incomplete(root: Path, service: str, backup_type: str, keep: str | None = None) -> list[str]:
-    """Remove sets left without a manifest by a crashed run (except `keep`)."""
+    """Remove sets left without a manifest by a run that is provably gone (except `keep`).
+
+    Gone means: no other process holds the job's lock (erp_backup.locks), and the set's
+    writer marker, if it has one, does not name a live process on this host and boot.
+    Without the lock in this process, it is taken for the cleanup; if another run holds
+    it, nothing is removed.
+    """
+    if not (root / service / backup_type).is_dir():
+        return []
+    if locks.held_here(locks.lock_path(root, service, backup_type)):
+        return _remove_dead_incomplete(root, service, backup_type, keep)
+    try:
+        with locks.job_lock(root, service, backup_type, "cleanup of incomplete sets"):
+            return _remove_dead_incomplete(root, service, backup_type, keep)
+    except locks.LockBusy as busy:
+        log.info("not removing incomplete %s/%s sets: %s", service, backup_type, busy)
+        return []
+
+
+def _remove_dead_incomplete(root: Path, service: str, backup_type: str, keep: str | None) -> list[str]:
     removed = []
     for backup_set in list_sets(root, service, backup_type):
-        if backup_set.backup_id != keep and backup_set.state is SetState.INCOMPLETE:
-            backup_set.remove("incomplete: no manifest, left by a failed or killed run")
-            removed.append(backup_set.backup_id)
+        if backup_set.backup_id == keep or backup_set.state is not SetState.INCOMPLETE:
+            continue
+        writer = locks.read_marker(backup_set.path)
+        if writer is not None and locks.writer_alive(writer):
+            log.warning("keeping incomplete set %s: its writer %s still runs", backup_set.key, writer.describe())
+            continue
+        gone = f"writer {writer.describe()} is gone" if writer else "no writer marker, job not locked"
+        backup_set.remove(f"incomplete: no manifest, left by a failed or killed run ({gone})")
+        removed.append(backup_set.backup_id)
     return removed

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from erp_backup import notify
+from erp_backup import locks, notify, staging
 from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
@@ -32,6 +32,7 @@ def backup_set_for(plan: Plan, job: BackupJob, backup_id: str) -> BackupSet:
     return BackupSet(plan.backup_root, job.service, job.backup_type, backup_id)
 
 
+@locks.holding_job_lock
 def backup(
     plan: Plan,
     job: BackupJob,
@@ -41,6 +42,7 @@ def backup(
     """Take the backup of `run` into its set and write the manifest last. Returns the backup id.
 
     Idempotent: a set that is already complete (manifest present, not corrupt) is left alone.
+    Runs under the job's lock (erp_backup.locks): a second writer fails at once, naming the holder.
     """
     backup_set = backup_set_for(plan, job, backup_id_for(run.moment))
     state = backup_set.state
@@ -51,12 +53,14 @@ def backup(
         log.warning("%s was marked corrupt by an earlier checksum run; taking it again", backup_set.key)
     for stale in remove_incomplete(plan.backup_root, job.service, job.backup_type):
         log.warning("removed incomplete set %s/%s left by an earlier failed run", job.dag_id, stale)
+    staging.prepare(plan, job, backup_set, utcnow())
 
     service = get_service(job.service)
     if job.backup_type not in service.SUPPORTED_TYPES:
         raise BackupFailed(f"{job.dag_id}: the {job.service} module does not implement {job.backup_type!r} backups")
     try:
         backup_set.create_dir()
+        locks.write_marker(backup_set.path, run.run_id)
     except OSError as exc:
         raise BackupFailed(f"cannot create {backup_set.path}: {exc.strerror} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
     started = utcnow()
@@ -77,13 +81,14 @@ def backup(
             details=outcome.details,
         )
         write_manifest(backup_set.path, manifest)
+        locks.clear_marker(backup_set.path)
     except BaseException as exc:
         _discard_partial(backup_set)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(plan.backup_root).free
             raise BackupFailed(
                 f"disk full under {plan.backup_root} while writing {backup_set.key} "
-                f"({free} bytes free); the partial set was removed, no earlier backup was touched"
+                f"({free} bytes free); the partial set was removed, no earlier backup was touched. {exc}"
             ) from exc
         raise
     log.info(

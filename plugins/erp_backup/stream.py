@@ -13,11 +13,12 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import zstandard
 
+from erp_backup.diskio import io_context
 from erp_backup.manifest import FILE_MODE, FileEntry
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ class FileSink:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
+
+    def discard(self) -> None:
+        """Close without caring whether buffered bytes reach the disk: the file is being removed."""
+        try:
+            self._handle.close()  # closes the descriptor even when the final flush fails
+        except OSError as exc:
+            log.debug("%s: buffered bytes dropped on discard: %s", self.path, exc)
 
 
 class HashStage:
@@ -129,17 +137,21 @@ class Chain:
 
     def __init__(self, path: Path, relative: str, compress: bool, level: int, label: str):
         self.path, self.relative = path, relative
-        self.sink = FileSink(path)
+        self.set_dir = path.parents[len(PurePosixPath(relative).parts) - 1]
+        with io_context(path, set_dir=self.set_dir, action="creating"):
+            self.sink = FileSink(path)
         self.hasher = HashStage(self.sink)
         body: Writer = ZstdStage(self.hasher, level=level) if compress else self.hasher
         self.progress = ProgressStage(body, label=label)
         self._started = time.monotonic()
 
     def write(self, data: bytes) -> None:
-        self.progress.write(data)
+        with io_context(self.path, set_dir=self.set_dir):
+            self.progress.write(data)
 
     def finish(self) -> StreamResult:
-        self.progress.close()
+        with io_context(self.path, set_dir=self.set_dir):
+            self.progress.close()
         seconds = time.monotonic() - self._started
         entry = FileEntry(path=self.relative, size=self.sink.size, sha256=self.hasher.digest.hexdigest())
         log.info(
@@ -150,7 +162,7 @@ class Chain:
 
     def abort(self) -> None:
         try:
-            self.sink.close()
+            self.sink.discard()  # a flush error here would hide the error that made us abort
         finally:
             self.path.unlink(missing_ok=True)
 

@@ -27,6 +27,8 @@ Rules, for each job:
 - offsite_missing: staging says a set is offsite, but the store has no manifest for it.
 - suspect: an offsite manifest disagrees with its upload record (edited, back-dated,
   copied; see erp_backup.offsite_trust). Retention keeps it and the drill skips it.
+- unshipped: a set holding data has not reached offsite `staging.alert_after_days` after
+  its capture (erp_backup.staging).
 
 And one row for the plan when service blocks of it are broken (`plan_error`): those
 services' DAGs are not loaded, so only this row says so. Fixing the plan sends a recovery.
@@ -50,6 +52,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 from erp_backup import runs
+from erp_backup import staging
 from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
 from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
@@ -416,7 +419,8 @@ def check(plan: Plan, now: datetime, offsite: Offsite) -> list[Status]:
                 newest = candidates[0] if candidates else None
                 notes.append("offsite not confirmed (unreachable): judged from the staging manifest")
             status = evaluate(job, newest, counts, now, carries_rpo=job.dag_id in carriers, suspect_reasons=suspect)
-            statuses.append(replace(status, notes=tuple(notes)))
+            late = tuple(Reason("unshipped", text) for text in staging.unshipped_alerts(plan, job, now))
+            statuses.append(replace(status, reasons=status.reasons + late, notes=tuple(notes)))
         except Exception as exc:
             log.exception("watchdog: checking %s failed", job.dag_id)
             statuses.append(Status(

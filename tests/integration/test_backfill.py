@@ -1,7 +1,9 @@
 """A real backfill: `airflow backfill create` run by the scheduler of `airflow standalone`.
 
-Three past days of `backup_postgres_full` give three distinct sets, each recording the real
-capture time; reprocessing the completed runs adds nothing offsite.
+The README's backfill over nine past days of `backup_postgres_full`, with parallelism 4 and
+the backfill's default max_active_runs, gives nine distinct verified sets, each recording the
+real capture time: every task runs one window at a time (no two task instances of one task
+overlap). Reprocessing completed runs adds nothing offsite.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DAG_ID = "backup_postgres_full"
-EXPECTED_IDS = ["20260301T170000Z", "20260302T170000Z", "20260303T170000Z"]
+EXPECTED_IDS = [f"202603{day:02d}T170000Z" for day in range(1, 10)]
+TASK_IDS = ("backup", "checksum", "offsite_upload", "retention_prune")
 
 
 class Standalone:
@@ -63,10 +66,10 @@ class Standalone:
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    def create_backfill_when_idle(self, *extra: str, timeout: float = 180) -> None:
+    def create_backfill_when_idle(self, *extra: str, to_date: str = "2026-03-04", timeout: float = 180) -> None:
         """The scheduler marks a backfill complete a little after its last run; only one may be active."""
         argv = [str(BIN / "airflow"), "backfill", "create", "--dag-id", DAG_ID,
-                "--from-date", "2026-03-01", "--to-date", "2026-03-04", *extra]
+                "--from-date", "2026-03-01", "--to-date", to_date, *extra]
         deadline = time.monotonic() + timeout
         while True:
             done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=300)
@@ -153,7 +156,7 @@ def standalone(tmp_path, source, s3_endpoint, s3_bucket, metadata_db):  # noqa: 
         "AIRFLOW_CONN_SLACK_BACKUP_ALERTS": '{"conn_type": "slackwebhook", "password": "http://127.0.0.1:9/x"}',
     }
     server = Standalone(env, home, port)
-    server.bucket, server.backup_root = bucket, tmp_path / "backup"
+    server.bucket, server.backup_root, server.metadata_db = bucket, tmp_path / "backup", metadata_db
     try:
         server.wait_healthy()
         yield server
@@ -161,15 +164,39 @@ def standalone(tmp_path, source, s3_endpoint, s3_bucket, metadata_db):  # noqa: 
         server.stop()
 
 
-def test_three_day_backfill_then_reprocess_adds_nothing_offsite(standalone, s3_endpoint):
+def task_windows(metadata_db: str) -> dict[str, list[tuple[datetime, datetime, str]]]:
+    """(start, end, run_id) of every backfilled task instance, by task id, in start order."""
+    import psycopg
+
+    name = metadata_db.rsplit("/", 1)[1]
+    with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={name}") as db:
+        rows = db.execute(
+            "SELECT task_id, start_date, end_date, run_id FROM task_instance "
+            "WHERE dag_id = %s AND run_id LIKE 'backfill__%%' ORDER BY start_date", (DAG_ID,),
+        ).fetchall()
+    windows: dict[str, list[tuple[datetime, datetime, str]]] = {}
+    for task_id, start, end, run_id in rows:
+        windows.setdefault(task_id, []).append((start, end, run_id))
+    return windows
+
+
+def test_nine_day_backfill_runs_one_window_at_a_time_then_reprocess_adds_nothing_offsite(standalone, s3_endpoint):
     deadline = time.monotonic() + 300
     while DAG_ID not in standalone.cli("dags", "list", "-o", "plain") and time.monotonic() < deadline:
         time.sleep(3)
     standalone.cli("dags", "unpause", DAG_ID)
     started = datetime.now(timezone.utc)
-    standalone.cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-03-01", "--to-date", "2026-03-04")
-    runs = standalone.wait_runs(3)
-    assert [run["state"] for run in runs] == ["success"] * 3, (runs, standalone.tail())
+    # The README's command over nine windows; the backfill's own max_active_runs (10) lets all start at once.
+    standalone.cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-03-01", "--to-date", "2026-03-10")
+    runs = standalone.wait_runs(9)
+    assert [run["state"] for run in runs] == ["success"] * 9, (runs, standalone.tail())
+
+    windows = task_windows(standalone.metadata_db)
+    assert set(windows) == set(TASK_IDS)
+    for task_id, spans in windows.items():
+        assert len(spans) == 9, (task_id, spans)
+        for (_, end, run_id), (start, _, next_run) in zip(spans, spans[1:]):
+            assert end <= start, f"{task_id} of {run_id} and {next_run} overlapped"
 
     # Unpausing also lets the scheduler take the latest regular run; only the backfilled sets are checked.
     sets = [s for s in list_sets(standalone.backup_root, "postgres", "full") if s.backup_id < "20261101"]
@@ -187,10 +214,11 @@ def test_three_day_backfill_then_reprocess_adds_nothing_offsite(standalone, s3_e
     assert {key.split("/")[3] for key in keys} == set(EXPECTED_IDS)
 
     first_done = datetime.now(timezone.utc)
-    standalone.create_backfill_when_idle("--reprocess-behavior", "completed")
+    standalone.create_backfill_when_idle("--reprocess-behavior", "completed", to_date="2026-03-04")
+    reprocessed = tuple(f"backfill__2026-03-{day:02d}T17:00" for day in (1, 2, 3))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        runs = [run for run in standalone.runs() if run["run_id"].startswith("backfill__")]
+        runs = [run for run in standalone.runs() if run["run_id"].startswith(reprocessed)]
         if len(runs) == 3 and all(
             run["state"] == "success" and run.get("start_date") and datetime.fromisoformat(run["start_date"]) > first_done
             for run in runs
@@ -201,4 +229,4 @@ def test_three_day_backfill_then_reprocess_adds_nothing_offsite(standalone, s3_e
         raise AssertionError(f"reprocessed runs did not finish: {standalone.runs()}\n{standalone.tail()}")
     after = {key: etag for key, etag in offsite_keys(client, standalone.bucket).items() if key.split("/")[3] in EXPECTED_IDS}
     assert after == keys  # same objects, same ETags: no duplicates
-    assert [s.backup_id for s in list_sets(standalone.backup_root, "postgres", "full")][:3] == EXPECTED_IDS
+    assert [s.backup_id for s in list_sets(standalone.backup_root, "postgres", "full")][:9] == EXPECTED_IDS
