@@ -17,10 +17,11 @@ import pytest
 from erp_backup import locks
 from erp_backup.checksum import verify_and_seal
 from erp_backup.diskio import StagingIOError
-from erp_backup.manifest import Manifest, write_manifest
+from erp_backup.manifest import write_manifest
 from erp_backup.sets import BackupSet, SetState
 from erp_backup.stream import stream_to_file
 from tests.fixtures.disk import fill, mount_tmpfs, unmount
+from tests.fixtures.factories import make_manifest
 
 BACKUP_ID = "20260301T170000Z"
 KEY = f"postgres/full/{BACKUP_ID}"
@@ -32,10 +33,7 @@ def make_set(root: Path, *, manifest: bool = True) -> BackupSet:
     entry = stream_to_file([b"payload " * 64], backup_set.path, "db/erp.dump.zst").entry
     if manifest:
         moment = datetime(2026, 3, 1, 17, tzinfo=timezone.utc)
-        write_manifest(backup_set.path, Manifest(
-            service="postgres", backup_type="full", backup_id=BACKUP_ID, captured_started_at=moment,
-            captured_finished_at=moment, run={}, source={}, tools={}, files=[entry],
-        ))
+        write_manifest(backup_set.path, make_manifest(backup_id=BACKUP_ID, captured_started_at=moment, files=[entry]))
     return backup_set
 
 

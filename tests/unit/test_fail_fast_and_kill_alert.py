@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -107,15 +108,16 @@ def run_task(slack_receiver, how: str) -> subprocess.CompletedProcess[str]:
 
 
 def watchers() -> list[tuple[str, str]]:
-    """(pid, command line) of the kill-alert watchers still running."""
+    """(pid, command line) of the kill-alert watchers this test process started and that still run."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if "kill_alert.py" in cmdline and str(PLUGINS) in cmdline:
+            if "kill_alert.py" in cmdline and str(PLUGINS) in cmdline and parent == os.getpid():
                 found.append((proc.name, cmdline))
     return found
 

@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from erp_backup import staging
-from erp_backup.manifest import FileEntry, Manifest, sha256_file, write_manifest
+from erp_backup.manifest import FileEntry, sha256_file, write_manifest
 from erp_backup.offsite import FilesystemOffsite
 from erp_backup.plan import DEFAULT_PLAN_PATH, Plan, PlanError, parse_plan
 from erp_backup.sets import BackupSet, SetState, backup_id_for
 from erp_backup.checksum import verify_and_seal
 from erp_backup.watchdog import check
+from tests.fixtures.factories import make_manifest
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 20, 3, 0, tzinfo=UTC)
@@ -43,10 +44,9 @@ def make_set(plan: Plan, finished: datetime, *, size: int = 100, state: SetState
     data = backup_set.path / "globals.sql.zst"
     data.write_bytes(backup_set.backup_id.encode().ljust(size, b"."))
     real_size, sha256 = sha256_file(data)
-    write_manifest(backup_set.path, Manifest(
-        service="postgres", backup_type="full", backup_id=backup_set.backup_id,
-        captured_started_at=finished - timedelta(minutes=5), captured_finished_at=finished,
-        run={}, source={}, tools={}, files=[FileEntry("globals.sql.zst", declared_size or real_size, sha256)],
+    write_manifest(backup_set.path, make_manifest(
+        backup_id=backup_set.backup_id, captured_started_at=finished - timedelta(minutes=5), captured_finished_at=finished,
+        files=[FileEntry("globals.sql.zst", declared_size or real_size, sha256)],
     ))
     if state is SetState.UNVERIFIED:
         return backup_set
