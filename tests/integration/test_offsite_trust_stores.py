@@ -25,7 +25,8 @@ from erp_backup import cli, retention
 from erp_backup.drill import runner
 from erp_backup.drill.params import DrillParamError
 from erp_backup.manifest import MANIFEST_NAME
-from erp_backup.offsite import RECORDS_DIR, SHA256_METADATA, FilesystemOffsite, S3Offsite, offsite_from_plan
+from erp_backup.offsite import RECORDS_DIR, FilesystemOffsite, S3Offsite, offsite_from_plan
+from erp_backup.offsite_s3 import SHA256_METADATA
 from erp_backup.offsite_trust import check_offsite_set
 from erp_backup.plan import Plan, load_plan
 from erp_backup.sets import BackupSet, SetState
