@@ -170,9 +170,10 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
                 )
 
         backup_id = backup_task()
-        checked = checksum_task(backup_id)
-        uploaded = offsite_task(backup_id)
-        pruned = prune_task(backup_id)
+        # TaskFlow passes the XComArg at parse time and the value at run time
+        checked = checksum_task(backup_id)  # type: ignore[arg-type]
+        uploaded = offsite_task(backup_id)  # type: ignore[arg-type]
+        pruned = prune_task(backup_id)  # type: ignore[arg-type]
         checked >> uploaded >> pruned
 
     return dag

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,7 +110,7 @@ def current_writer(run_id: str) -> Writer:
     pid = os.getpid()
     return Writer(
         pid=pid, started=process_start(pid), host=socket.gethostname(), boot_id=boot_id(), run_id=run_id,
-        since=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        since=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 

@@ -42,13 +42,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from erp_backup.checksum import ChecksumMismatch
-from erp_backup.runs import utcnow
-from erp_backup.checksum import sha256sums_text
+from erp_backup.checksum import ChecksumMismatch, sha256sums_text
 from erp_backup.manifest import (
     DIR_MODE,
     HASH_CHUNK,
@@ -60,6 +58,7 @@ from erp_backup.manifest import (
     sha256_file,
     write_atomic,
 )
+from erp_backup.runs import utcnow
 from erp_backup.sets import MARKER_NAMES, SUMS_NAME, BackupSet, SetState
 
 if TYPE_CHECKING:
@@ -389,7 +388,7 @@ class _SetStore(ABC):
         dest.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
         os.chmod(dest, DIR_MODE)
         try:
-            for entry, relative in zip(manifest.files, relatives):
+            for entry, relative in zip(manifest.files, relatives, strict=False):
                 key = f"{base}/{relative}"
                 what = f"backup {backup_id}: file {relative} ({self.description} {self._name(key)})"
                 target = dest / relative
@@ -508,7 +507,7 @@ class FilesystemOffsite(_SetStore):
             except FileNotFoundError:
                 return None
         recorded = self._recorded_sha256(key) if PurePosixPath(key).name == MANIFEST_NAME else None
-        return datetime.fromtimestamp(written, timezone.utc), recorded, None
+        return datetime.fromtimestamp(written, UTC), recorded, None
 
     def _store(self, key: str, item: _Item) -> None:
         assert item.local is not None
@@ -532,7 +531,7 @@ class FilesystemOffsite(_SetStore):
         path = self._path(key)
         with self._errors(f"reading {key}"):
             try:
-                handle = open(path, "rb")
+                handle = open(path, "rb")  # noqa: SIM115  (closed by _stream, which the caller drains)
             except FileNotFoundError:
                 return None
         return self._stream(handle, key)

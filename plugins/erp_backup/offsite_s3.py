@@ -22,12 +22,12 @@ import base64
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from erp_backup.manifest import HASH_CHUNK
 from erp_backup.checksum import ChecksumMismatch
+from erp_backup.manifest import HASH_CHUNK
 from erp_backup.offsite import OffsiteError, _Item, _SetStore
 from erp_backup.s3 import (
     MIB,
@@ -141,7 +141,7 @@ class S3Offsite(_SetStore):
             except ValueError:
                 computed = "not base64: " + head["ChecksumSHA256"]
         recorded = (head.get("Metadata") or {}).get(SHA256_METADATA)
-        return head["LastModified"].astimezone(timezone.utc), recorded, computed
+        return head["LastModified"].astimezone(UTC), recorded, computed
 
     def _check_ready(self) -> None:
         if not self._bucket_checked:

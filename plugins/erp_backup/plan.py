@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from croniter import croniter
@@ -175,6 +175,7 @@ class _Reader:
         match = _DURATION.match(value.strip())
         if not match or int(match.group(1)) <= 0:
             self.fail(f"invalid duration {value!r} (use e.g. 30m, 6h, 7d)", key)
+        assert match is not None  # fail() raised otherwise
         return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
     def timezone(self, key: str, default: str) -> str:
@@ -285,7 +286,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
         timezone=tz,
         slack_conn_id=alerts.get("slack_conn_id", str),
         offsite=OffsitePlan(
-            kind=kind,
+            kind=cast(Literal["s3", "filesystem"], kind),
             conn_id=offsite.get("conn_id", str, ""),
             bucket=offsite.get("bucket", str, ""),
             prefix=offsite.get("prefix", str, "").strip("/"),

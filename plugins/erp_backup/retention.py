@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -167,7 +167,7 @@ def backup_id_time(backup_id: str) -> datetime | None:
     if not is_backup_id(backup_id):
         return None
     try:
-        return datetime.strptime(backup_id, BACKUP_ID_FORMAT).replace(tzinfo=timezone.utc)
+        return datetime.strptime(backup_id, BACKUP_ID_FORMAT).replace(tzinfo=UTC)
     except ValueError:
         return None
 
@@ -185,7 +185,7 @@ def _span(delta: timedelta) -> str:
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def staging_records(

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from erp_backup import locks
@@ -59,7 +59,7 @@ def backup_id_for(moment: datetime) -> str:
     """The backup id of a run: its logical date (or run_after) in UTC, second precision."""
     if moment.tzinfo is None:
         raise ValueError("backup ids are derived from timezone-aware run dates")
-    return moment.astimezone(timezone.utc).strftime(BACKUP_ID_FORMAT)
+    return moment.astimezone(UTC).strftime(BACKUP_ID_FORMAT)
 
 
 def is_backup_id(name: str) -> bool:

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ def _limits_cached(path: Path, _stamp: tuple[int, int]) -> StagingLimits:
         if key not in _FIELDS:
             raise PlanError(f"{path}: plan.{PLAN_SECTION}.{key}: unknown key (allowed: {', '.join(_FIELDS)})")
         name, kind = _FIELDS[key]
-        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, kind) or not isinstance(value, (int, float)) or value <= 0:
             raise PlanError(f"{path}: plan.{PLAN_SECTION}.{key}: must be a positive number, got {value!r}")
         values[name] = timedelta(days=value) if name == "alert_after" else value
     return StagingLimits(**values)
@@ -104,7 +104,7 @@ def _captured(backup_set: BackupSet) -> datetime | None:
         moment = backup_set.manifest().captured_finished_at
     except ManifestError:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _newest_good(sets: list[BackupSet]) -> str | None:

@@ -16,8 +16,8 @@ from erp_backup import locks, notify, staging
 from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
-from erp_backup.services import get_service
 from erp_backup.runs import RunInfo, utcnow
+from erp_backup.services import get_service
 from erp_backup.services.base import BackupContext, airflow_connection
 from erp_backup.sets import BackupSet, SetState, backup_id_for, remove_incomplete
 

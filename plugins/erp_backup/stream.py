@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import IO, Any, Protocol, cast
 
 import zstandard
 
@@ -81,7 +81,8 @@ class ZstdStage:
     def __init__(self, downstream: Writer, level: int = 3, threads: int = -1):
         self.downstream = downstream
         compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-        self._writer = compressor.stream_writer(downstream, closefd=False, write_return_read=True)
+        # zstandard only calls write() (and flush()) on the stream it is given
+        self._writer = compressor.stream_writer(cast(IO[bytes], downstream), closefd=False, write_return_read=True)
 
     def write(self, data: bytes) -> None:
         self._writer.write(data)
@@ -176,7 +177,7 @@ def open_chain(
     return Chain(path, relative, compress=compress, level=level, label=label or relative)
 
 
-def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwargs) -> StreamResult:
+def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwargs: Any) -> StreamResult:
     """Drain `chunks` through a new chain; on any error the partial file is removed.
 
     The source is closed either way, so a generator wrapping a process stops it.

@@ -39,20 +39,20 @@ its staging manifests (their offsite receipts were verified at upload), with a n
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from erp_backup import runs
-from erp_backup import staging
+from erp_backup import runs, staging
 from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
 from erp_backup.notify import one_line
 from erp_backup.notify import send as slack_send
@@ -176,8 +176,8 @@ def _from_iso(text: str | None) -> datetime | None:
 
 def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def format_duration(delta: timedelta) -> str:
@@ -211,7 +211,7 @@ def longest_gap(schedule: str, tz: str, around: datetime) -> timedelta:
     """The longest time between two consecutive fires (e.g. 72 h for weekdays at 02:00)."""
     fires = croniter(schedule, _utc(around).astimezone(ZoneInfo(tz)))
     times = [_utc(fires.get_next(datetime)) for _ in range(_GAP_SAMPLES)]
-    return max(later - earlier for earlier, later in zip(times, times[1:]))
+    return max(later - earlier for earlier, later in itertools.pairwise(times))
 
 
 def rpo_carriers(jobs: Iterable[BackupJob], now: datetime) -> set[str]:
@@ -219,7 +219,7 @@ def rpo_carriers(jobs: Iterable[BackupJob], now: datetime) -> set[str]:
     gaps: dict[str, list[tuple[timedelta, str]]] = {}
     for job in jobs:
         gaps.setdefault(job.service, []).append((longest_gap(job.schedule, job.timezone, now), job.dag_id))
-    carriers = set()
+    carriers: set[str] = set()
     for entries in gaps.values():
         shortest = min(gap for gap, _ in entries)
         carriers.update(dag_id for gap, dag_id in entries if gap == shortest)
@@ -267,7 +267,7 @@ def evaluate(
                 f"RPO {format_duration(job.rpo)} of {job.service} cannot be met: its most frequent enabled type, "
                 f"{job.backup_type} (`{job.schedule}`), leaves up to {format_duration(gap)} between sets",
             ))
-        elif captured is not None and now - captured > job.rpo:
+        elif newest is not None and captured is not None and now - captured > job.rpo:
             reasons.append(Reason(
                 "rpo",
                 f"newest set {newest.backup_id} is {format_duration(now - captured)} old, "
@@ -340,7 +340,7 @@ def _last_write(path: Path) -> datetime:
             newest = max(newest, entry.lstat().st_mtime)
         except FileNotFoundError:  # removed while we looked
             continue
-    return datetime.fromtimestamp(newest, timezone.utc)
+    return datetime.fromtimestamp(newest, UTC)
 
 
 def scan_staging(
@@ -575,7 +575,7 @@ def render_table(statuses: Iterable[Status]) -> str:
             str(row["incomplete"]), str(row["corrupt"]), row["status"].upper(),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     for status in statuses:
         lines.extend(f"{status.label}: {reason.text}" for reason in status.reasons)

@@ -37,7 +37,7 @@ from erp_backup.cli.verify import cmd_verify
 from erp_backup.plan import load_plan
 from erp_backup.services import service_names
 
-__all__ = ["Console", "FetchProgress", "Failure", "UsageError", "build_parser", "main", "restore_target"]
+__all__ = ["Console", "Failure", "FetchProgress", "UsageError", "build_parser", "main", "restore_target"]
 
 log = logging.getLogger(__name__)
 

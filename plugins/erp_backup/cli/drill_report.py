@@ -48,7 +48,7 @@ def _seconds(value: Any) -> float | None:
 
 def ledger_row(entry: dict[str, Any]) -> dict[str, Any]:
     """The report's view of one ledger entry, whatever keys the drill wrote (missing ones are None)."""
-    rto = entry.get("rto") if isinstance(entry.get("rto"), dict) else {}
+    rto: dict[str, Any] = entry["rto"] if isinstance(entry.get("rto"), dict) else {}
     measured = _seconds(_first(entry, _MEASURED_KEYS) or _first(rto, ("measured_seconds", "measured", "seconds")))
     target = _seconds(_first(entry, _TARGET_KEYS) or _first(rto, ("target_seconds", "target")))
     status = _first(entry, _STATUS_KEYS)

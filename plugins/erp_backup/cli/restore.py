@@ -13,7 +13,13 @@ from typing import Any
 
 from erp_backup.cli.console import Console
 from erp_backup.cli.source import (
-    EXIT_OK, Failure, UsageError, check_service_type, open_source, require_backup, staged_set,
+    EXIT_OK,
+    Failure,
+    UsageError,
+    check_service_type,
+    open_source,
+    require_backup,
+    staged_set,
 )
 from erp_backup.services import get_service
 from erp_backup.services.base import CliTarget, RestoreReport, TargetUsageError, airflow_connection

@@ -10,8 +10,16 @@ from pathlib import Path
 from erp_backup.checksum import ChecksumMismatch, verify_and_seal
 from erp_backup.cli.console import Console, human_size
 from erp_backup.cli.source import (
-    EXIT_FAILED, EXIT_OK, Source, UsageError, fetch, local_problems, open_source, read_local_manifest,
-    read_offsite_manifest, require_backup,
+    EXIT_FAILED,
+    EXIT_OK,
+    Source,
+    UsageError,
+    fetch,
+    local_problems,
+    open_source,
+    read_local_manifest,
+    read_offsite_manifest,
+    require_backup,
 )
 from erp_backup.manifest import Manifest, ManifestError
 from erp_backup.sets import FAILED_NAME, BackupSet

@@ -23,7 +23,7 @@ def _hours(seconds: float) -> str:
 
 def render_doc(plan: Plan) -> str:
     """The DAG's doc_md, from the plan (schedule, RTO targets, backend)."""
-    from erp_backup.drill.params import drillable_services, drill_types
+    from erp_backup.drill.params import drill_types, drillable_services
 
     rows = "\n".join(
         f"| {service} | {', '.join(drill_types(plan, service))} | "

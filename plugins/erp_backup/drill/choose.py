@@ -8,11 +8,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from erp_backup.drill import pick as picking
-from erp_backup.drill.params import ALL, RANDOM, DrillParamError, DrillRequest, drill_types, drillable_services, parse_request
+from erp_backup.drill.params import (
+    ALL,
+    RANDOM,
+    DrillParamError,
+    DrillRequest,
+    drill_types,
+    drillable_services,
+    parse_request,
+)
 from erp_backup.drill.records import ledger_entries_for_pick, read_ledger, run_dir, write_json
 from erp_backup.manifest import Manifest
 from erp_backup.notify import one_line
@@ -86,7 +94,7 @@ def list_sets_for(plan: Plan, service: str, types: list[str], source: str, store
 def _candidate(manifest: Manifest) -> picking.Candidate:
     captured = manifest.captured_finished_at
     if captured.tzinfo is None:
-        captured = captured.replace(tzinfo=timezone.utc)
+        captured = captured.replace(tzinfo=UTC)
     return picking.Candidate(
         service=manifest.service, backup_type=manifest.backup_type, backup_id=manifest.backup_id,
         captured_at=captured, set_bytes=manifest.total_size, production_bytes=size_measure(manifest)[0],

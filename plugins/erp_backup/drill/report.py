@@ -35,9 +35,9 @@ from erp_backup.drill.records import (
     work_dir,
     write_json,
 )
-from erp_backup.runs import utcnow
 from erp_backup.manifest import write_atomic
 from erp_backup.plan import Plan
+from erp_backup.runs import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,8 @@ def _size(value: int | None) -> str:
     return f"{value} B"
 
 
-def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
-    """One drilled set: what happened in each step, timings, throughput and RTO."""
-    state = ServiceState(plan, pick["run_id"], pick["service"])
-    steps = {name: state.read(name) for name in STEPS}
-    durations = {name: (record or {}).get("seconds") for name, record in steps.items()}
+def _outcome(steps: Mapping[str, dict[str, Any] | None]) -> tuple[str, str | None, str | None]:
+    """(status, the step that failed, its error) from the step records."""
     failed = next((name for name in STEPS[:-1] if (steps[name] or {}).get("status") == "failed"), None)
     not_run = next((name for name in STEPS[:-1] if steps[name] is None), None)
     verify = steps["verify"] or {}
@@ -86,17 +83,44 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
     error = (steps[failed] or {}).get("error") if failed else None
     if failed and error is None:
         error = f"{failed} did not run (an earlier step failed or was skipped)"
+    return status, failed, error
 
-    measured = prepare = None
-    if all(isinstance(durations.get(name), (int, float)) for name in RTO_STEPS) and status != "failed":
-        elapsed = round(sum(durations[name] for name in RTO_STEPS), 3)
-        measured, prepare = (None, elapsed) if status == "prepared" else (elapsed, None)
+
+def _measured(durations: Mapping[str, Any], status: str) -> tuple[float | None, float | None]:
+    """(measured RTO, prepare time): fetch + restore + verify; a set only prepared has no RTO."""
+    values = [durations.get(name) for name in RTO_STEPS]
+    if status == "failed" or not all(isinstance(value, int | float) for value in values):
+        return None, None
+    elapsed = round(sum(float(value) for value in values if value is not None), 3)
+    return (None, elapsed) if status == "prepared" else (elapsed, None)
+
+
+def _rto(pick: Mapping[str, Any], measured: float | None, prepare: float | None) -> dict[str, Any]:
+    """The measured RTO, extrapolated to the production size, against the plan's target."""
     drilled_bytes = int((pick.get("size_measure") or {}).get("bytes") or pick.get("set_bytes") or 0)
     production_bytes = int((pick.get("production") or {}).get("bytes") or drilled_bytes)
     scale = production_bytes / drilled_bytes if drilled_bytes else 1.0
     extrapolated = round(measured * scale, 3) if measured is not None else None
     target = float(pick.get("rto_target_s") or 0) or None
-    fetch, restore = steps["fetch"] or {}, steps["restore"] or {}
+    return {
+        "measured_s": measured,
+        "target_s": target,
+        "extrapolated_s": extrapolated,
+        "scale": round(scale, 4),
+        "within_target": (extrapolated <= target) if (extrapolated is not None and target) else None,
+        "formula": RTO_FORMULA,
+        **({"prepare_s": prepare, "note": "not restored here, so no RTO was measured"} if prepare is not None else {}),
+    }
+
+
+def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
+    """One drilled set: what happened in each step, timings, throughput and RTO."""
+    state = ServiceState(plan, pick["run_id"], pick["service"])
+    steps = {name: state.read(name) for name in STEPS}
+    durations = {name: (record or {}).get("seconds") for name, record in steps.items()}
+    status, failed, error = _outcome(steps)
+    measured, prepare = _measured(durations, status)
+    fetch, restore, verify = steps["fetch"] or {}, steps["restore"] or {}, steps["verify"] or {}
     restored = (restore.get("report") or {}).get("details") or {}
     return {
         "service": pick["service"],
@@ -123,15 +147,7 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
         },
         "durations_s": durations,
         "throughput_mb_s": {"fetch": fetch.get("mb_per_s"), "restore": restore.get("mb_per_s")},
-        "rto": {
-            "measured_s": measured,
-            "target_s": target,
-            "extrapolated_s": extrapolated,
-            "scale": round(scale, 4),
-            "within_target": (extrapolated <= target) if (extrapolated is not None and target) else None,
-            "formula": RTO_FORMULA,
-            **({"prepare_s": prepare, "note": "not restored here, so no RTO was measured"} if prepare is not None else {}),
-        },
+        "rto": _rto(pick, measured, prepare),
         "checks": verify.get("checks") or [],
         "problems": verify.get("problems") or [],
         "restore_summary": {k: restored[k] for k in ("tables_checked", "rows_checked", "keys_restored",

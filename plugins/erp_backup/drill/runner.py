@@ -29,8 +29,8 @@ from erp_backup.drill.targets import (
     slug,
 )
 from erp_backup.manifest import MANIFEST_NAME, Manifest
-from erp_backup.scratch.local import release as release_target
 from erp_backup.plan import Plan
+from erp_backup.scratch.local import release as release_target
 from erp_backup.services import get_service
 from erp_backup.services.base import CheckContext, RestoreReport, ServiceModule, airflow_connection
 

@@ -107,7 +107,7 @@ def _normalise(host: str) -> set[str]:
         return {"loopback"}
     try:
         for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP):
-            address = info[4][0]
+            address = str(info[4][0])
             found.add("loopback" if ipaddress.ip_address(address).is_loopback else address)
     except (OSError, ValueError):
         pass

@@ -20,9 +20,9 @@ def fail_fast(call: Callable[[], T]) -> T:
     checksum or content mismatches, a production endpoint as target) fail the task at once instead
     of being retried (erp_backup.fail_fast)."""
     from erp_backup import fail_fast as failing
+    from erp_backup.checksum import ChecksumMismatch
     from erp_backup.drill.runner import DrillFailed
     from erp_backup.drill.targets import ProductionTargetRefused
-    from erp_backup.checksum import ChecksumMismatch
 
     return failing.fail_fast(call, also=(DrillFailed, ChecksumMismatch, ProductionTargetRefused))
 

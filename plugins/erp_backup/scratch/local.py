@@ -181,7 +181,7 @@ def _nothing_runs(info: TargetInfo, base: Path) -> list[str]:
 def release_lite(path: Path) -> None:
     """Let go of the milvus-lite server this process may hold for the .db file `path`."""
     try:
-        from milvus_lite import server_manager_instance  # type: ignore[import-untyped]
+        from milvus_lite import server_manager_instance
 
         server_manager_instance.release_server(str(path))
     except Exception as exc:  # nothing to release, or milvus-lite missing

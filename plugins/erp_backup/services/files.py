@@ -22,16 +22,24 @@ import os
 import stat
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import zstandard
 
 from erp_backup.manifest import Manifest
 from erp_backup.services.base import (
-    BackupContext, BackupOutcome, CheckContext, Checks, CliTarget, RestoreReport, ScratchSpec, SourceUnavailable,
-    TargetUsageError, connection_for,
+    BackupContext,
+    BackupOutcome,
+    CheckContext,
+    Checks,
+    CliTarget,
+    RestoreReport,
+    ScratchSpec,
+    SourceUnavailable,
+    TargetUsageError,
+    connection_for,
 )
 from erp_backup.services.base import no_after_prune as after_prune  # noqa: F401
 from erp_backup.services.base import no_point_in_time as plan_point_in_time  # noqa: F401
@@ -169,15 +177,15 @@ def _archive_one(tar: tarfile.TarFile, relative: str, path: Path) -> Entry | str
     member.uname, member.gname = owner, group
     if kind == "file":  # a hard link is archived as its own copy, so every file restores on its own
         member.type, member.linkname, member.size = tarfile.REGTYPE, "", info.st_size
-    common = {"path": relative, "kind": kind, "mode": stat.S_IMODE(info.st_mode), "uid": info.st_uid,
-              "gid": info.st_gid, "owner": owner, "group": group}
+    entry = Entry(path=relative, kind=kind, mode=stat.S_IMODE(info.st_mode), uid=info.st_uid, gid=info.st_gid,
+                  owner=owner, group=group)
     if kind != "file":
         tar.addfile(member)
-        return Entry(**common, target=os.readlink(path) if kind == "symlink" else None)
+        return replace(entry, target=os.readlink(path) if kind == "symlink" else None)
     with open(path, "rb") as handle:
         reader = _HashingReader(handle)
-        tar.addfile(member, reader)  # type: ignore[arg-type]  # tarfile only calls read()
-    return Entry(**common, size=member.size, sha256=reader.digest.hexdigest())
+        tar.addfile(member, cast(IO[bytes], reader))  # tarfile only calls read()
+    return replace(entry, size=member.size, sha256=reader.digest.hexdigest())
 
 
 def backup(ctx: BackupContext) -> BackupOutcome:
@@ -224,16 +232,13 @@ def manifest_entries(manifest: Manifest) -> list[Entry]:
 def _open_archive(set_dir: Path) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
     """Each member of the archive with the SHA-256 of its data (None for non-files)."""
     with open(set_dir / ARCHIVE, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as plain, \
-            tarfile.open(fileobj=plain, mode="r|") as tar:  # type: ignore[call-overload]
+            tarfile.open(fileobj=plain, mode="r|") as tar:
         for member in tar:
             digest = None
             if member.isfile():
                 handle = tar.extractfile(member)
                 assert handle is not None
-                hasher = hashlib.sha256()
-                for block in iter(lambda: handle.read(CHUNK), b""):
-                    hasher.update(block)
-                digest = hasher.hexdigest()
+                digest = _stream_sha256(handle)
             yield member, digest
 
 
@@ -251,7 +256,7 @@ def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
             elif entry.kind == "file" and digest != entry.sha256:
                 problems.append(f"{member.name}: SHA-256 in the archive differs from the manifest")
     except (tarfile.TarError, zstandard.ZstdError, OSError) as exc:
-        return problems + [f"{ARCHIVE} cannot be read: {exc}"]
+        return [*problems, f"{ARCHIVE} cannot be read: {exc}"]
     problems += [f"{path}: in the manifest, not in the archive" for path in sorted(set(expected) - seen)]
     return problems
 
@@ -293,12 +298,16 @@ def _entry_problems(path: Path, entry: Entry, as_root: bool) -> list[str]:
     return problems
 
 
-def _sha256(path: Path) -> str:
+def _stream_sha256(handle: IO[bytes]) -> str:
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            hasher.update(block)
+    while block := handle.read(CHUNK):
+        hasher.update(block)
     return hasher.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return _stream_sha256(handle)
 
 
 def _check_target(target: Path) -> None:
@@ -320,7 +329,7 @@ def restore(set_dir: Path, manifest: Manifest, target: Any, *, dry_run: bool = F
         return RestoreReport(actions=[plan], dry_run=True, details={"counts": counts})
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(set_dir / ARCHIVE, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as plain, \
-            tarfile.open(fileobj=plain, mode="r|") as tar:  # type: ignore[call-overload]
+            tarfile.open(fileobj=plain, mode="r|") as tar:
         tar.extractall(target, numeric_owner=True, filter="tar")
     for entry in sorted(entries, key=lambda e: e.path.count("/"), reverse=True):
         if entry.kind != "symlink":  # the tar filter clears setuid/setgid/sticky and group/other write: put them back

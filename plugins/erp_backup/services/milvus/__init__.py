@@ -76,7 +76,6 @@ from erp_backup.services.milvus.endpoints import (
     milvus_target,
     redact_uri,
 )
-from erp_backup.services.milvus.etcd import RESTORE_OPTIONS as ETCD_RESTORE_OPTIONS
 from erp_backup.services.milvus.etcd import (
     DEFAULT_ETCD_COMMAND_TIMEOUT_S,
     DEFAULT_ETCD_MEMBER,
@@ -95,6 +94,7 @@ from erp_backup.services.milvus.etcd import (
     snapshot_status_command,
     verify_etcd,
 )
+from erp_backup.services.milvus.etcd import RESTORE_OPTIONS as ETCD_RESTORE_OPTIONS
 from erp_backup.services.milvus.export import (
     COLLECTIONS_DIR,
     DEFAULT_BATCH_SIZE,

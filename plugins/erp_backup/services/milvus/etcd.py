@@ -29,7 +29,14 @@ from urllib.parse import urlsplit
 
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, LocalExecutor
-from erp_backup.services.base import BackupContext, BackupOutcome, CheckContext, Checks, RestoreReport, SourceUnavailable
+from erp_backup.services.base import (
+    BackupContext,
+    BackupOutcome,
+    CheckContext,
+    Checks,
+    RestoreReport,
+    SourceUnavailable,
+)
 from erp_backup.services.milvus.endpoints import ETCD_ROLE, EtcdTarget, RestoreConflict, etcd_target
 from erp_backup.sets import BackupSet
 from erp_backup.stream import decompress_to, stream_to_file

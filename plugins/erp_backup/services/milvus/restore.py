@@ -212,7 +212,7 @@ def _check_collection(client: Any, collection: dict[str, Any], restored: dict[st
         for sample in collection.get("searches", []):
             got = search_ids(client, target_name, sample["field"], sample["metric_type"], sample["queries"],
                               sample["top_k"], pk_name)
-            for number, (expected_ids, got_ids) in enumerate(zip(sample["expected_ids"], got)):
+            for number, (expected_ids, got_ids) in enumerate(zip(sample["expected_ids"], got, strict=False)):
                 overlap = len(set(expected_ids) & set(got_ids)) / len(expected_ids) if expected_ids else 1.0
                 overlaps.append(overlap)
                 if overlap < settings.min_search_overlap:

@@ -319,11 +319,11 @@ def batch_to_rows(batch: pa.RecordBatch, layout: Layout, skip: frozenset[str] = 
         columns[column.name] = values
     metas = columns.pop(META_COLUMN, None)
     names = list(columns)
-    rows = [dict(zip(names, values)) for values in zip(*columns.values())] if names else [
+    rows = [dict(zip(names, values, strict=False)) for values in zip(*columns.values(), strict=False)] if names else [
         {} for _ in range(batch.num_rows)
     ]
     if metas is not None:
-        for row, meta in zip(rows, metas):
+        for row, meta in zip(rows, metas, strict=False):
             if meta:
                 row.update(meta)
     return rows

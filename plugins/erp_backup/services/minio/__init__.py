@@ -115,13 +115,13 @@ from erp_backup.services.minio.layout import (
     valid_bucket_name,
 )
 from erp_backup.services.minio.mirror import backup, previous_set
+from erp_backup.services.minio.restore import RESTORE_OPTIONS as _RESTORE_OPTION_NAMES
 from erp_backup.services.minio.restore import (
     RestoreTarget,
     bucket_targets,
     restore_bucket,
     target_endpoint,
 )
-from erp_backup.services.minio.restore import RESTORE_OPTIONS as _RESTORE_OPTION_NAMES
 from erp_backup.services.minio.restore import restore_set as restore
 
 if TYPE_CHECKING:

@@ -40,7 +40,7 @@ def open_content(path: Path, compressed: bool) -> Iterator[IO[bytes]]:
     with open(path, "rb") as handle:
         if compressed:
             with zstandard.ZstdDecompressor().stream_reader(handle, read_size=HASH_CHUNK) as reader:
-                yield reader  # type: ignore[misc]
+                yield reader
         else:
             yield handle
 

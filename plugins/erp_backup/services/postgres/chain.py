@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -74,7 +74,7 @@ class BaseInfo:
             manifest.backup_id,
             Segment.parse(details["start_segment"], size),
             Segment.parse(details["end_segment"], size),
-            finished if finished.tzinfo else finished.replace(tzinfo=timezone.utc),
+            finished if finished.tzinfo else finished.replace(tzinfo=UTC),
         )
 
 

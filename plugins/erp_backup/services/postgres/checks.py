@@ -13,13 +13,13 @@ from typing import Any
 
 import psycopg
 
-from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import Manifest
 from erp_backup.notify import one_line
-from erp_backup.services.postgres.content import TableContent
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.base import CheckContext, Checks, RestoreReport
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.services.postgres.commands import DEFAULT_PORT, PgEndpoint
+from erp_backup.services.postgres.content import TableContent
 
 
 def _read_inventory(endpoint: PgEndpoint, dbname: str) -> list[TableContent]:

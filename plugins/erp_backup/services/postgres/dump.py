@@ -29,11 +29,10 @@ from typing import Any
 import psycopg
 import zstandard
 
-from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import FileEntry, Manifest
-from erp_backup.services.postgres.content import TableContent
 from erp_backup.runner import CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.services.postgres.commands import (
     GLOBALS_FILE,
     PgEndpoint,
@@ -45,6 +44,7 @@ from erp_backup.services.postgres.commands import (
     pg_restore_list_command,
     tool_version_command,
 )
+from erp_backup.services.postgres.content import TableContent
 from erp_backup.sets import BackupSet
 from erp_backup.stream import StreamResult, decompress_to, stream_to_file
 

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -229,7 +229,7 @@ def recovery_settings(wal_dir: Path, target_time: datetime | None) -> dict[str, 
         "recovery_target_action": "'promote'",
     }
     if target_time is not None:
-        stamp = target_time.astimezone(timezone.utc).isoformat(sep=" ")
+        stamp = target_time.astimezone(UTC).isoformat(sep=" ")
         settings["recovery_target_time"] = _conf_string(stamp)
     else:
         settings["recovery_target_time"] = "''"

@@ -19,9 +19,14 @@ from typing import Any
 
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE
-from erp_backup.services.postgres.pitr import DEFAULT_TIMEOUT_S, RestoreError, build_inventory, coverage, restore_to_time
+from erp_backup.services.postgres.pitr import (
+    DEFAULT_TIMEOUT_S,
+    RestoreError,
+    build_inventory,
+    coverage,
+    restore_to_time,
+)
 from erp_backup.services.postgres.wal import SERVICE, archive_dir_for, read_archive_log, usable_sets
-
 
 
 def _parse_time(text: str) -> datetime:

@@ -24,11 +24,10 @@ from typing import Any
 
 import psycopg
 
-from erp_backup.services.postgres import content as pg_content
 from erp_backup.manifest import Manifest
-from erp_backup.services.postgres.content import TableContent
 from erp_backup.runner import Command, CommandError, Executor, LocalExecutor
 from erp_backup.services.base import RestoreReport
+from erp_backup.services.postgres import content as pg_content
 from erp_backup.services.postgres.commands import (
     PgEndpoint,
     RestoreConflict,
@@ -41,6 +40,7 @@ from erp_backup.services.postgres.commands import (
     schema_header_entries,
     skip_existing_roles,
 )
+from erp_backup.services.postgres.content import TableContent
 from erp_backup.stream import decompress_to
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ from typing import Any
 
 import zstandard
 
-from erp_backup.runs import utcnow
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
+from erp_backup.runs import utcnow
 from erp_backup.scratch.base import scratch_root
 from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user, pg_bindir
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
@@ -203,9 +203,9 @@ def read_base_info(data_dir: Path, controldata: str = "") -> BaseBackupInfo:
     if not ranges:
         raise SnapshotError(f"{data_dir}/backup_manifest has no WAL-Ranges")
     timeline = int(label.get("START TIMELINE", ranges[0]["Timeline"]))
-    control = dict(
-        (key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in controldata.splitlines())
-    )
+    control = {
+        key.strip(): value.strip() for key, _, value in (line.partition(":") for line in controldata.splitlines())
+    }
     segment_size = int(control.get("Bytes per WAL segment", DEFAULT_SEGMENT_SIZE))
     return BaseBackupInfo(
         label=label.get("LABEL", ""),

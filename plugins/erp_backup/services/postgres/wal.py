@@ -10,19 +10,20 @@ LSNs are in ``segments.py``; the `pg_stat_archiver` check is in ``archiver.py``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import zstandard
 
-from erp_backup.runs import utcnow
 from erp_backup.manifest import FileEntry, Manifest, ManifestError
+from erp_backup.runs import utcnow
 from erp_backup.services.base import BackupContext, BackupOutcome
 from erp_backup.services.postgres.archiver import archiver_findings, failed_count_growth, read_archiver_status
 from erp_backup.services.postgres.segments import (
@@ -192,7 +193,7 @@ def check_continuity(
                 f"timeline {timeline} starts at {Segment(timeline, numbers[0], size).name} but "
                 f"{timeline:08X}.history is not in the archive"
             )
-        for before, after in zip(numbers, numbers[1:]):
+        for before, after in itertools.pairwise(numbers):
             if after > before + 1:
                 missing(timeline, before + 1, after)
         last_seen[timeline] = max(numbers[-1], last_seen.get(timeline, -1))
@@ -265,7 +266,7 @@ def previous_archiver_record(root: Path, current_id: str) -> tuple[str, dict[str
             continue
         captured = manifest.captured_finished_at
         if captured.tzinfo is None:
-            captured = captured.replace(tzinfo=timezone.utc)
+            captured = captured.replace(tzinfo=UTC)
         if best is None or captured > best[0]:
             best = (captured, backup_set.backup_id, record)
     return (best[1], best[2]) if best else None
