@@ -232,6 +232,43 @@ def _read_service(top: _Reader, services: _Reader, name: str, tz: str) -> tuple[
     return [_read_job(top, name, svc, type_name, tz) for type_name in svc.sub("backups").data], enabled
 
 
+def _read_offsite(offsite: _Reader) -> OffsitePlan:
+    offsite.only("kind", "conn_id", "bucket", "prefix", "path")
+    kind = os.environ.get(OFFSITE_KIND_ENV) or offsite.get("kind", str)
+    if kind not in ("s3", "filesystem"):
+        offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
+    for needed in ("conn_id", "bucket") if kind == "s3" else ("path",):
+        if not offsite.get(needed, str, "") and not (needed == "path" and os.environ.get(OFFSITE_PATH_ENV)):
+            offsite.fail(f"required when kind is {kind!r}", needed)
+    return OffsitePlan(
+        kind=cast(Literal["s3", "filesystem"], kind),
+        conn_id=offsite.get("conn_id", str, ""),
+        bucket=offsite.get("bucket", str, ""),
+        prefix=offsite.get("prefix", str, "").strip("/"),
+        path=os.environ.get(OFFSITE_PATH_ENV) or offsite.get("path", str, ""),
+    )
+
+
+def _read_services(top: _Reader, tz: str, isolate_services: bool,
+                   broken: dict[str, str]) -> tuple[list[BackupJob], dict[str, bool], dict[str, str]]:
+    """(jobs, enabled per service, errors per broken service block); strict unless `isolate_services`."""
+    services = top.sub("services")
+    jobs: list[BackupJob] = []
+    enabled: dict[str, bool] = {}
+    service_errors: dict[str, str] = {}
+    for name in services.data:
+        try:
+            if name in broken:
+                raise PlanError(broken[name])
+            service_jobs, enabled[name] = _read_service(top, services, name, tz)
+            jobs.extend(service_jobs)
+        except PlanError as exc:
+            if not isolate_services:
+                raise
+            service_errors[str(name)] = str(exc)
+    return jobs, enabled, service_errors
+
+
 def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
                broken: dict[str, str] | None = None) -> Plan:
     """Validate the plan's data. Strict by default: the first error raises PlanError.
@@ -248,15 +285,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     alerts = top.sub("alerts")
     alerts.only("slack_conn_id")
 
-    offsite = top.sub("offsite")
-    offsite.only("kind", "conn_id", "bucket", "prefix", "path")
-    kind = os.environ.get(OFFSITE_KIND_ENV) or offsite.get("kind", str)
-    if kind not in ("s3", "filesystem"):
-        offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
-
-    for needed in ("conn_id", "bucket") if kind == "s3" else ("path",):
-        if not offsite.get(needed, str, "") and not (needed == "path" and os.environ.get(OFFSITE_PATH_ENV)):
-            offsite.fail(f"required when kind is {kind!r}", needed)
+    offsite_plan = _read_offsite(top.sub("offsite"))
 
     drill = top.sub("drill")
     drill.only("schedule", "timezone", "backend")
@@ -264,20 +293,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     if backend not in ("local", "docker"):
         drill.fail(f"must be 'local' or 'docker', got {backend!r}", "backend")
 
-    services = top.sub("services")
-    jobs: list[BackupJob] = []
-    enabled: dict[str, bool] = {}
-    service_errors: dict[str, str] = {}
-    for name in services.data:
-        try:
-            if name in (broken or {}):
-                raise PlanError((broken or {})[name])
-            service_jobs, enabled[name] = _read_service(top, services, name, tz)
-            jobs.extend(service_jobs)
-        except PlanError as exc:
-            if not isolate_services:
-                raise
-            service_errors[str(name)] = str(exc)
+    jobs, enabled, service_errors = _read_services(top, tz, isolate_services, broken or {})
 
     root = os.environ.get(BACKUP_ROOT_ENV) or top.get("backup_root", str)
     return Plan(
@@ -285,13 +301,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
         backup_root=Path(root),
         timezone=tz,
         slack_conn_id=alerts.get("slack_conn_id", str),
-        offsite=OffsitePlan(
-            kind=cast(Literal["s3", "filesystem"], kind),
-            conn_id=offsite.get("conn_id", str, ""),
-            bucket=offsite.get("bucket", str, ""),
-            prefix=offsite.get("prefix", str, "").strip("/"),
-            path=os.environ.get(OFFSITE_PATH_ENV) or offsite.get("path", str, ""),
-        ),
+        offsite=offsite_plan,
         drill=DrillPlan(schedule=drill.cron("schedule"), timezone=drill.timezone("timezone", tz), backend=backend),
         jobs=tuple(jobs),
         services_enabled=enabled,

@@ -18,7 +18,7 @@ from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.runs import RunInfo, utcnow
 from erp_backup.services import get_service
-from erp_backup.services.base import BackupContext, airflow_connection
+from erp_backup.services.base import BackupContext, BackupOutcome, airflow_connection
 from erp_backup.sets import BackupSet, SetState, backup_id_for, remove_incomplete
 
 log = logging.getLogger(__name__)
@@ -51,34 +51,43 @@ def backup(
         return backup_set.backup_id
     if state is SetState.CORRUPT:
         log.warning("%s was marked corrupt by an earlier checksum run; taking it again", backup_set.key)
+    _prepare_set(plan, job, run, backup_set)
+    started = utcnow()
+    log.info("backing up %s into %s (run %s)", job.dag_id, backup_set.path, run.run_id)
+    outcome, manifest = _take(plan, job, run, backup_set, get_connection, started)
+    log.info(
+        "%s complete: %d files, %d bytes, captured %s → %s", backup_set.key, len(manifest.files),
+        manifest.total_size, started.isoformat(), manifest.captured_finished_at.isoformat(),
+    )
+    for warning in outcome.warnings:
+        log.warning("%s: %s", backup_set.key, warning)
+        notify.send(plan.slack_conn_id, f":warning: *{job.dag_id}* `{backup_set.backup_id}`: {warning}")
+    return backup_set.backup_id
+
+
+def _prepare_set(plan: Plan, job: BackupJob, run: RunInfo, backup_set: BackupSet) -> None:
+    """Clear dead writers' leftovers, check space and type, then make the set's directory and writer marker."""
     for stale in remove_incomplete(plan.backup_root, job.service, job.backup_type):
         log.warning("removed incomplete set %s/%s left by an earlier failed run", job.dag_id, stale)
     staging.prepare(plan, job, backup_set, utcnow())
-
-    service = get_service(job.service)
-    if job.backup_type not in service.SUPPORTED_TYPES:
+    if job.backup_type not in get_service(job.service).SUPPORTED_TYPES:
         raise BackupFailed(f"{job.dag_id}: the {job.service} module does not implement {job.backup_type!r} backups")
     try:
         backup_set.create_dir()
         locks.write_marker(backup_set.path, run.run_id)
     except OSError as exc:
         raise BackupFailed(f"cannot create {backup_set.path}: {exc.strerror} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
-    started = utcnow()
-    log.info("backing up %s into %s (run %s)", job.dag_id, backup_set.path, run.run_id)
+
+
+def _take(plan: Plan, job: BackupJob, run: RunInfo, backup_set: BackupSet, get_connection: Callable[[str], Any],
+          started: datetime) -> tuple[BackupOutcome, Manifest]:
+    """The service's backup, then the manifest, last; anything partial is removed on any failure."""
     try:
-        outcome = service.backup(BackupContext(job, backup_set, run, get_connection))
-        finished = utcnow()
+        outcome = get_service(job.service).backup(BackupContext(job, backup_set, run, get_connection))
         manifest = Manifest(
-            service=job.service,
-            backup_type=job.backup_type,
-            backup_id=backup_set.backup_id,
-            captured_started_at=started,
-            captured_finished_at=finished,
-            run=run.as_dict(),
-            source=outcome.source,
-            tools=outcome.tools,
-            files=outcome.files,
-            details=outcome.details,
+            service=job.service, backup_type=job.backup_type, backup_id=backup_set.backup_id,
+            captured_started_at=started, captured_finished_at=utcnow(), run=run.as_dict(),
+            source=outcome.source, tools=outcome.tools, files=outcome.files, details=outcome.details,
         )
         write_manifest(backup_set.path, manifest)
         locks.clear_marker(backup_set.path)
@@ -91,14 +100,7 @@ def backup(
                 f"({free} bytes free); the partial set was removed, no earlier backup was touched. {exc}"
             ) from exc
         raise
-    log.info(
-        "%s complete: %d files, %d bytes, captured %s → %s",
-        backup_set.key, len(manifest.files), manifest.total_size, started.isoformat(), finished.isoformat(),
-    )
-    for warning in outcome.warnings:
-        log.warning("%s: %s", backup_set.key, warning)
-        notify.send(plan.slack_conn_id, f":warning: *{job.dag_id}* `{backup_set.backup_id}`: {warning}")
-    return backup_set.backup_id
+    return outcome, manifest
 
 
 def _discard_partial(backup_set: BackupSet) -> None:

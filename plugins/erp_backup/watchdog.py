@@ -39,7 +39,6 @@ its staging manifests (their offsite receipts were verified at upload), with a n
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -48,9 +47,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
-
-from croniter import croniter
 
 from erp_backup import runs, staging
 from erp_backup.manifest import DIR_MODE, Manifest, ManifestError, write_atomic
@@ -59,6 +55,9 @@ from erp_backup.notify import send as slack_send
 from erp_backup.offsite import Offsite
 from erp_backup.offsite_trust import OffsiteSetCheck, check_offsite_sets
 from erp_backup.plan import BackupJob, Plan
+from erp_backup.schedules import as_utc as _utc
+from erp_backup.schedules import format_duration, longest_gap, next_fire
+from erp_backup.schedules import local_text as _local
 from erp_backup.sets import SetState, list_sets
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,6 @@ STATE_NAME = "state.json"
 OK, BREACH = "ok", "breach"
 # Reasons that only say "the same set got older": one incident, announced once.
 _STALENESS = frozenset({"no_set", "overdue", "rpo"})
-_GAP_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -174,46 +172,6 @@ def _from_iso(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
-def _utc(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
-def format_duration(delta: timedelta) -> str:
-    """'45m', '6h', '25h 10m', '7d', '3d 4h': minutes at most, for tables and chat."""
-    minutes = int(delta.total_seconds() // 60)
-    sign, minutes = ("-", -minutes) if minutes < 0 else ("", minutes)
-    days, rest = divmod(minutes, 24 * 60)
-    hours, mins = divmod(rest, 60)
-    if days >= 2:
-        parts = [f"{days}d", f"{hours}h" if hours else "", f"{mins}m" if mins and not hours else ""]
-    elif minutes >= 60:
-        parts = [f"{days * 24 + hours}h", f"{mins}m" if mins else ""]
-    else:
-        parts = [f"{mins}m"]
-    return sign + " ".join(part for part in parts if part)
-
-
-def _local(moment: datetime, tz: str) -> str:
-    return moment.astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M %Z")
-
-
-# --- schedules ---------------------------------------------------------------------
-
-
-def next_fire(schedule: str, tz: str, after: datetime) -> datetime:
-    """The first cron fire strictly after `after`, computed in the job's timezone, in UTC."""
-    return _utc(croniter(schedule, _utc(after).astimezone(ZoneInfo(tz))).get_next(datetime))
-
-
-def longest_gap(schedule: str, tz: str, around: datetime) -> timedelta:
-    """The longest time between two consecutive fires (e.g. 72 h for weekdays at 02:00)."""
-    fires = croniter(schedule, _utc(around).astimezone(ZoneInfo(tz)))
-    times = [_utc(fires.get_next(datetime)) for _ in range(_GAP_SAMPLES)]
-    return max(later - earlier for earlier, later in itertools.pairwise(times))
-
-
 def rpo_carriers(jobs: Iterable[BackupJob], now: datetime) -> set[str]:
     """The dag_ids held to their service's RPO: each service's most frequent enabled type(s)."""
     gaps: dict[str, list[tuple[timedelta, str]]] = {}
@@ -244,35 +202,64 @@ def evaluate(
     `suspect_reasons` says why each set in `counts.suspect` is suspect (backup id -> why).
     """
     now = _utc(now)
-    what = f"{job.service}/{job.backup_type}"
-    reasons: list[Reason] = []
-    captured = due_by = None
-    if newest is None:
-        reasons.append(Reason("no_set", f"no complete, offsite-verified {what} set exists"))
-    else:
-        captured = _utc(newest.captured_finished_at)
-        duration = max(captured - _utc(newest.captured_started_at), timedelta(0))
-        due_by = next_fire(job.schedule, job.timezone, captured) + duration + grace
-        if now > due_by:
-            reasons.append(Reason(
-                "overdue",
-                f"no new set since {newest.backup_id} ({format_duration(now - captured)} old): "
-                f"schedule `{job.schedule}` ({job.timezone}) expected one by {_local(due_by, job.timezone)}",
-            ))
+    reasons, captured, due_by = _freshness(job, newest, now, grace)
     if carries_rpo:
-        gap = longest_gap(job.schedule, job.timezone, now)
-        if gap > job.rpo:
-            reasons.append(Reason(
-                "rpo_unmet_by_schedule",
-                f"RPO {format_duration(job.rpo)} of {job.service} cannot be met: its most frequent enabled type, "
-                f"{job.backup_type} (`{job.schedule}`), leaves up to {format_duration(gap)} between sets",
-            ))
-        elif newest is not None and captured is not None and now - captured > job.rpo:
-            reasons.append(Reason(
-                "rpo",
-                f"newest set {newest.backup_id} is {format_duration(now - captured)} old, "
-                f"over the RPO of {format_duration(job.rpo)}",
-            ))
+        reasons += _rpo_reasons(job, newest, captured, now)
+    reasons += _problem_sets(job, newest, counts, grace, suspect_reasons or {})
+    return Status(
+        key=job.dag_id,
+        label=f"{job.service}/{job.backup_type}",
+        checked_at=now,
+        newest_id=newest.backup_id if newest is not None else None,
+        captured_at=captured,
+        rpo=job.rpo,
+        due_by=due_by,
+        counts=counts,
+        reasons=tuple(reasons),
+    )
+
+
+def _freshness(job: BackupJob, newest: Manifest | None, now: datetime,
+               grace: timedelta) -> tuple[list[Reason], datetime | None, datetime | None]:
+    """(no_set or overdue reasons, newest capture time, when the next set is due)."""
+    what = f"{job.service}/{job.backup_type}"
+    if newest is None:
+        return [Reason("no_set", f"no complete, offsite-verified {what} set exists")], None, None
+    captured = _utc(newest.captured_finished_at)
+    duration = max(captured - _utc(newest.captured_started_at), timedelta(0))
+    due_by = next_fire(job.schedule, job.timezone, captured) + duration + grace
+    if now <= due_by:
+        return [], captured, due_by
+    return [Reason(
+        "overdue",
+        f"no new set since {newest.backup_id} ({format_duration(now - captured)} old): "
+        f"schedule `{job.schedule}` ({job.timezone}) expected one by {_local(due_by, job.timezone)}",
+    )], captured, due_by
+
+
+def _rpo_reasons(job: BackupJob, newest: Manifest | None, captured: datetime | None, now: datetime) -> list[Reason]:
+    """A schedule that cannot keep the RPO, or a newest set older than it."""
+    gap = longest_gap(job.schedule, job.timezone, now)
+    if gap > job.rpo:
+        return [Reason(
+            "rpo_unmet_by_schedule",
+            f"RPO {format_duration(job.rpo)} of {job.service} cannot be met: its most frequent enabled type, "
+            f"{job.backup_type} (`{job.schedule}`), leaves up to {format_duration(gap)} between sets",
+        )]
+    if newest is not None and captured is not None and now - captured > job.rpo:
+        return [Reason(
+            "rpo",
+            f"newest set {newest.backup_id} is {format_duration(now - captured)} old, "
+            f"over the RPO of {format_duration(job.rpo)}",
+        )]
+    return []
+
+
+def _problem_sets(job: BackupJob, newest: Manifest | None, counts: SetCounts, grace: timedelta,
+                  suspect_reasons: Mapping[str, str]) -> list[Reason]:
+    """Corrupt and incomplete sets since the newest good one, receipts without an offsite manifest, suspect sets."""
+    what = f"{job.service}/{job.backup_type}"
+    reasons = []
 
     def since_newest(ids: tuple[str, ...]) -> list[str]:
         return [i for i in ids if newest is None or i > newest.backup_id]
@@ -296,24 +283,13 @@ def evaluate(
             "but no manifest in the offsite store",
         ))
     if counts.suspect:
-        why = suspect_reasons or {}
         reasons.append(Reason(
             "suspect",
             f"{len(counts.suspect)} offsite {what} set(s) with a manifest that disagrees with its upload record, "
             "kept and never drilled until checked by hand (rerun its offsite_upload from staging, or delete it): "
-            + "; ".join(f"{i}: {why.get(i, 'see `list --from offsite`')}" for i in counts.suspect),
+            + "; ".join(f"{i}: {suspect_reasons.get(i, 'see `list --from offsite`')}" for i in counts.suspect),
         ))
-    return Status(
-        key=job.dag_id,
-        label=what,
-        checked_at=now,
-        newest_id=newest.backup_id if newest is not None else None,
-        captured_at=captured,
-        rpo=job.rpo,
-        due_by=due_by,
-        counts=counts,
-        reasons=tuple(reasons),
-    )
+    return reasons
 
 
 def plan_status(plan: Plan, now: datetime) -> Status:
