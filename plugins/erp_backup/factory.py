@@ -109,6 +109,14 @@ run removes it.
 """
 
 
+def _job_now(job: BackupJob) -> tuple[Plan, BackupJob]:
+    """The plan as it is when a task runs (not when the DAG was parsed), and this job in it."""
+    from erp_backup.plan import load_plan
+
+    current = load_plan()
+    return current, current.job(job.service, job.backup_type)
+
+
 def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
     """The DAG for one job of the plan."""
     from erp_backup import steps  # light: no provider or service imports at module level
@@ -130,28 +138,18 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
 
         @task(task_id="backup")
         def backup_task() -> str:
-            from erp_backup.plan import load_plan
-
             with guarded(plan.slack_conn_id):
-                run = RunInfo.from_context(get_current_context())
-                current = load_plan()
-                return steps.backup(current, current.job(job.service, job.backup_type), run)
+                return steps.backup(*_job_now(job), RunInfo.from_context(get_current_context()))
 
         @task(task_id="checksum")
         def checksum_task(backup_id: str) -> dict:
-            from erp_backup.plan import load_plan
-
             with guarded(plan.slack_conn_id):
-                current = load_plan()
-                return steps.checksum(current, current.job(job.service, job.backup_type), backup_id)
+                return steps.checksum(*_job_now(job), backup_id)
 
         @task(task_id="offsite_upload", outlets=[asset])
         def offsite_task(backup_id: str) -> dict:
-            from erp_backup.plan import load_plan
-
             with guarded(plan.slack_conn_id):
-                current = load_plan()
-                result = steps.offsite_upload(current, current.job(job.service, job.backup_type), backup_id)
+                result = steps.offsite_upload(*_job_now(job), backup_id)
             get_current_context()["outlet_events"][asset].extra = {
                 "backup_id": result["backup_id"], "size": result["size"], "captured_at": result["captured_at"],
             }
@@ -159,15 +157,9 @@ def build_backup_dag(job: BackupJob, plan: Plan) -> DAG:
 
         @task(task_id="retention_prune")
         def prune_task(backup_id: str) -> dict:
-            from erp_backup.plan import load_plan
-
-            context = get_current_context()
+            dry_run = bool(get_current_context()["params"].get("prune_dry_run"))
             with guarded(plan.slack_conn_id):
-                current = load_plan()
-                return steps.retention_prune(
-                    current, current.job(job.service, job.backup_type), backup_id,
-                    dry_run=bool(context["params"].get("prune_dry_run")),
-                )
+                return steps.retention_prune(*_job_now(job), backup_id, dry_run=dry_run)
 
         backup_id = backup_task()
         # TaskFlow passes the XComArg at parse time and the value at run time

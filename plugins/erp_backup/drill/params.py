@@ -139,6 +139,32 @@ def parse_target_time(text: str) -> datetime:
     return moment
 
 
+def _backup_id(params: Mapping[str, Any], service: str, services: list[str]) -> tuple[str | None, str | None]:
+    """(backup id, backup type) from `backup_id` (`<id>` or `<type>/<id>`); (None, None) when empty."""
+    raw_id = _text(params, "backup_id")
+    if not raw_id:
+        return None, None
+    match = _BACKUP_ID.match(raw_id)
+    if not match:
+        raise DrillParamError(
+            f"backup_id {raw_id!r} is not a backup id; use <YYYYMMDDTHHMMSSZ> (e.g. 20261126T020000Z) "
+            "or <type>/<id> (e.g. full/20261126T020000Z), or leave it empty for a random set"
+        )
+    if service in (ALL, RANDOM):
+        raise DrillParamError(f"backup_id {raw_id!r} needs a service: set service to one of {', '.join(services)}")
+    return match.group("id"), match.group("type")
+
+
+def _seed(params: Mapping[str, Any], run_id: str) -> tuple[int, str]:
+    raw_seed = params.get("seed")
+    if raw_seed in (None, ""):
+        return derive_seed(run_id), "run id"
+    try:
+        return int(raw_seed), "param"
+    except (TypeError, ValueError):
+        raise DrillParamError(f"seed {raw_seed!r} is not an integer; give an integer or leave it empty") from None
+
+
 def parse_request(params: Mapping[str, Any], plan: Plan, run_id: str) -> DrillRequest:
     """Validate a run's params against the plan. Raises DrillParamError listing the valid values."""
     services = drillable_services(plan)
@@ -155,21 +181,7 @@ def parse_request(params: Mapping[str, Any], plan: Plan, run_id: str) -> DrillRe
     if backend not in BACKENDS:
         raise DrillParamError(f"backend {backend!r} is not valid; valid: {', '.join(BACKENDS)}")
 
-    backup_id = backup_type = None
-    raw_id = _text(params, "backup_id")
-    if raw_id:
-        match = _BACKUP_ID.match(raw_id)
-        if not match:
-            raise DrillParamError(
-                f"backup_id {raw_id!r} is not a backup id; use <YYYYMMDDTHHMMSSZ> (e.g. 20261126T020000Z) "
-                "or <type>/<id> (e.g. full/20261126T020000Z), or leave it empty for a random set"
-            )
-        if service in (ALL, RANDOM):
-            raise DrillParamError(
-                f"backup_id {raw_id!r} needs a service: set service to one of {', '.join(services)}"
-            )
-        backup_id, backup_type = match.group("id"), match.group("type")
-
+    backup_id, backup_type = _backup_id(params, service, services)
     target_time = None
     raw_time = _text(params, "target_time")
     if raw_time:
@@ -186,14 +198,7 @@ def parse_request(params: Mapping[str, Any], plan: Plan, run_id: str) -> DrillRe
             )
         target_time = parse_target_time(raw_time)
 
-    raw_seed = params.get("seed")
-    if raw_seed in (None, ""):
-        seed, seed_from = derive_seed(run_id), "run id"
-    else:
-        try:
-            seed, seed_from = int(raw_seed), "param"
-        except (TypeError, ValueError):
-            raise DrillParamError(f"seed {raw_seed!r} is not an integer; give an integer or leave it empty") from None
+    seed, seed_from = _seed(params, run_id)
     keep = params.get("keep_scratch", False)
     if not isinstance(keep, bool):
         raise DrillParamError(f"keep_scratch must be true or false, got {keep!r}")

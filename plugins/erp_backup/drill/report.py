@@ -207,52 +207,62 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_duration(rto.get('measured_s'))} | {_duration(rto.get('extrapolated_s'))} | {_duration(rto.get('target_s'))} |"
         )
     for result in report["services"]:
-        lines += ["", f"## {result['service']} {result.get('backup_type')}/{result.get('backup_id')}: {result['status']}", ""]
-        if result.get("error"):
-            lines.append(f"- **Failed at {result.get('failed_step')}**: {result['error']}")
-        if result.get("status") == "prepared":
-            lines.append("- **Prepared, not restored**: the files were fetched, verified and placed for the restore "
-                         "runbook; the service itself was not restored in this drill.")
-        if result.get("source_description"):
-            sizes = result.get("sizes") or {}
-            choice = result.get("choice") or {}
-            lines += [
-                f"- From: {result['source']} ({result['source_description']}), captured {result.get('captured_at')}",
-                f"- Picked: probability {choice.get('probability')} among {choice.get('candidates')} sets "
-                f"(last drilled: {choice.get('last_drilled') or 'never'}), seed {result.get('seed')}",
-                f"- Target: {result.get('target')}",
-                f"- Size: {_size(sizes.get('set_bytes'))} in {sizes.get('files')} files; restored "
-                f"{_size(sizes.get('restored_bytes'))}; size measure {_size((sizes.get('size_measure') or {}).get('bytes'))} "
-                f"({(sizes.get('size_measure') or {}).get('from')}); production (newest set "
-                f"{(sizes.get('production') or {}).get('backup_id')}) {_size((sizes.get('production') or {}).get('bytes'))}",
-            ]
-            durations = result.get("durations_s") or {}
-            lines.append("- Steps: " + ", ".join(f"{name} {_duration(durations.get(name))}" for name in STEPS))
-            throughput = result.get("throughput_mb_s") or {}
-            lines.append(f"- Throughput: fetch {throughput.get('fetch')} MB/s, restore {throughput.get('restore')} MB/s")
-            rto = result.get("rto") or {}
-            if rto.get("note"):
-                lines.append(f"- RTO: {rto['note']}; fetch, checks and preparing the runbook files took "
-                             f"{_duration(rto.get('prepare_s'))} (target {_duration(rto.get('target_s'))})")
-            else:
-                verdict = {True: "within", False: "OVER", None: "not measured against"}[rto.get("within_target")]
-                lines.append(
-                    f"- RTO: measured {_duration(rto.get('measured_s'))}, extrapolated {_duration(rto.get('extrapolated_s'))} "
-                    f"(× {rto.get('scale')}), {verdict} the target {_duration(rto.get('target_s'))}"
-                )
-        if result.get("pitr"):
-            pitr = result["pitr"]
-            replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
-            lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
-                         f"replayed {replayed}")
-        for check in result.get("checks") or []:
-            lines.append(f"- ✓ {check}")
-        for problem in result.get("problems") or []:
-            lines.append(f"- ✗ {problem}")
-        if result.get("teardown"):
-            lines.append("- Teardown: " + "; ".join(result["teardown"]))
+        lines += _service_section(result)
     lines += ["", f"RTO formula: {RTO_FORMULA}.", ""]
     return "\n".join(lines)
+
+
+def _service_section(result: Mapping[str, Any]) -> list[str]:
+    """One drilled set's section: failure, origin and sizes, steps and RTO, PITR, checks, teardown."""
+    lines = ["", f"## {result['service']} {result.get('backup_type')}/{result.get('backup_id')}: {result['status']}", ""]
+    if result.get("error"):
+        lines.append(f"- **Failed at {result.get('failed_step')}**: {result['error']}")
+    if result.get("status") == "prepared":
+        lines.append("- **Prepared, not restored**: the files were fetched, verified and placed for the restore "
+                     "runbook; the service itself was not restored in this drill.")
+    if result.get("source_description"):
+        lines += _origin_lines(result) + _timing_lines(result)
+    if result.get("pitr"):
+        pitr = result["pitr"]
+        replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
+        lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
+                     f"replayed {replayed}")
+    lines += [f"- ✓ {check}" for check in result.get("checks") or []]
+    lines += [f"- ✗ {problem}" for problem in result.get("problems") or []]
+    if result.get("teardown"):
+        lines.append("- Teardown: " + "; ".join(result["teardown"]))
+    return lines
+
+
+def _origin_lines(result: Mapping[str, Any]) -> list[str]:
+    sizes = result.get("sizes") or {}
+    choice = result.get("choice") or {}
+    measure, production = sizes.get("size_measure") or {}, sizes.get("production") or {}
+    return [
+        f"- From: {result['source']} ({result['source_description']}), captured {result.get('captured_at')}",
+        f"- Picked: probability {choice.get('probability')} among {choice.get('candidates')} sets "
+        f"(last drilled: {choice.get('last_drilled') or 'never'}), seed {result.get('seed')}",
+        f"- Target: {result.get('target')}",
+        f"- Size: {_size(sizes.get('set_bytes'))} in {sizes.get('files')} files; restored "
+        f"{_size(sizes.get('restored_bytes'))}; size measure {_size(measure.get('bytes'))} "
+        f"({measure.get('from')}); production (newest set {production.get('backup_id')}) {_size(production.get('bytes'))}",
+    ]
+
+
+def _timing_lines(result: Mapping[str, Any]) -> list[str]:
+    durations = result.get("durations_s") or {}
+    throughput = result.get("throughput_mb_s") or {}
+    rto = result.get("rto") or {}
+    lines = ["- Steps: " + ", ".join(f"{name} {_duration(durations.get(name))}" for name in STEPS),
+             f"- Throughput: fetch {throughput.get('fetch')} MB/s, restore {throughput.get('restore')} MB/s"]
+    if rto.get("note"):
+        lines.append(f"- RTO: {rto['note']}; fetch, checks and preparing the runbook files took "
+                     f"{_duration(rto.get('prepare_s'))} (target {_duration(rto.get('target_s'))})")
+    else:
+        verdict = {True: "within", False: "OVER", None: "not measured against"}[rto.get("within_target")]
+        lines.append(f"- RTO: measured {_duration(rto.get('measured_s'))}, extrapolated {_duration(rto.get('extrapolated_s'))} "
+                     f"(× {rto.get('scale')}), {verdict} the target {_duration(rto.get('target_s'))}")
+    return lines
 
 
 def slack_text(report: Mapping[str, Any]) -> str:
