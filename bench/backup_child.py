@@ -1,6 +1,6 @@
 """One PostgreSQL full backup in its own process, reporting time and memory as JSON on stdout.
 
-Run by bench/benchmark.py as `python bench/backup_child.py --port N --root DIR --backup-id ID`.
+Run by bench/measurements.py as `python bench/backup_child.py --port N --root DIR --backup-id ID`.
 The backup goes through `erp_backup.services.postgres.backup(ctx)` with a
 BackupContext built the way tests/integration/test_postgres_roundtrip.py builds
 one (an `airflow.sdk.Connection`, as a task has), then the manifest is written
@@ -18,10 +18,12 @@ import json
 import resource
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from erp_backup.services.base import BackupContext
 
 RESULT_MARKER = "BENCH_RESULT "  # the line the parent parses; logs may share stdout
 
@@ -34,7 +36,7 @@ def status_kib(field: str) -> int:
     raise LookupError(field)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -44,34 +46,37 @@ def main() -> None:
     parser.add_argument("--compress-level", type=int, default=None, help="default: the plan's postgres compress_level")
     parser.add_argument("--no-inventory", action="store_true", help="diagnostic: skip the table hashing")
     parser.add_argument("--no-compress", action="store_true", help="diagnostic: write the dumps uncompressed")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from airflow.sdk import Connection
 
-    from erp_backup.services.postgres import content as pg_content
-    from erp_backup.manifest import Manifest, write_manifest
-    from erp_backup.plan import BackupJob
-    from erp_backup.services import postgres
-    from erp_backup.services.base import BackupContext, RunInfo
-    from erp_backup.sets import BackupSet
+def patch_for_diagnosis(no_inventory: bool, no_compress: bool) -> None:
+    """Diagnostic variants: back up without the table inventory, or without zstd."""
+    if no_inventory:
+        from erp_backup.services.postgres import content as pg_content
 
-    if args.no_inventory:
-        pg_content.inventory = lambda conn, schema=None, cancelled=None: []  # type: ignore[assignment]
-    if args.no_compress:
+        pg_content.inventory = lambda conn, schema=None, cancelled=None: []
+    if no_compress:
         from erp_backup.services.postgres import dump
         from erp_backup.stream import stream_to_file
 
-        dump._stream_labelled = (  # type: ignore[assignment]
+        dump._stream_labelled = (
             lambda chunks, set_dir, relative, label, level: stream_to_file(
                 chunks, set_dir, relative, compress=False, label=label
             )
         )
 
-    if args.compress_level is None:
-        from erp_backup.plan import load_plan
 
-        args.compress_level = int(load_plan().job("postgres", "full").options.get("compress_level", 3))
-    options: dict[str, Any] = {"exec_mode": "network", "compress_level": args.compress_level}
+def backup_context(args: argparse.Namespace) -> BackupContext:
+    """The context an Airflow task would hand `postgres.backup`, for a new set under `args.root`."""
+    from airflow.sdk import Connection
+
+    from bench.common import shipped_level
+    from erp_backup.plan import BackupJob
+    from erp_backup.services.base import BackupContext, RunInfo
+    from erp_backup.sets import BackupSet
+
+    level = shipped_level() if args.compress_level is None else args.compress_level
+    options: dict[str, Any] = {"exec_mode": "network", "compress_level": level}
     if args.database:
         options["databases"] = args.database
     job = BackupJob(
@@ -84,25 +89,34 @@ def main() -> None:
     )
     backup_set = BackupSet(args.root, "postgres", "full", args.backup_id)
     backup_set.create_dir()
-    run = RunInfo(dag_id="backup_postgres_full", run_id=f"bench__{args.backup_id}", run_after=datetime.now(timezone.utc))
-    ctx = BackupContext(job=job, backup_set=backup_set, run=run, get_connection=lambda conn_id: connection)
+    run = RunInfo(dag_id="backup_postgres_full", run_id=f"bench__{args.backup_id}", run_after=datetime.now(UTC))
+    return BackupContext(job=job, backup_set=backup_set, run=run, get_connection=lambda conn_id: connection)
+
+
+def main() -> None:
+    args = parse_args()
+    patch_for_diagnosis(args.no_inventory, args.no_compress)
+    ctx = backup_context(args)
+
+    from erp_backup.manifest import Manifest, write_manifest
+    from erp_backup.services import postgres
 
     baseline = status_kib("VmRSS")
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     clock = time.monotonic()
     outcome = postgres.backup(ctx)
     manifest = Manifest(
         service="postgres", backup_type="full", backup_id=args.backup_id,
-        captured_started_at=started_at, captured_finished_at=datetime.now(timezone.utc), run=run.as_dict(),
+        captured_started_at=started_at, captured_finished_at=datetime.now(UTC), run=ctx.run.as_dict(),
         source=outcome.source, tools=outcome.tools, files=outcome.files, details=outcome.details,
     )
-    write_manifest(backup_set.path, manifest)
+    write_manifest(ctx.backup_set.path, manifest)
     seconds = time.monotonic() - clock
 
     sys.stdout.write(RESULT_MARKER)
     json.dump({
         "seconds": seconds,
-        "set_dir": str(backup_set.path),
+        "set_dir": str(ctx.backup_set.path),
         "bytes": manifest.total_size,
         "raw_bytes": outcome.details["raw_bytes"],
         "files": len(manifest.files),
@@ -113,7 +127,6 @@ def main() -> None:
         "children_peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     }, sys.stdout)
     sys.stdout.write("\n")
-
 
 if __name__ == "__main__":
     main()

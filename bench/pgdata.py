@@ -13,8 +13,10 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
+from psycopg.abc import Params
 
 from erp_backup.scratch.postgres import ScratchPostgres
 
@@ -161,6 +163,14 @@ class DatabaseInfo:
     seconds: float
 
 
+def fetch_value(conn: psycopg.Connection[Any], query: str, params: Params | None = None) -> Any:
+    """The first column of the first row of `query`, which must return a row."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {query!r}")
+    return row[0]
+
+
 def row_counts(size_mb: float) -> dict[str, int]:
     """Rows per table for a database of about `size_mb` MB on disk."""
     counts = {name: max(10, math.ceil(share * size_mb * MB / per_row)) for name, (share, per_row) in TABLES.items()}
@@ -197,7 +207,7 @@ def build_database(cluster: ScratchPostgres, dbname: str, size_mb: float) -> Dat
             conn.execute(statement)
         conn.execute("VACUUM (FREEZE, ANALYZE)")
         conn.execute("CHECKPOINT")
-        (size,) = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        size = fetch_value(conn, "SELECT pg_database_size(current_database())")
     info = DatabaseInfo(dbname, size_mb, int(size), sum(counts.values()), time.monotonic() - started)
     log.info("built %s: %.0f MB on disk, %d rows in %.0f s", dbname, info.size_bytes / MB, info.rows, info.seconds)
     return info
@@ -208,8 +218,8 @@ def table_sizes(cluster: ScratchPostgres, dbname: str) -> dict[str, tuple[int, i
     with psycopg.connect(cluster.conninfo(dbname)) as conn:
         result = {}
         for table in TABLES:
-            (rows,) = conn.execute(f"SELECT count(*) FROM {SCHEMA}.{table}").fetchone()
-            (size,) = conn.execute("SELECT pg_total_relation_size(%s::regclass)", (f"{SCHEMA}.{table}",)).fetchone()
+            rows = fetch_value(conn, f"SELECT count(*) FROM {SCHEMA}.{table}")
+            size = fetch_value(conn, "SELECT pg_total_relation_size(%s::regclass)", (f"{SCHEMA}.{table}",))
             result[table] = (int(rows), int(size))
         return result
 
