@@ -25,6 +25,7 @@ from erp_backup import cli, retention
 from erp_backup.drill import runner
 from erp_backup.drill.params import DrillParamError
 from erp_backup.manifest import MANIFEST_NAME
+from erp_backup.runs import RunInfo
 from erp_backup.offsite import RECORDS_DIR, FilesystemOffsite, S3Offsite, offsite_from_plan
 from erp_backup.offsite_s3 import SHA256_METADATA
 from erp_backup.offsite_trust import check_offsite_set
@@ -162,12 +163,12 @@ def test_a_tampered_offsite_manifest_is_suspect_everywhere(offsite: Offsite, tam
     assert states[victim.backup_id][0] == "suspect" and states[victim.backup_id][1]
 
     # the drill: never picked, and refused by id with the manifest named as the fault
-    picks = runner.pick(plan, {"service": "postgres", "source": "offsite"}, runner.RunInfo("manual__trust", now),
+    picks = runner.pick(plan, {"service": "postgres", "source": "offsite"}, RunInfo("dr_drill", "manual__trust", now),
                         offsite=offsite.store)
     assert [p["backup_id"] for p in picks] == [good.backup_id]
     with pytest.raises(DrillParamError) as refused:
         runner.pick(plan, {"service": "postgres", "source": "offsite", "backup_id": victim.backup_id},
-                    runner.RunInfo("manual__trust_by_id", now), offsite=offsite.store)
+                    RunInfo("dr_drill", "manual__trust_by_id", now), offsite=offsite.store)
     message = str(refused.value)
     assert f"backup postgres/full/{victim.backup_id}" in message and "is suspect and cannot be drilled" in message
     assert "offsite manifest, not a data file, is at fault" in message
