@@ -276,7 +276,8 @@ def prune(
     if offsite is not None and remote is not None:
         log.info("retention %s: offsite is %s", job.dag_id, offsite.description)
         report.offsite = decide(
-            remote, job.retention, now, require_offsite=False, protected=protected, current_id=current_id
+            remote, job.retention, now, require_offsite=False, protected={**protected, **_uploads_pending(local, remote)},
+            current_id=current_id,
         )
         for decision in _log_decisions(job, "offsite", report.offsite, dry_run):
             try:
@@ -289,6 +290,17 @@ def prune(
     if failures:
         raise PruneError(f"retention {job.dag_id}: could not delete {len(failures)} set(s): " + "; ".join(failures))
     return report
+
+
+def _uploads_pending(local: list[SetRecord], remote: list[SetRecord]) -> dict[str, str]:
+    """Offsite sets without a manifest whose staged set still waits for its upload (another run may be uploading it).
+
+    Their age comes from the backup id alone, which for a backfilled window is months old:
+    without this, one window's prune would delete another window's upload in flight.
+    """
+    staged = {record.backup_id for record in local if record.state in (SetState.UNVERIFIED, SetState.VERIFIED)}
+    return {record.backup_id: "its upload from staging has not finished (the staged set is verified, not yet offsite)"
+            for record in remote if record.state is SetState.INCOMPLETE and record.backup_id in staged}
 
 
 def _log_decisions(job: BackupJob, where: str, decisions: list[Decision], dry_run: bool) -> list[Decision]:

@@ -307,3 +307,21 @@ def test_property_dry_run_deletes_nothing_and_real_run_deletes_exactly_the_decis
                 holds_data = staging_state in (SetState.UNVERIFIED, SetState.VERIFIED, SetState.OFFSITE)
                 if holds_data and backup_id in real.staging_deleted:
                     assert staging_state is SetState.OFFSITE and backup_id in complete_offsite
+
+
+def test_an_upload_in_flight_is_never_pruned_offsite(tmp_path):
+    """A backfill: one window's prune must not delete another window's half-uploaded set, however old its id."""
+    staging, offsite = tmp_path / "staging", DirectoryOffsite(tmp_path / "offsite")
+    uploading = make_set(staging, days_ago(200), SetState.VERIFIED)  # staged, its upload running now
+    offsite.upload(uploading, with_manifest=False)  # data objects there, manifest not yet
+    abandoned = make_set(staging, days_ago(210), SetState.OFFSITE)
+    offsite.upload(abandoned, with_manifest=False)
+    shutil.rmtree(abandoned.path)  # nothing staged: an abandoned partial upload
+    offsite.upload(make_set(staging, days_ago(1), SetState.OFFSITE))
+
+    report = prune(JOB, staging, offsite, NOW, dry_run=False)
+
+    kept = {d.backup_id: d.reason for d in report.offsite if not d.delete}
+    assert "upload from staging has not finished" in kept[uploading.backup_id]
+    assert report.offsite_deleted == [abandoned.backup_id]
+    assert offsite.list_backup_ids(JOB.service, JOB.backup_type) == sorted([uploading.backup_id, days_ago(1)])
