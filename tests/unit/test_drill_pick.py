@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 from erp_backup.drill import pick as picking
 from erp_backup.drill import report as drill_report
-from erp_backup.drill.choose import size_measure
+from erp_backup.drill.model import size_measure
 from erp_backup.drill.params import DrillParamError, drill_params, parse_request
 from erp_backup.drill.records import ServiceState, ledger_entries_for_pick
 from erp_backup.plan import DEFAULT_PLAN_PATH, parse_plan
 from tests.fixtures.factories import make_manifest
 
-NOW = datetime(2026, 11, 29, 21, 0, tzinfo=timezone.utc)  # Sunday 06:00 Asia/Seoul
+NOW = datetime(2026, 11, 29, 21, 0, tzinfo=UTC)  # Sunday 06:00 Asia/Seoul
 
 
 def plan_with(*services: str, root: Path = Path("/backup")):
@@ -180,7 +180,7 @@ def test_seed_defaults_to_the_run_id_and_backup_id_may_name_the_type():
     assert (request.backup_type, request.backup_id) == ("full", "20261120T170000Z")
     assert parse_request({"seed": 42}, plan_with(), "run-1").seed == 42
     pitr = parse_request({"service": "postgres", "target_time": "2026-11-26T10:15:00+09:00"}, plan_with(), "r")
-    assert pitr.target_time == datetime(2026, 11, 26, 1, 15, tzinfo=timezone.utc)
+    assert pitr.target_time == datetime(2026, 11, 26, 1, 15, tzinfo=UTC)
 
 
 # ───────────── report numbers ─────────────

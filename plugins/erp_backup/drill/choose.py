@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from erp_backup.drill import pick as picking
+from erp_backup.drill.model import DrillFailed, Listing, size_measure
 from erp_backup.drill.params import (
     ALL,
     RANDOM,
@@ -34,34 +34,10 @@ from erp_backup.sets import SetState, list_sets
 log = logging.getLogger(__name__)
 
 
-class DrillFailed(RuntimeError):
-    """A drill step failed. The message names the service, backup and what is wrong."""
-
-
-class DrillVerificationFailed(DrillFailed):
-    """The restored data does not match the manifest. The message lists every mismatch."""
-
-
-def size_measure(manifest: Manifest) -> tuple[int, str]:
-    """(bytes, what they are): the source size the service recorded in the manifest, else the set size."""
-    recorded = get_service(manifest.service).source_size(manifest)
-    if recorded:
-        return recorded, f"{manifest.service} source size"
-    return manifest.total_size, "set size"
-
-
 def offsite_store(plan: Plan, offsite: Any = None) -> Any:
     from erp_backup.offsite import offsite_from_plan
 
     return offsite or offsite_from_plan(plan)
-
-
-@dataclass
-class Listing:
-    complete: list[tuple[picking.Candidate, Manifest]]
-    incomplete: list[str]  # "<type>/<id>" without a manifest (or corrupt)
-    where: str
-    suspect: dict[str, str] = field(default_factory=dict)  # "<type>/<id>" -> why its offsite manifest is not trusted
 
 
 def list_sets_for(plan: Plan, service: str, types: list[str], source: str, store: Any) -> Listing:

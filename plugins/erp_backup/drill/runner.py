@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from erp_backup.checksum import ChecksumMismatch, entry_problem
-from erp_backup.drill.choose import DrillFailed, DrillVerificationFailed, offsite_store, pick
+from erp_backup.drill.choose import offsite_store, pick
+from erp_backup.drill.model import DrillFailed, DrillVerificationFailed
 from erp_backup.drill.records import ServiceState, drills_root, mkdirs, service_state, work_dir
 from erp_backup.drill.targets import (
     DockerBackend,

@@ -21,7 +21,7 @@ def fail_fast(call: Callable[[], T]) -> T:
     of being retried (erp_backup.fail_fast)."""
     from erp_backup import fail_fast as failing
     from erp_backup.checksum import ChecksumMismatch
-    from erp_backup.drill.runner import DrillFailed
+    from erp_backup.drill.model import DrillFailed
     from erp_backup.drill.targets import ProductionTargetRefused
 
     return failing.fail_fast(call, also=(DrillFailed, ChecksumMismatch, ProductionTargetRefused))
