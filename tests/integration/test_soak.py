@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from tests.fixtures.s3 import ACCESS_KEY, REGION, SECRET_KEY
 from tests.integration.dagrun import write_plan
 from tests.integration.soak import faults as fault_schedule
 from tests.integration.soak.clock import SimClock
+from tests.integration.soak.estate import GitlabSource, MilvusSource, MinioSource, RabbitSource, RedisSource
 from tests.integration.soak.proxy import TcpProxy
 from tests.integration.soak.report import summary_table
 from tests.integration.soak.runner import Soak, fire_times
-from tests.integration.soak.estate import GitlabSource, MilvusSource, MinioSource, RabbitSource, RedisSource
 from tests.integration.soak.sources import PostgresSource, Source, StagingDisk
 from tests.integration.soak.truth import STALE_CODES, Truth, lost_sets
 
@@ -51,7 +52,7 @@ def soak_start(days: int) -> datetime:
         hour=15, minute=0, second=0, microsecond=0)
 
 
-def plan_edit(sources: list[Source], archive_dir: Path):
+def plan_edit(sources: list[Source], archive_dir: Path) -> Callable[[dict], None]:
     def edit(data: dict) -> None:
         options = {source.service: source.options() for source in sources}
         for name, service in data["services"].items():
@@ -84,7 +85,7 @@ def make_sources(tmp_path: Path, s3_endpoint, s3_bucket) -> list[Source]:
 
 
 @pytest.fixture
-def soak_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint, s3_bucket, slack_receiver):
+def soak_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_endpoint, s3_bucket, slack_receiver) -> Iterator[tuple]:
     sources = make_sources(tmp_path, s3_endpoint, s3_bucket)
     postgres = sources[0]
     disk = StagingDisk(tmp_path / "staging", monkeypatch)
@@ -155,7 +156,7 @@ def test_a_simulated_week_with_random_faults(soak_env, monkeypatch, slack_receiv
 
 def assert_rpo_misses_were_flagged_and_announced(truth: Truth) -> None:
     missed = truth.rpo_missed()
-    unflagged = [(at, dag_id, why) for at, dag_id, why in missed
+    unflagged = [(at, dag_id, why, truth.verdict(at, dag_id)) for at, dag_id, why in missed
                  if not (truth.verdict(at, dag_id)[0] and truth.verdict(at, dag_id)[1] & STALE_CODES)]
     assert unflagged == [], f"RPO missed but not flagged: {unflagged[:5]}"
     silent = [(at, dag_id) for at, dag_id, _ in missed if not announced_breach(truth, dag_id, at)]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -59,7 +60,7 @@ def kill(child: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def holder(tmp_path: Path):
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:
     """Another process holding postgres/full's lock on tmp_path/root (no set)."""
     child = start_child(HOLD_SCRIPT, str(tmp_path / "root"), str(tmp_path / "ready"), "", ready=tmp_path / "ready")
     yield child

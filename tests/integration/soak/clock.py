@@ -15,7 +15,7 @@ import pytest
 
 
 class SimClock:
-    def __init__(self, start: datetime):
+    def __init__(self, start: datetime) -> None:
         self._base = start
         self._set_at = time.monotonic()
 

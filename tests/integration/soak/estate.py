@@ -26,7 +26,7 @@ from tests.integration.soak.sources import Source
 class RedisSource(Source):
     service = "redis"
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path) -> None:
         self.server = ScratchRedis(dir=tmp / "redis-source").start()
         self._command("CONFIG", "SET", "repl-diskless-sync-delay", "0")  # serve `redis-cli --rdb` without the 5 s wait
         for i in range(200):
@@ -61,7 +61,7 @@ class RabbitSource(Source):
 class GitlabSource(Source):
     service = "gitlab"
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path) -> None:
         from tests.integration.test_gitlab_local import StandinHost
 
         self.host = StandinHost(tmp)
@@ -73,7 +73,7 @@ class GitlabSource(Source):
 class MinioSource(Source):
     service = "minio"
 
-    def __init__(self, s3: S3Endpoint, bucket: str):
+    def __init__(self, s3: S3Endpoint, bucket: str) -> None:
         self.s3, self.bucket = s3, bucket
         client = s3.client()
         for i in range(30):
@@ -94,7 +94,7 @@ class MinioSource(Source):
 class MilvusSource(Source):
     service = "milvus"
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path) -> None:
         from tests.integration.test_drill_services import build_milvus
 
         self.db = tmp / "milvus-source" / "erp.db"

@@ -15,7 +15,7 @@ CHUNK = 1 << 16
 
 
 class TcpProxy:
-    def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
         self.host, self.upstream_port = host, upstream_port
         self.delay_s = 0.0
         self.bytes_up = 0

@@ -8,7 +8,7 @@ from typing import Any
 from erp_backup import staging
 from erp_backup.offsite import offsite_from_plan
 from erp_backup.plan import Plan
-from erp_backup.sets import SetState, list_sets
+from erp_backup.sets import list_sets
 from tests.integration.soak.truth import Truth
 
 ALERT_KINDS = (
@@ -90,7 +90,7 @@ def set_rows(truth: Truth, plan: Plan) -> list[tuple[str, Any]]:
         ("reached offsite", sum(1 for r in records if r.offsite_at)),
         ("flipped byte caught (corrupt)", f"{sum(1 for f in truth.flips if f['caught'])} of {len(truth.flips)}, "
                                           f"{sum(1 for f in truth.flips if f['retaken_at'])} taken again"),
-        ("runs cleared by the operator", ", ".join(f"{d}.{t} {n}" for (d, t), n in sorted(truth.clears.items())) or 0),
+        ("runs cleared by the operator", ", ".join(f"{d}.{t} {n}" for (d, t), n in sorted(truth.cleared_tasks.items())) or 0),
         ("killed mid-write, then removed", f"{len(truth.kills)} killed; " + ", ".join(f"{k} {n}" for k, n in sorted(removed.items()))),
         ("failed tasks (after retries)", len(truth.failed_tasks)),
         ("kept on staging (good), by job", dict(kept)),

@@ -34,9 +34,9 @@ from erp_backup import notify, staging, steps, watchdog
 from erp_backup.offsite import offsite_from_plan
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.services.base import RunInfo
-from erp_backup.sets import BackupSet, SetState, backup_id_for
+from erp_backup.sets import BackupSet, backup_id_for
 from tests.integration.soak.clock import SimClock
-from tests.integration.soak.faults import Fault
+from tests.integration.soak.faults import WINDOW_KINDS, Fault
 from tests.integration.soak.proxy import TcpProxy
 from tests.integration.soak.sources import PostgresSource, Source, StagingDisk
 from tests.integration.soak.truth import Truth
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]
 RETRY_DELAYS = (timedelta(0), timedelta(minutes=2), timedelta(minutes=6))  # 2 retries, 2 min doubling
 OPERATOR_AT = "0 9 * * *"  # Asia/Seoul: the morning look at Slack
+OPERATOR_CLEARS = 3  # then the run is left failed for someone to look at
 SLOW_UPLOAD_DELAY_S = 0.02  # per 64 KiB sent: the upload really crawls
 KILLED_CHILD = """
 import json, sys, time
@@ -89,13 +90,16 @@ def run_info(job: BackupJob, fire: datetime) -> RunInfo:
 
 class Soak:
     def __init__(self, plan: Plan, clock: SimClock, sources: list[Source], proxy: TcpProxy, disk: StagingDisk,
-                 faults: list[Fault], start: datetime, end: datetime, slack: Callable[[], list[str]]):
+                 faults: list[Fault], start: datetime, end: datetime, slack: Callable[[], list[str]]) -> None:
         self.plan, self.clock, self.sources, self.proxy, self.disk = plan, clock, sources, proxy, disk
         self.source = next(s for s in sources if isinstance(s, PostgresSource))  # stopped by `source_down`
         self._connections = {cid: conn for source in sources for cid, conn in source.connections().items()}
         self.faults, self.start, self.end, self.slack = faults, start, end, slack
         self.truth = Truth(plan)
         self._active: set[Fault] = set()
+        self._down: set[str] = set()  # window fault kinds in force
+        self._switches = {"source_down": (self.source.stop, self.source.start), "s3_down": (proxy.down, proxy.up),
+                          "full_disk": (disk.fill, disk.clear)}
         self._events: list[tuple[datetime, int, str, Any]] = []
         self._seq = itertools.count()
         self._used: set[Fault] = set()
@@ -118,24 +122,27 @@ class Soak:
         for n in range(1, int((self.end - self.start) / hour) + 1):
             self.schedule(self.start + n * hour, "tick", None)
         while self._events:
-            when, _, kind, payload = heapq.heappop(self._events)
-            self.clock.set(when)
-            self.sync_faults(when)
+            due, _, kind, payload = heapq.heappop(self._events)
+            # One worker: an event waits for the one before it (retries and the operator's reruns take time).
+            when = max(due, self.clock.now()) if kind == "tick" else due
+            self.clock.set(max(when, self.clock.now()))
+            self.sync_faults(self.clock.now())
             {"tick": self.tick, "operator": self.operate, "run": self.run_job, "ship": self.ship}[kind](when, payload)
         self.sync_faults(self.end + timedelta(days=365))  # clear whatever is still active
         return self.truth
 
     def sync_faults(self, now: datetime) -> None:
+        """Bring every window fault to its state at `now` (overlapping windows of a kind count once)."""
         for fault in self.faults:
-            if fault.kind not in ("source_down", "s3_down", "full_disk"):
-                continue
-            if fault.active(now) and fault not in self._active:
+            if fault.kind in WINDOW_KINDS and fault.active(now) and fault not in self._active:
                 self._active.add(fault)
                 self.truth.fault(fault, now)
-                {"source_down": self.source.stop, "s3_down": self.proxy.down, "full_disk": self.disk.fill}[fault.kind]()
-            elif not fault.active(now) and fault in self._active:
-                self._active.discard(fault)
-                {"source_down": self.source.start, "s3_down": self.proxy.up, "full_disk": self.disk.clear}[fault.kind]()
+        self._active = {fault for fault in self._active if fault.active(now)}
+        for kind, (begin, end) in self._switches.items():
+            wanted = any(fault.kind == kind for fault in self._active)
+            if wanted != (kind in self._down):
+                (begin if wanted else end)()
+                self._down.symmetric_difference_update({kind})
 
     def run_fault(self, kind: str, job: BackupJob, fire: datetime) -> Fault | None:
         """The first unused fault of `kind` aimed at this job at or before this run (a run that failed
@@ -205,12 +212,14 @@ class Soak:
         self.truth.pruned(job, report)
 
     def operate(self, when: datetime, _: Any) -> None:
-        """Clear yesterday's failed runs, oldest first (a WAL chain is mended in order)."""
+        """Clear the failed runs, oldest first (a WAL chain is mended in order), each at most OPERATOR_CLEARS times."""
         failed, self.failed = sorted(self.failed, key=lambda f: (f[0], f[1].dag_id)), []
         for fire, job, task_id, backup_id in failed:
+            if self.truth.clears[(job.dag_id, fire)] >= OPERATOR_CLEARS:
+                continue
             self.clock.set(max(self.clock.now(), when))
             self.sync_faults(self.clock.now())
-            self.truth.cleared(job, task_id)
+            self.truth.cleared(job, task_id, fire)
             if task_id in ("backup", "checksum"):
                 self.run_job(fire, job, rerun=True)
             else:
@@ -304,12 +313,3 @@ def _operator_job(plan: Plan) -> BackupJob:
 
 def _files(path: Path) -> list[Path]:
     return list(path.rglob("*")) if path.is_dir() else []
-
-
-def good_sets(plan: Plan, job: BackupJob) -> list[BackupSet]:
-    from erp_backup.sets import list_sets
-
-    return [s for s in list_sets(plan.backup_root, job.service, job.backup_type) if s.state.is_good]
-
-
-__all__ = ["Soak", "fire_times", "good_sets", "SetState"]

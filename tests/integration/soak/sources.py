@@ -58,6 +58,7 @@ class PostgresSource(Source):
         self.cluster = ScratchPostgres.new("soak-src", owner="pytest")
         self.archiving = ArchivingCluster(self.cluster, self.root)
         self._stamped = 0
+        self._last_stamp = datetime.min.replace(tzinfo=timezone.utc)
         self.cluster.data_dir.mkdir(mode=0o700)
         chown_to_cluster_user(self.cluster.base_dir)
         subprocess.run(as_cluster_user([
@@ -136,10 +137,12 @@ class PostgresSource(Source):
         if not log_path.exists():
             return 0
         lines = log_path.read_text().splitlines()
+        moment = max(moment, self._last_stamp)  # archive times never go back: WAL names and times stay in order
         stamp = moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         fresh = [f"{stamp} {line.split(' ', 1)[1]}" for line in lines[self._stamped:]]
         if not fresh:
             return 0
+        self._last_stamp = moment
         temp = log_path.with_name(".archive.log.soak")
         temp.write_text("\n".join(lines[: self._stamped] + fresh) + "\n")
         shutil.copymode(log_path, temp)
@@ -163,7 +166,7 @@ class StagingDisk:
     under the root (where NFS reports a full server), while the free space looks as it is.
     """
 
-    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch, size: str = "128m"):
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch, size: str = "128m") -> None:
         self.path, self._monkeypatch = path, monkeypatch
         self.real = mount_tmpfs(path, size) is None
         self._ballast: Path | None = None

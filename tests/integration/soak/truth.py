@@ -58,7 +58,8 @@ class Truth:
     watchdog_failures: list[str] = field(default_factory=list)
     removals: list[tuple[str, str]] = field(default_factory=list)
     flips: list[dict[str, Any]] = field(default_factory=list)  # each corrupted set: when, caught, retaken
-    clears: Counter = field(default_factory=Counter)
+    clears: Counter = field(default_factory=Counter)  # (dag_id, fire) -> times the operator cleared that run
+    cleared_tasks: Counter = field(default_factory=Counter)  # (dag_id, task_id) -> clears
     most_unshipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # dag_id -> (sets, bytes) at most
 
     def record(self, job: BackupJob, backup_id: str) -> SetTruth:
@@ -87,8 +88,9 @@ class Truth:
     def flip_caught(self, job: BackupJob, backup_id: str, caught: bool) -> None:
         self.flips[-1]["caught"] = caught
 
-    def cleared(self, job: BackupJob, task_id: str) -> None:
-        self.clears[(job.dag_id, task_id)] += 1
+    def cleared(self, job: BackupJob, task_id: str, fire: datetime) -> None:
+        self.clears[(job.dag_id, fire)] += 1
+        self.cleared_tasks[(job.dag_id, task_id)] += 1
 
     def verified(self, job: BackupJob, backup_id: str, at: datetime) -> None:
         self.record(job, backup_id).verified_at = at
