@@ -138,8 +138,8 @@ def test_a_simulated_week_with_random_faults(soak_env, monkeypatch, slack_receiv
     drill = drill_every_service(plan, end)
     elapsed = time.monotonic() - began
 
-    table = summary_table(truth, plan, slack_receiver.texts(), drill, lost=lost_sets(truth, plan), seed=SOAK_SEED,
-                          days=SOAK_DAYS, disk=disk.kind, elapsed_s=elapsed)
+    table = summary_table(truth, plan, slack_receiver.texts(), drill, lost=lost_sets(truth, plan), scheduled=faults,
+                          seed=SOAK_SEED, days=SOAK_DAYS, disk=disk.kind, elapsed_s=elapsed)
     with capsys.disabled():
         print("\n" + table)
 

@@ -51,8 +51,9 @@ def draw(seed: int, fires: dict[str, list[datetime]], start: datetime, days: int
                 begin = (fire - timedelta(minutes=rng.uniform(1, 90))).replace(second=0, microsecond=0)
                 faults.append(Fault(kind, begin, begin + timedelta(hours=rng.uniform(*HOURS[kind]))))
                 continue
-            dag_id = rng.choice(sigkill_jobs if kind == "sigkill" else sorted(d for d in fires if fires[d]))
-            run_at = rng.choice(fires[dag_id])
+            early = {d: [f for f in times if f <= start + timedelta(days=days * 2 / 3)] for d, times in fires.items()}
+            dag_id = rng.choice(sigkill_jobs if kind == "sigkill" else sorted(d for d in early if early[d]))
+            run_at = rng.choice(early[dag_id])  # early enough that later runs take it if this one fails first
             delay = timedelta(hours=rng.uniform(*HOURS[kind])) if kind == "slow_upload" else timedelta(0)
             faults.append(Fault(kind, run_at, run_at + delay, dag_id))
     return sorted(faults, key=lambda f: (f.start, f.kind))

@@ -9,6 +9,7 @@ from erp_backup import staging
 from erp_backup.offsite import offsite_from_plan
 from erp_backup.plan import Plan
 from erp_backup.sets import list_sets
+from tests.integration.soak.faults import Fault
 from tests.integration.soak.truth import Truth
 
 ALERT_KINDS = (
@@ -33,14 +34,16 @@ def rows(title: str, items: list[tuple[str, Any]]) -> list[str]:
     return [title, *(f"  {name.ljust(width)}  {value}" for name, value in items)]
 
 
-def summary_table(truth: Truth, plan: Plan, slack: list[str], drill: dict[str, Any], *, lost: list[Any], seed: int,
-                  days: int, disk: str, elapsed_s: float) -> str:
+def summary_table(truth: Truth, plan: Plan, slack: list[str], drill: dict[str, Any], *, lost: list[Any],
+                  scheduled: list[Fault], seed: int, days: int, disk: str, elapsed_s: float) -> str:
     start = truth.checks[0].at if truth.checks else None
     head = [f"SOAK: {days} simulated days from {start:%Y-%m-%d %H:%M}Z (first check), seed {seed}, "
             f"staging on {disk}, {elapsed_s:.0f} s real time"]
     faults = Counter(fault.kind for fault, _ in truth.faults)
     fault_rows = [(kind, f"{faults[kind]}: " + "; ".join(f.describe() for f, _ in truth.faults if f.kind == kind))
                   for kind in sorted(faults)]
+    landed = {fault for fault, _ in truth.faults}
+    fault_rows += [("not landed", f.describe()) for f in scheduled if f not in landed]
     alerts = Counter(alert_kind(text) for text in slack)
     flagged = truth.flagged()
     reasons = Counter(code for _, _, codes in flagged for code in codes)
