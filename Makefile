@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test run stop venv system lint bench clean
+.PHONY: test soak run stop venv system lint bench clean
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: venv
 
 test: lint system
 	$(VENV)/bin/pytest
+
+# The compressed-time soak, longer than the week `make test` runs: `make soak SOAK_DAYS=60 SOAK_SEED=7`.
+SOAK_DAYS ?= 28
+SOAK_SEED ?= $(shell date +%s)
+soak: venv system
+	SOAK_DAYS=$(SOAK_DAYS) SOAK_SEED=$(SOAK_SEED) $(VENV)/bin/pytest tests/integration/test_soak.py -q --timeout=0
 
 run: venv system
 	bash include/scripts/run_local.sh

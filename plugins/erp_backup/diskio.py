@@ -24,7 +24,7 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 class StagingIOError(OSError):
     """An OSError on staging, with the set, the file and the free space in its message."""
 
-    def __init__(self, cause: OSError, message: str, *, set_key: str, path: Path, free: int | None):
+    def __init__(self, cause: OSError, message: str, *, set_key: str, path: Path, free: int | None) -> None:
         super().__init__(cause.errno, message)
         self.filename = str(path)
         self.set_key, self.path, self.free = set_key, path, free
@@ -57,6 +57,7 @@ def describe(cause: OSError, path: Path, *, set_dir: Path, action: str) -> str:
         relative = path.relative_to(set_dir).as_posix()
     except ValueError:
         relative = str(path)
+    relative = "the set directory" if relative == "." else relative
     root = set_dir.parents[2] if len(set_dir.parts) > 3 else set_dir
     free = free_bytes(set_dir)
     free_text = f"{free} bytes free" if free is not None else "free space unknown"

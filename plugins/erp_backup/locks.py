@@ -179,9 +179,8 @@ def try_acquire(path: Path, run_id: str, what: str) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, writer.to_json().encode(), 0)
         os.fsync(fd)
-    except BaseException:
-        release(path)
-        raise
+    except OSError as exc:  # e.g. a full disk: the lock holds all the same, and the run fails on its own checks
+        log.warning("holding %s, but could not write our name into it: %s", path, exc)
     return fd
 
 

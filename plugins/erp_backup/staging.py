@@ -51,11 +51,11 @@ class StagingLimits:
     free_factor: float = 1.2
 
 
-_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
-    "alert_after_days": ("alert_after", (int, float)),
-    "max_unshipped_sets": ("max_sets", int),
-    "max_unshipped_bytes": ("max_bytes", int),
-    "free_space_factor": ("free_factor", (int, float)),
+_FIELDS: dict[str, tuple[str, bool]] = {  # plan key: (StagingLimits field, whole numbers only)
+    "alert_after_days": ("alert_after", False),
+    "max_unshipped_sets": ("max_sets", True),
+    "max_unshipped_bytes": ("max_bytes", True),
+    "free_space_factor": ("free_factor", False),
 }
 
 
@@ -80,10 +80,12 @@ def _limits_cached(path: Path, _stamp: tuple[int, int]) -> StagingLimits:
     for key, value in section.items():
         if key not in _FIELDS:
             raise PlanError(f"{path}: plan.{PLAN_SECTION}.{key}: unknown key (allowed: {', '.join(_FIELDS)})")
-        name, kind = _FIELDS[key]
-        if isinstance(value, bool) or not isinstance(value, kind) or not isinstance(value, (int, float)) or value <= 0:
-            raise PlanError(f"{path}: plan.{PLAN_SECTION}.{key}: must be a positive number, got {value!r}")
-        values[name] = timedelta(days=value) if name == "alert_after" else value
+        name, whole = _FIELDS[key]
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if number is None or number <= 0 or (whole and not isinstance(number, int)):
+            kind = "whole number" if whole else "number"
+            raise PlanError(f"{path}: plan.{PLAN_SECTION}.{key}: must be a positive {kind}, got {value!r}")
+        values[name] = timedelta(days=number) if name == "alert_after" else number
     return StagingLimits(**values)
 
 

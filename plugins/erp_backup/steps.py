@@ -14,6 +14,7 @@ from typing import Any
 
 from erp_backup import locks, notify, staging
 from erp_backup.checksum import verify_and_seal
+from erp_backup.diskio import io_context
 from erp_backup.manifest import Manifest, write_manifest
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.runs import RunInfo, utcnow
@@ -73,10 +74,12 @@ def _prepare_set(plan: Plan, job: BackupJob, run: RunInfo, backup_set: BackupSet
     if job.backup_type not in get_service(job.service).SUPPORTED_TYPES:
         raise BackupFailed(f"{job.dag_id}: the {job.service} module does not implement {job.backup_type!r} backups")
     try:
-        backup_set.create_dir()
+        with io_context(backup_set.path, set_dir=backup_set.path, action="creating"):
+            backup_set.create_dir()
         locks.write_marker(backup_set.path, run.run_id)
     except OSError as exc:
-        raise BackupFailed(f"cannot create {backup_set.path}: {exc.strerror} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
+        _discard_partial(backup_set)
+        raise BackupFailed(f"cannot create {backup_set.path}: {exc} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
 
 
 def _take(plan: Plan, job: BackupJob, run: RunInfo, backup_set: BackupSet, get_connection: Callable[[str], Any],
@@ -124,6 +127,9 @@ def offsite_upload(plan: Plan, job: BackupJob, backup_id: str, offsite: Any = No
     from erp_backup.offsite import offsite_from_plan
 
     backup_set = backup_set_for(plan, job, backup_id)
+    if not backup_set.path.is_dir():
+        raise BackupFailed(f"{backup_set.key} is no longer on staging (removed by retention or the staging cap: "
+                           "the backup and prune logs say why); nothing to upload")
     if not backup_set.state.is_good:
         raise BackupFailed(f"{backup_set.key} is {backup_set.state.value}; only verified sets go offsite")
     store = offsite or offsite_from_plan(plan)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,3 +116,27 @@ def test_a_read_error_in_checksum_names_the_file_and_set(tmp_path: Path, monkeyp
     text = str(caught.value)
     assert text.startswith(f"I/O error reading db/erp.dump.zst of set {KEY} under {tmp_path}: [Errno 5] Input/output error (")
     assert text.endswith(" bytes free)") and caught.value.errno == errno.EIO
+
+
+def test_a_backup_on_a_full_disk_names_the_set_and_free_space_before_touching_the_source(
+    tiny_disk: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from erp_backup import steps
+    from erp_backup.plan import load_plan
+    from erp_backup.services.base import RunInfo
+
+    monkeypatch.setenv("ERP_BACKUP_ROOT", str(tiny_disk))
+    plan = load_plan()
+    job = plan.job("postgres", "full")
+    (tiny_disk / "postgres" / "full").mkdir(parents=True)  # the lock file's directory exists, as after a first run
+    fill(tiny_disk)
+    moment = datetime(2026, 3, 1, 17, tzinfo=timezone.utc)
+    run = RunInfo(job.dag_id, f"scheduled__{moment.isoformat()}", moment, logical_date=moment)
+
+    with pytest.raises(steps.BackupFailed) as caught:
+        steps.backup(plan, job, run, get_connection=lambda conn_id: pytest.fail("the source must not be reached"))
+    message = str(caught.value)
+    where = "(creating the set directory|writing .writer.json)"  # tmpfs makes the directory, then has no room
+    assert re.search(rf"cannot create {tiny_disk}/{KEY}: disk full: {where} of set {KEY} under {tiny_disk}: "
+                     r"\d+ bytes free \(\[Errno 28\] No space left on device\)", message), message
+    assert not (tiny_disk / KEY).exists()

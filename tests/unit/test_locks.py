@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -59,7 +60,7 @@ def kill(child: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def holder(tmp_path: Path):
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:
     """Another process holding postgres/full's lock on tmp_path/root (no set)."""
     child = start_child(HOLD_SCRIPT, str(tmp_path / "root"), str(tmp_path / "ready"), "", ready=tmp_path / "ready")
     yield child
@@ -105,12 +106,7 @@ def test_a_second_thread_of_the_holder_is_refused_and_the_lock_survives(tmp_path
         assert len(errors) == 1 and isinstance(errors[0], locks.LockBusy)
         assert f"locked by {os.getpid()}@" in str(errors[0]) and "(run scheduled__first)" in str(errors[0])
         # The refusal closed no descriptor of ours: another process still cannot take the lock.
-        probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from erp_backup import locks;"
-             "sys.exit(0 if locks.lock_free_or_mine(Path(sys.argv[1]), 'postgres', 'full') else 3)", str(root)],
-            env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
-        )
-        assert probe.returncode == 3
+        assert not lock_free_elsewhere(root)
     assert locks.lock_free_or_mine(root, "postgres", "full")
 
 
@@ -177,3 +173,30 @@ def test_retention_never_prunes_a_set_being_written(tmp_path: Path, monkeypatch)
         kill(child)
     report = retention.prune(job, root, None, now + timedelta(seconds=1), dry_run=False)
     assert report.staging_deleted == [old] and not set_dir.exists()
+
+
+def test_a_full_disk_leaves_the_lock_working_without_the_holder_name(tmp_path: Path):
+    from tests.fixtures.disk import fill, mount_tmpfs, unmount
+
+    disk = tmp_path / "disk"
+    why = mount_tmpfs(disk, "1m")
+    if why:
+        pytest.skip(f"cannot mount a tmpfs here: {why}")
+    try:
+        (disk / "postgres" / "full").mkdir(parents=True)
+        fill(disk)
+        with locks.job_lock(disk, "postgres", "full", "scheduled__full") as path:
+            assert locks.held_here(path)
+            assert not lock_free_elsewhere(disk)  # held, though the disk had no room for our name
+        assert locks.lock_free_or_mine(disk, "postgres", "full")
+    finally:
+        unmount(disk)
+
+
+def lock_free_elsewhere(root: Path) -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from erp_backup import locks;"
+         "sys.exit(0 if locks.lock_free_or_mine(Path(sys.argv[1]), 'postgres', 'full') else 3)", str(root)],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
+    )
+    return probe.returncode == 0

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from erp_backup import staging
+from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import FileEntry, sha256_file, write_manifest
 from erp_backup.offsite import FilesystemOffsite
 from erp_backup.plan import DEFAULT_PLAN_PATH, Plan, PlanError, parse_plan
 from erp_backup.sets import BackupSet, SetState, backup_id_for
-from erp_backup.checksum import verify_and_seal
 from erp_backup.watchdog import check
 from tests.fixtures.factories import make_manifest
 
