@@ -105,7 +105,7 @@ run removes it.
 - A backfill runs one window at a time, whatever its `--max-active-runs`: every task has
   `max_active_tis_per_dag=1` (backfill runs do not obey the DAG's `max_active_runs`), so
   no two windows write or prune this job's staging at once; the job's lock
-  (`$BACKUP_ROOT/{job.service}/{job.backup_type}/.lock`) also stops a second deployment sharing the root.
+  (`$BACKUP_ROOT/.locks/{job.service}.{job.backup_type}.lock`) also stops a second deployment sharing the root.
 """
 
 

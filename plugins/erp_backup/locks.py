@@ -1,7 +1,8 @@
 """Who may write a job's staging: the per-(service, type) lock and the writer marker of each set.
 
-The lock is `$BACKUP_ROOT/<service>/<type>/.lock`, taken with `fcntl.lockf` (a POSIX
-record lock on the whole file). `lockf` rather than `flock`: POSIX record locks go
+The lock is `$BACKUP_ROOT/.locks/<service>.<type>.lock` (beside, not in, the type directory,
+which holds only sets), taken with `fcntl.lockf`: a POSIX record lock on the whole file.
+`lockf` rather than `flock`: POSIX record locks go
 through the NFS lock protocol (NLM for NFSv3, the lock state of NFSv4), so two
 deployments whose workers mount the same root over NFS exclude each other; `flock`
 is local to one client on many NFS clients. The kernel (or, over NFS, the server when
@@ -41,7 +42,7 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
+LOCK_DIR = ".locks"
 WRITER_NAME = ".writer.json"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 T = TypeVar("T")
@@ -123,7 +124,7 @@ def writer_alive(writer: Writer) -> bool:
 
 
 def lock_path(root: Path, service: str, backup_type: str) -> Path:
-    return root / service / backup_type / LOCK_NAME
+    return root / LOCK_DIR / f"{service}.{backup_type}.lock"
 
 
 def held_here(path: Path) -> bool:
@@ -149,7 +150,7 @@ def _busy(path: Path, what: str) -> LockBusy:
         time.sleep(0.05)
     by = holder.describe() if holder else "another process (it has not written its name yet)"
     return LockBusy(
-        f"{what} is locked by {by}: another run is writing this job's staging at {path.parent}; "
+        f"{what} is locked by {by} ({path}): another run is writing this job's staging; "
         "this run stops rather than interleave with it (retry when that run has finished)"
     )
 

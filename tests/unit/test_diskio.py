@@ -128,7 +128,8 @@ def test_a_backup_on_a_full_disk_names_the_set_and_free_space_before_touching_th
     monkeypatch.setenv("ERP_BACKUP_ROOT", str(tiny_disk))
     plan = load_plan()
     job = plan.job("postgres", "full")
-    (tiny_disk / "postgres" / "full").mkdir(parents=True)  # the lock file's directory exists, as after a first run
+    for folder in (".locks", "postgres/full"):  # as after a first run
+        (tiny_disk / folder).mkdir(parents=True)
     fill(tiny_disk)
     moment = datetime(2026, 3, 1, 17, tzinfo=timezone.utc)
     run = RunInfo(job.dag_id, f"scheduled__{moment.isoformat()}", moment, logical_date=moment)

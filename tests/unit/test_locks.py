@@ -86,7 +86,7 @@ def test_a_killed_holder_frees_the_lock(tmp_path: Path, holder: subprocess.Popen
     with locks.job_lock(tmp_path / "root", "postgres", "full", "scheduled__next") as path:
         assert locks.held_here(path)
     assert not locks.held_here(path)
-    assert (tmp_path / "root" / "postgres" / "full" / ".lock").read_text() == ""  # cleared on release
+    assert (tmp_path / "root" / ".locks" / "postgres.full.lock").read_text() == ""  # cleared on release
 
 
 def test_a_second_thread_of_the_holder_is_refused_and_the_lock_survives(tmp_path: Path):
@@ -183,7 +183,7 @@ def test_a_full_disk_leaves_the_lock_working_without_the_holder_name(tmp_path: P
     if why:
         pytest.skip(f"cannot mount a tmpfs here: {why}")
     try:
-        (disk / "postgres" / "full").mkdir(parents=True)
+        (disk / ".locks").mkdir()
         fill(disk)
         with locks.job_lock(disk, "postgres", "full", "scheduled__full") as path:
             assert locks.held_here(path)
