@@ -24,6 +24,7 @@ from erp_backup import staging
 from erp_backup.checksum import find_problems
 from erp_backup.offsite import offsite_from_plan
 from erp_backup.plan import load_plan
+from erp_backup.runs import RunInfo
 from erp_backup.sets import BackupSet, SetState, list_sets
 from tests.fixtures.s3 import ACCESS_KEY, REGION, SECRET_KEY
 from tests.integration.dagrun import write_plan
@@ -230,7 +231,7 @@ def drill_every_service(plan, end: datetime) -> dict:
     from erp_backup.drill.targets import drill_scratch_root
 
     run_id = "scheduled__soak-end"
-    picks = runner.pick(plan, {"service": "all", "source": "offsite"}, runner.RunInfo(run_id, end))
+    picks = runner.pick(plan, {"service": "all", "source": "offsite"}, RunInfo("dr_drill", run_id, end))
     runner.clean_leftovers(plan, run_id, "local")
     for chosen in picks:
         try:

@@ -16,8 +16,8 @@ from typing import Any
 
 from airflow.sdk import Connection
 
-from erp_backup.scratch_etcd import start_scratch_etcd
-from erp_backup.scratch_redis import ScratchRedis
+from erp_backup.scratch.etcd import start_scratch_etcd
+from erp_backup.scratch.redis import ScratchRedis
 from tests.fixtures.milvus import etcd_put, etcd_put_many, release_lite
 from tests.fixtures.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
 from tests.integration.soak.sources import Source

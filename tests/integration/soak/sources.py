@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from erp_backup.scratch_pg import ScratchPostgres, as_cluster_user, chown_to_cluster_user
+from erp_backup.scratch.postgres import ScratchPostgres, as_cluster_user, chown_to_cluster_user
 from tests.fixtures.disk import fill, mount_tmpfs, unmount
 from tests.fixtures.pitr import ARCHIVE_SUBDIR, ArchivingCluster, archiving_settings, make_backup_root
 
