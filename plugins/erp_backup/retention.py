@@ -293,13 +293,15 @@ def prune(
 
 
 def _uploads_pending(local: list[SetRecord], remote: list[SetRecord]) -> dict[str, str]:
-    """Offsite sets without a manifest whose staged set still waits for its upload (another run may be uploading it).
+    """Offsite sets without a manifest whose set is still staged: another run may be uploading it right now.
 
     Their age comes from the backup id alone, which for a backfilled window is months old:
-    without this, one window's prune would delete another window's upload in flight.
+    without this, one window's prune would delete another window's upload in flight. The
+    staged set counts whatever its state, since its upload may finish (and write the receipt)
+    between this prune's offsite listing and its staging listing.
     """
-    staged = {record.backup_id for record in local if record.state in (SetState.UNVERIFIED, SetState.VERIFIED)}
-    return {record.backup_id: "its upload from staging has not finished (the staged set is verified, not yet offsite)"
+    staged = {record.backup_id for record in local if record.state in _HOLDS_DATA}
+    return {record.backup_id: "its set is still staged and its upload may be in flight; kept until it has a manifest"
             for record in remote if record.state is SetState.INCOMPLETE and record.backup_id in staged}
 
 

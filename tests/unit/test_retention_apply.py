@@ -317,11 +317,15 @@ def test_an_upload_in_flight_is_never_pruned_offsite(tmp_path):
     abandoned = make_set(staging, days_ago(210), SetState.OFFSITE)
     offsite.upload(abandoned, with_manifest=False)
     shutil.rmtree(abandoned.path)  # nothing staged: an abandoned partial upload
+    finished = make_set(staging, days_ago(190), SetState.OFFSITE)  # its receipt was written after the listing
+    offsite.upload(finished, with_manifest=False)
     offsite.upload(make_set(staging, days_ago(1), SetState.OFFSITE))
 
     report = prune(JOB, staging, offsite, NOW, dry_run=False)
 
     kept = {d.backup_id: d.reason for d in report.offsite if not d.delete}
-    assert "upload from staging has not finished" in kept[uploading.backup_id]
+    assert "upload may be in flight" in kept[uploading.backup_id]
     assert report.offsite_deleted == [abandoned.backup_id]
-    assert offsite.list_backup_ids(JOB.service, JOB.backup_type) == sorted([uploading.backup_id, days_ago(1)])
+    assert finished.backup_id in kept
+    assert offsite.list_backup_ids(JOB.service, JOB.backup_type) == sorted(
+        [uploading.backup_id, finished.backup_id, days_ago(1)])
