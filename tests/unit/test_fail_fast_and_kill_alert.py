@@ -150,13 +150,26 @@ def test_a_task_that_ends_on_its_own_gets_no_kill_alert(slack_receiver, how):
     assert slack_receiver.messages == []
 
 
-def test_the_webhook_url_never_reaches_the_watchers_argv_or_environment(slack_receiver):
+def test_the_webhook_url_never_reaches_the_watchers_argv_or_environment(slack_receiver, monkeypatch, caplog):
+    from erp_backup import kill_alert
+
+    started: list[subprocess.Popen[bytes]] = []
+    real_start = kill_alert.start_watcher
+
+    def start_and_keep(url: str, text: str) -> subprocess.Popen[bytes]:
+        started.append(real_start(url, text))
+        return started[-1]
+
+    monkeypatch.setattr(kill_alert, "start_watcher", start_and_keep)
     conn = SimpleNamespace(conn_id="slack", password=slack_receiver.url, host=None, schema=None)
     with armed("slack", context={}, get_connection=lambda conn_id: conn):
-        ((pid, cmdline),) = watchers()
-        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        assert len(started) == 1, caplog.text  # the watcher runs while the block does
+        watcher = Path(f"/proc/{started[0].pid}")
+        cmdline = (watcher / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        environ = (watcher / "environ").read_bytes().decode(errors="replace")
+        assert "kill_alert.py" in cmdline
         assert slack_receiver.url not in cmdline and slack_receiver.url not in environ
-    assert wait_for(lambda: not watchers())
+    assert wait_for(lambda: started[0].poll() is not None)
     assert slack_receiver.messages == []
 
 
