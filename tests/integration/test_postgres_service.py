@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 SHARED = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 ROWS = {"items": 500, "notes": 40}
+PUBLIC_ONLY = "; 1 schemas: owner, grants, comment, default privileges and table grants match"
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def test_a_tampered_table_hash_is_a_problem_of_its_database_and_the_others_are_r
     assert report.problems[0].startswith(f"{first}.public.items: content hash ") and "(same row count)" in report.problems[0]
     assert report.details["databases"][first]["content_matches"] is False
     assert report.details["databases"][second]["content_matches"] is True
-    assert f"{second}: 2 tables, {sum(ROWS.values())} rows: row counts and content hashes match" in report.checks
+    assert f"{second}: 2 tables, {sum(ROWS.values())} rows: row counts and content hashes match{PUBLIC_ONLY}" in report.checks
     assert not any(check.startswith(f"{first}:") for check in report.checks)
     assert count_rows(target, first) == ROWS and count_rows(target, second) == ROWS  # both restored
     assert report.restored_bytes == sum(two_databases.manifest.details["databases"][db]["raw_bytes"] for db in (first, second))
@@ -158,7 +159,7 @@ def test_check_restored_names_a_database_the_target_lacks(two_databases, scratch
                                     CheckContext(guard=no_production))
 
     assert len(found.problems) == 1 and found.problems[0].startswith(f"database {first!r}: cannot be read")
-    assert found.checks == [f"{second}: 2 tables, {sum(ROWS.values())} rows: row counts and content hashes match"]
+    assert found.checks == [f"{second}: 2 tables, {sum(ROWS.values())} rows: row counts and content hashes match{PUBLIC_ONLY}"]
 
 
 def test_the_production_guard_is_asked_before_the_check_connects(two_databases):

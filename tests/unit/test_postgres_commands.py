@@ -212,6 +212,40 @@ def test_schema_header_entries_select_the_schema_itself_only():
     assert schema_header_entries(TOC, "tenant.acme") == []
 
 
+QUOTED_TOC = """;
+10; 2615 16390 SCHEMA - Tenant_Upper Tenant "Owner"
+3362; 0 0 ACL - SCHEMA "Tenant_Upper" Tenant "Owner"
+8; 2615 16392 SCHEMA - ten"ant postgres
+3357; 0 0 COMMENT - SCHEMA "ten""ant" postgres
+3358; 0 0 ACL - SCHEMA "ten""ant" postgres
+7; 2615 16393 SCHEMA - ten"ant x postgres
+3363; 0 0 ACL - SCHEMA "ten""ant x" postgres
+6; 2615 16391 SCHEMA - tenant-hyphen postgres
+9; 2615 16389 SCHEMA - 테넌트 읽기 role
+3359; 0 0 COMMENT - SCHEMA "테넌트" 읽기 role
+3360; 0 0 ACL - SCHEMA "테넌트" 읽기 role
+219; 1259 16396 TABLE ten"ant t postgres
+3361; 0 0 ACL ten"ant TABLE t postgres
+2043; 826 16394 DEFAULT ACL ten"ant DEFAULT PRIVILEGES FOR TABLES postgres
+3364; 0 0 ACL - SCHEMA "select" postgres
+11; 2615 16395 SCHEMA - select postgres
+"""
+
+
+@pytest.mark.parametrize(("schema", "owners", "wanted"), [
+    ("Tenant_Upper", {'Tenant "Owner"'}, ["10;", "3362;"]),
+    ('ten"ant', {"postgres"}, ["8;", "3357;", "3358;"]),
+    ('ten"ant', None, ["8;", "3357;", "3358;"]),  # one-word owner: the decoy 'ten"ant x' is not taken
+    ('ten"ant x', {"postgres"}, ["7;", "3363;"]),
+    ("tenant-hyphen", {"postgres"}, ["6;"]),
+    ("테넌트", {"읽기 role"}, ["9;", "3359;", "3360;"]),
+    ("테넌트", None, ["3359;", "3360;"]),  # a two-word owner needs the recorded one
+    ("select", {"postgres"}, ["3364;", "11;"]),  # a keyword: pg_dump quotes it
+])
+def test_schema_header_entries_match_names_that_need_quoting(schema, owners, wanted):
+    assert [line.split(" ")[0] for line in schema_header_entries(QUOTED_TOC, schema, owners)] == wanted
+
+
 def test_dispatch_names_supported_types():
     assert postgres.SUPPORTED_TYPES == frozenset({"full", "wal", "snapshot"})
     with pytest.raises(ValueError, match="cannot back up backup type 'hourly' \\(supported: full, snapshot, wal\\)"):

@@ -18,37 +18,43 @@ from erp_backup.notify import one_line
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.base import CheckContext, Checks, RestoreReport
 from erp_backup.services.postgres import content as pg_content
+from erp_backup.services.postgres import schemas as pg_schemas
 from erp_backup.services.postgres.commands import DEFAULT_PORT, PgEndpoint
 from erp_backup.services.postgres.content import TableContent
 
 
-def _read_inventory(endpoint: PgEndpoint, dbname: str) -> list[TableContent]:
+def _read_inventory(endpoint: PgEndpoint, dbname: str) -> tuple[list[TableContent], list[pg_schemas.SchemaMeta]]:
     with endpoint.connect(dbname, autocommit=False) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         pg_content.apply_session_settings(conn)
         actual = pg_content.inventory(conn)
+        schemas = pg_schemas.read_schemas(conn)
         conn.rollback()
-    return actual
+    return actual, schemas
 
 
 def check_full_restore(target: str, manifest: Manifest, ctx: CheckContext) -> Checks:
-    """Row counts and content hashes of every database in the manifest, on the target."""
+    """Row counts, content hashes and schema grants of every database in the manifest, on the target."""
     endpoint = PgEndpoint.parse(target)
     ctx.guard(endpoint.params.get("host") or "localhost", int(endpoint.params.get("port") or DEFAULT_PORT))
     found = Checks()
     for dbname, entry in sorted(manifest.details.get("databases", {}).items()):
         expected = [TableContent.from_dict(t) for t in entry.get("tables", [])]
         try:
-            actual = _read_inventory(endpoint, dbname)
+            actual, actual_schemas = _read_inventory(endpoint, dbname)
         except Exception as exc:  # any failure to read is a finding, named with its database
             found.problems.append(f"database {dbname!r}: cannot be read on the scratch target: {one_line(exc)}")
             continue
         mismatches = pg_content.compare(dbname, expected, actual)
+        recorded = pg_schemas.recorded(entry)
+        if recorded is not None:
+            mismatches += pg_schemas.compare(dbname, recorded, actual_schemas)
         found.problems += mismatches
         if not mismatches:
             rows = sum(t.rows for t in expected if t.kind == "r")
-            found.checks.append(f"{dbname}: {len(expected)} tables, {rows} rows: row counts and content hashes match")
+            found.checks.append(f"{dbname}: {len(expected)} tables, {rows} rows: row counts and content hashes match"
+                                + pg_schemas.checked_text(recorded))
     return found
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,15 +251,38 @@ def skip_existing_roles(globals_sql: str, existing: Iterable[str]) -> str:
     return "".join(lines)
 
 
-def schema_header_entries(toc_listing: str, schema: str) -> list[str]:
-    """TOC lines that create a schema itself (SCHEMA, its ACL and COMMENT).
+_TOC_ENTRY = re.compile(r"^\d+; \d+ \d+ (.+)$")
+_PLAIN_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def schema_header_entries(toc_listing: str, schema: str, owners: Collection[str] | None = None) -> list[str]:
+    """TOC lines that create a schema itself: SCHEMA (with its owner), its ACL and COMMENT.
 
     `pg_restore --schema` restores only objects *in* the schema, not the schema;
-    these lines go to a `--use-list` file restored first. Owners are one word.
+    these lines go to a `--use-list` file restored first. `pg_restore --list` writes
+    the SCHEMA entry's name as it is and the ACL's and COMMENT's as pg_dump quotes it
+    (a plain lower-case name may be quoted too, if a keyword: both forms match).
+    Owners are written unquoted and may hold spaces, so the SCHEMA line must end in
+    one of `owners` (the recorded owner) when given, else in one word.
     """
-    name = re.escape(schema)
-    pattern = re.compile(rf"^\d+; \d+ \d+ (?:SCHEMA - {name}|(?:ACL|COMMENT) - SCHEMA {name}) \S+$")
-    return [line for line in toc_listing.splitlines() if pattern.match(line)]
+    forms = {quote_identifier(schema)} | ({schema} if _PLAIN_IDENTIFIER.match(schema) else set())
+    dependents = tuple(f"{kind} - SCHEMA {form} " for kind in ("ACL", "COMMENT") for form in forms)
+    itself = f"SCHEMA - {schema} "
+    selected = []
+    for line in toc_listing.splitlines():
+        match = _TOC_ENTRY.match(line)
+        entry = match.group(1) if match else ""
+        if entry.startswith(itself):
+            owner = entry[len(itself):]
+            if owner in owners if owners is not None else bool(re.fullmatch(r"\S+", owner)):
+                selected.append(line)
+        elif entry.startswith(dependents):
+            selected.append(line)
+    return selected
 
 
 def read_zst_text(path: Path) -> str:

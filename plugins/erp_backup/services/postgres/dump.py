@@ -33,6 +33,7 @@ from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.runner import CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.services.postgres import content as pg_content
+from erp_backup.services.postgres import schemas as pg_schemas
 from erp_backup.services.postgres.commands import (
     GLOBALS_FILE,
     PgEndpoint,
@@ -85,6 +86,7 @@ class DatabaseDump:
     tables: list[TableContent]
     captured_at: str
     properties: dict[str, str]
+    schemas: list[pg_schemas.SchemaMeta]
 
     def details(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ class DatabaseDump:
             "captured_at": self.captured_at,
             **self.properties,
             "tables": [table.as_dict() for table in self.tables],
+            "schemas": [schema.as_dict() for schema in self.schemas],
         }
 
 
@@ -169,6 +172,7 @@ def dump_database(
         exported = conn.execute("SELECT pg_catalog.pg_export_snapshot(), now()").fetchone()
         assert exported is not None
         snapshot, captured_at = exported
+        schemas = pg_schemas.read_schemas(conn)
         stop = threading.Event()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-inventory") as pool:
             tables_future = pool.submit(pg_content.inventory, conn, None, stop.is_set)
@@ -196,7 +200,7 @@ def dump_database(
         conn.rollback()
     finally:
         conn.close()
-    return DatabaseDump(dbname, result, tables, captured_at.isoformat(), properties or {})
+    return DatabaseDump(dbname, result, tables, captured_at.isoformat(), properties or {}, schemas)
 
 
 def _select_databases(found: list[SourceDatabase], options: Mapping[str, Any]) -> list[SourceDatabase]:

@@ -28,6 +28,7 @@ from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, Executor, LocalExecutor
 from erp_backup.services.base import RestoreReport
 from erp_backup.services.postgres import content as pg_content
+from erp_backup.services.postgres import schemas as pg_schemas
 from erp_backup.services.postgres.commands import (
     PgEndpoint,
     RestoreConflict,
@@ -113,6 +114,7 @@ class _Database:
     expected: list[TableContent]
     exists: bool
     schema_exists: bool
+    schemas: list[pg_schemas.SchemaMeta] | None  # None: a set made before schemas were recorded
 
     def scope(self, schema: str | None) -> str:
         return f"{self.name}.{schema}" if schema else self.name
@@ -162,7 +164,7 @@ def _plan_database(manifest: Manifest, dbname: str, server: PgEndpoint, schema: 
                 f"target {server.describe()} database {dbname!r} already has {len(conflicts)} of the tables to restore "
                 f"({', '.join(conflicts[:5])}{', ...' if len(conflicts) > 5 else ''}): drop them or restore elsewhere"
             )
-    return _Database(dbname, entry["file"], expected, exists, schema_exists)
+    return _Database(dbname, entry["file"], expected, exists, schema_exists, pg_schemas.recorded(entry, schema))
 
 
 def _run(executor: Executor, command: Command, what: str, stdin: bytes | None = None) -> bytes:
@@ -210,7 +212,8 @@ def _pg_restore(archive: Path, work: Path, database: _Database, server: PgEndpoi
     if not database.schema_exists:
         listing = _run(executor, pg_restore_list_command(archive, bindir=bindir), what).decode(errors="replace")
         header = work / "schema.list"
-        header.write_text("\n".join(schema_header_entries(listing, options.schema)) + "\n")
+        owners = {s.owner for s in database.schemas} if database.schemas else None
+        header.write_text("\n".join(schema_header_entries(listing, options.schema, owners)) + "\n")
         _run(executor, pg_restore_command(server, connect_to, archive, create=create, use_list=header, bindir=bindir), what)
     _run(executor, pg_restore_command(server, database.name, archive, jobs=jobs, schema=options.schema, bindir=bindir),
          what)
@@ -234,20 +237,28 @@ def _load_database(set_dir: Path, backup_id: str, database: _Database, server: P
 
 
 def _check_database(database: _Database, server: PgEndpoint, schema: str | None) -> tuple[dict[str, Any], list[str]]:
-    """Row counts and content hashes of the restored tables against the manifest: (details, mismatches)."""
+    """Row counts, content hashes and schema grants of the restored database against the manifest.
+
+    Returns (details, mismatches).
+    """
     started = time.monotonic()
     with server.connect(database.name, autocommit=False) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         pg_content.apply_session_settings(conn)
         actual = pg_content.inventory(conn, schema)
+        actual_schemas = pg_schemas.read_schemas(conn, schema)
         conn.rollback()
     mismatches = pg_content.compare(database.name, database.expected, actual)
+    content_matches = not mismatches
+    if database.schemas is not None:
+        mismatches += pg_schemas.compare(database.name, database.schemas, actual_schemas)
     return {
         "verify_seconds": round(time.monotonic() - started, 3),
         "tables_checked": len(database.expected),
         "rows_checked": sum(t.rows for t in database.expected if t.kind == "r"),
-        "content_matches": not mismatches,
+        "schemas_checked": len(database.schemas) if database.schemas is not None else None,
+        "content_matches": content_matches,
     }, mismatches
 
 
@@ -267,7 +278,7 @@ def _restore_database(set_dir: Path, backup_id: str, database: _Database, server
         report.problems.extend(mismatches)
     else:
         report.checks.append(f"{scope}: {checked['tables_checked']} tables, {checked['rows_checked']} rows: "
-                             f"row counts and content hashes match")
+                             f"row counts and content hashes match" + pg_schemas.checked_text(database.schemas))
     return details
 
 
