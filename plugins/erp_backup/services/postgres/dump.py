@@ -34,6 +34,7 @@ from erp_backup.runner import CommandError, DockerExecutor, Executor, LocalExecu
 from erp_backup.services.base import BackupContext, BackupOutcome, SourceUnavailable
 from erp_backup.services.postgres import content as pg_content
 from erp_backup.services.postgres import schemas as pg_schemas
+from erp_backup.services.postgres.access import check_backup_role
 from erp_backup.services.postgres.commands import (
     GLOBALS_FILE,
     PgEndpoint,
@@ -251,6 +252,8 @@ def backup_full(ctx: BackupContext) -> BackupOutcome:
     set_dir = ctx.set_dir
     set_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     survey = survey_source(source, options)
+    no_role_passwords = bool(options.get("no_role_passwords", False))
+    check_backup_role(source, [db.name for db in survey.databases], no_role_passwords=no_role_passwords)
 
     executor = executor_for(options, source)
     endpoint = source.tool_endpoint(exec_mode)
@@ -261,7 +264,7 @@ def backup_full(ctx: BackupContext) -> BackupOutcome:
     )
     globals_result = dump_globals(
         source, executor, endpoint, set_dir, level=level,
-        no_role_passwords=bool(options.get("no_role_passwords", False)), bindir=bindir,
+        no_role_passwords=no_role_passwords, bindir=bindir,
     )
     files: list[FileEntry] = [globals_result.entry]
     dumps: dict[str, Any] = {}
