@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -91,6 +92,34 @@ class LocalExecutor:
             if returncode != 0:
                 stderr.seek(0)
                 raise CommandError(command, returncode, stderr.read().decode(errors="replace"))
+
+
+def stderr_lines(command: Command, base_env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Run `command` locally and yield its stderr lines as they come (stdout is discarded).
+
+    For tools whose progress is their log, such as ``pg_dump --verbose``. Raises
+    CommandError, with the last lines, if it fails.
+    """
+    log.info("running: %s", command.describe())
+    env = {**(os.environ if base_env is None else base_env), **command.env}
+    try:
+        proc = subprocess.Popen(list(command.argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    except FileNotFoundError as exc:
+        raise CommandError(command, None, f"{command.argv[0]}: not installed on this worker") from exc
+    tail: deque[str] = deque(maxlen=40)
+    try:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            tail.append(line)
+            yield line
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if returncode != 0:
+        raise CommandError(command, returncode, "\n".join(tail))
 
 
 class DockerExecutor:

@@ -1,7 +1,8 @@
 """docs/runbook.md's by-hand PostgreSQL restore, pasted as it is into bash.
 
 A set of two databases (one named with a space, so its dump file is percent-encoded;
-one with a tenant schema named in Korean that has a comment and a grant) is backed up
+one with a tenant schema named in Korean that has a comment and a grant, dumped in the
+directory layout) is backed up
 from the shared server, sealed and copied to a NAS-style offsite store. The runbook's
 block then runs verbatim with bash against scratch clusters: the whole set, one
 tenant into a fresh server, and one tenant whose manifest row count was altered,
@@ -69,6 +70,14 @@ def _fill(main: str, other: str, reader: str) -> None:
         conn.execute("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 30) g")
 
 
+def _threshold_between(main: str, other: str) -> float:
+    """MB between the two databases' sizes: the main one is dumped in the directory layout, the other as one file."""
+    with psycopg.connect(**SHARED, dbname="postgres") as conn:
+        sizes = [conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()[0] for name in (main, other)]
+    assert sizes[0] > sizes[1]
+    return sum(sizes) / 2 / 2**20
+
+
 def _backup_to_nas(root: Path, databases: tuple[str, str]) -> Path:
     from airflow.sdk import Connection
 
@@ -76,7 +85,8 @@ def _backup_to_nas(root: Path, databases: tuple[str, str]) -> Path:
         service="postgres", backup_type="full", schedule="0 2 * * *", timezone="Asia/Seoul",
         retention=timedelta(days=30), method="pg_dump", rpo=timedelta(hours=6), rto=timedelta(hours=2),
         connections={"source": "erp_postgres"}, enabled=True,
-        options={"exec_mode": "network", "compress_level": 3, "databases": list(databases)},
+        options={"exec_mode": "network", "compress_level": 3, "databases": list(databases),
+                 "parallel_dump_min_mb": _threshold_between(*databases), "dump_jobs": 2},
     )
     connection = Connection(conn_id="erp_postgres", conn_type="postgres", host=SHARED["host"], port=SHARED["port"],
                             login=SHARED["user"], schema="postgres")
@@ -129,6 +139,8 @@ def count(cluster, dbname: str, query: str, params: tuple = ()) -> list[tuple]:
 
 def test_the_runbook_restores_every_database_and_checks_row_counts(offsite_set: OffsiteSet, scratch_pg, tmp_path):
     main, other = offsite_set.databases
+    manifest = json.loads((offsite_set.nas / f"postgres/full/{BACKUP_ID}" / MANIFEST_NAME).read_text())
+    assert [manifest["details"]["databases"][name]["format"] for name in (main, other)] == ["directory", "custom"]
 
     done = run_runbook(offsite_set, scratch_pg, tmp_path / "tmp")
 

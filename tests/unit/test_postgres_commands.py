@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -17,8 +18,10 @@ from erp_backup.services.postgres.commands import (
     PgEndpoint,
     PostgresBackupError,
     SourceServer,
+    dump_dir_for,
     dump_file_for,
     pg_dump_command,
+    pg_dump_directory_command,
     pg_dumpall_globals_command,
     pg_restore_command,
     pg_restore_list_command,
@@ -28,6 +31,7 @@ from erp_backup.services.postgres.commands import (
     skip_existing_roles,
     tool_version_command,
 )
+from erp_backup.services.postgres.parallel import layout_for
 
 SECRET = "s3cret pass'word"
 NETWORK = PgEndpoint({"host": "db.internal", "port": "5432", "user": "backup"}, SECRET)
@@ -68,6 +72,28 @@ def test_pg_dump_command_docker_socket_quotes_the_database_name():
         "--snapshot=00000003-0000001B-1", "--dbname=user=backup dbname='odd name\\'s db'",
     )
     assert_no_secret(command)
+
+
+def test_pg_dump_directory_command_runs_jobs_workers_into_a_directory():
+    command = pg_dump_directory_command(NETWORK, "erp data", "00000003-0000001B-1", Path("/set/.spool-1/dump"), jobs=4)
+    assert command.argv == (
+        "pg_dump", "--no-password", "--format=directory", "--compress=0", "--jobs=4", "--verbose",
+        "--snapshot=00000003-0000001B-1", "--file=/set/.spool-1/dump",
+        "--dbname=host=db.internal port=5432 user=backup dbname='erp data'",
+    )
+    assert dump_dir_for("erp data") == "databases/erp%20data.dir"
+    assert_no_secret(command)
+
+
+@pytest.mark.parametrize(("size_mb", "options", "layout"), [
+    (2048, {"parallel_dump_min_mb": 1024, "dump_jobs": 4}, ("directory", 4)),
+    (1023, {"parallel_dump_min_mb": 1024, "dump_jobs": 4}, ("custom", 1)),
+    (2048, {"dump_jobs": 3}, ("directory", 3)),  # default threshold: 1 GiB
+    (2048, {"parallel_dump_min_mb": 1024, "dump_jobs": 4, "exec_mode": "docker"}, ("custom", 1)),
+    (5, {"parallel_dump_min_mb": 0}, ("directory", os.cpu_count() or 1)),  # default jobs: the worker's cores
+])
+def test_layout_for_a_database_size(size_mb, options, layout):
+    assert layout_for(size_mb * 2**20, options) == layout
 
 
 def test_pg_dumpall_globals_command():
@@ -247,7 +273,7 @@ def test_schema_header_entries_match_names_that_need_quoting(schema, owners, wan
 
 
 def test_dispatch_names_supported_types():
-    assert postgres.SUPPORTED_TYPES == frozenset({"full", "wal", "snapshot"})
+    assert frozenset({"full", "wal", "snapshot"}) == postgres.SUPPORTED_TYPES
     with pytest.raises(ValueError, match="cannot back up backup type 'hourly' \\(supported: full, snapshot, wal\\)"):
         postgres._handler(postgres._BACKUPS, "hourly", "back up")
     with pytest.raises(ValueError, match="cannot restore backup type 'hourly' \\(supported: full\\)"):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 GLOBALS_FILE = "globals.sql.zst"
 DATABASES_DIR = "databases"
 DUMP_SUFFIX = ".dump.zst"
+DIR_SUFFIX = ".dir"
 DEFAULT_MAINTENANCE_DB = "postgres"
 DEFAULT_PORT = 5432
 CONNECT_TIMEOUT_S = 10
@@ -171,6 +172,19 @@ def pg_dump_command(endpoint: PgEndpoint, dbname: str, snapshot: str, *, bindir:
     )
 
 
+def pg_dump_directory_command(
+    endpoint: PgEndpoint, dbname: str, snapshot: str, out_dir: Path, *, jobs: int, bindir: str | None = None
+) -> Command:
+    """Directory format, uncompressed (we compress each file), `jobs` workers, verbose (each finished item)."""
+    return Command(
+        (
+            tool("pg_dump", bindir), "--no-password", "--format=directory", "--compress=0", f"--jobs={jobs}",
+            "--verbose", f"--snapshot={snapshot}", f"--file={out_dir}", f"--dbname={endpoint.conninfo(dbname)}",
+        ),
+        endpoint.env(),
+    )
+
+
 def pg_restore_list_command(archive: Path, *, bindir: str | None = None) -> Command:
     return Command((tool("pg_restore", bindir), "--list", str(archive)))
 
@@ -212,6 +226,11 @@ def psql_script_command(endpoint: PgEndpoint, dbname: str, *, bindir: str | None
 def dump_file_for(dbname: str) -> str:
     """The set-relative file of a database's dump (see the module docstring for the encoding)."""
     return f"{DATABASES_DIR}/{quote(dbname, safe='')}{DUMP_SUFFIX}"
+
+
+def dump_dir_for(dbname: str) -> str:
+    """The set-relative directory of a database's directory-format dump (each file as `<name>.zst`)."""
+    return f"{DATABASES_DIR}/{quote(dbname, safe='')}{DIR_SUFFIX}"
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,9 @@ A full set holds:
   name percent-encoded (``urllib.parse.quote(name, safe="")``: letters, digits and
   ``_.-~`` stay, everything else, ``%`` included, becomes ``%XX`` of its UTF-8
   bytes), so any name gives one safe, unique file name. The manifest maps names to files.
+- or, for a database of at least the plan's ``parallel_dump_min_mb``:
+  ``databases/<name>.dir/<file>.zst``, a ``pg_dump -Fd -j dump_jobs`` directory
+  whose files are each compressed as pg_dump finishes them (``parallel.py``).
 
 Each dump runs with ``--snapshot`` exported by a REPEATABLE READ, READ ONLY
 transaction that computes the table inventory (``erp_backup.services.postgres.content``) in a
@@ -40,6 +43,7 @@ from erp_backup.services.postgres.commands import (
     PgEndpoint,
     PostgresBackupError,
     SourceServer,
+    dump_dir_for,
     dump_file_for,
     pg_dump_command,
     pg_dumpall_globals_command,
@@ -47,6 +51,13 @@ from erp_backup.services.postgres.commands import (
     tool_version_command,
 )
 from erp_backup.services.postgres.content import TableContent
+from erp_backup.services.postgres.parallel import (
+    LAYOUT_CUSTOM,
+    LAYOUT_DIRECTORY,
+    DumpFiles,
+    dump_directory,
+    layout_for,
+)
 from erp_backup.sets import BackupSet
 from erp_backup.stream import StreamResult, decompress_to, stream_to_file
 
@@ -61,7 +72,9 @@ CONTENT_HASH = (
 
 _DATABASES = """
 SELECT datname, pg_catalog.pg_encoding_to_char(encoding), datcollate, datctype,
-       pg_catalog.pg_get_userbyid(datdba), datistemplate, datallowconn
+       pg_catalog.pg_get_userbyid(datdba), datistemplate, datallowconn,
+       CASE WHEN datallowconn AND pg_catalog.has_database_privilege(oid, 'CONNECT')
+            THEN pg_catalog.pg_database_size(oid) ELSE 0 END
 FROM pg_catalog.pg_database ORDER BY datname
 """
 
@@ -75,6 +88,7 @@ class SourceDatabase:
     owner: str
     is_template: bool
     allows_connections: bool
+    size_bytes: int = 0
 
     def properties(self) -> dict[str, str]:
         return {"encoding": self.encoding, "collate": self.collate, "ctype": self.ctype, "owner": self.owner}
@@ -83,17 +97,21 @@ class SourceDatabase:
 @dataclass(frozen=True)
 class DatabaseDump:
     name: str
-    stream: StreamResult
+    written: DumpFiles
     tables: list[TableContent]
     captured_at: str
     properties: dict[str, str]
     schemas: list[pg_schemas.SchemaMeta]
 
     def details(self) -> dict[str, Any]:
+        layout: dict[str, Any] = {"format": self.written.layout}
+        if self.written.layout == LAYOUT_DIRECTORY:
+            layout.update(files=[entry.path for entry in self.written.entries], dump_jobs=self.written.jobs)
         return {
-            "file": self.stream.entry.path,
-            "raw_bytes": self.stream.raw_bytes,
-            "dump_seconds": round(self.stream.seconds, 3),
+            "file": self.written.file,
+            **layout,
+            "raw_bytes": self.written.raw_bytes,
+            "dump_seconds": round(self.written.seconds, 3),
             "captured_at": self.captured_at,
             **self.properties,
             "tables": [table.as_dict() for table in self.tables],
@@ -158,12 +176,28 @@ def dump_globals(
         ) from exc
 
 
+def _write_dump(source: SourceServer, dbname: str, executor: Executor, endpoint: PgEndpoint, set_dir: Path,
+                snapshot: str, *, level: int, bindir: str | None, layout: tuple[str, int]) -> DumpFiles:
+    label = f"pg_dump {dbname} ({source.address})"
+    if layout[0] == LAYOUT_DIRECTORY:
+        return dump_directory(endpoint, dbname, snapshot, set_dir, jobs=layout[1], level=level, bindir=bindir,
+                              label=label)
+    relative = dump_file_for(dbname)
+    result = _stream_labelled(executor.stream(pg_dump_command(endpoint, dbname, snapshot, bindir=bindir)),
+                              set_dir, relative, label, level)
+    return DumpFiles([result.entry], relative, LAYOUT_CUSTOM, result.raw_bytes, result.seconds)
+
+
 def dump_database(
     source: SourceServer, dbname: str, executor: Executor, endpoint: PgEndpoint, set_dir: Path, *,
     level: int, properties: dict[str, str] | None = None, bindir: str | None = None,
+    layout: tuple[str, int] = (LAYOUT_CUSTOM, 1),
 ) -> DatabaseDump:
-    """pg_dump one database from a snapshot while the same snapshot's inventory runs in a thread."""
-    relative = dump_file_for(dbname)
+    """pg_dump one database from a snapshot while the same snapshot's inventory runs in a thread.
+
+    `layout`: (LAYOUT_CUSTOM, 1), one -Fc stream; or (LAYOUT_DIRECTORY, jobs), pg_dump -Fd -j jobs.
+    """
+    relative = dump_file_for(dbname) if layout[0] == LAYOUT_CUSTOM else dump_dir_for(dbname)
     conn = source.connect(dbname, autocommit=False)
     try:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -178,10 +212,8 @@ def dump_database(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-inventory") as pool:
             tables_future = pool.submit(pg_content.inventory, conn, None, stop.is_set)
             try:
-                result = _stream_labelled(
-                    executor.stream(pg_dump_command(endpoint, dbname, snapshot, bindir=bindir)),
-                    set_dir, relative, f"pg_dump {dbname} ({source.address})", level,
-                )
+                written = _write_dump(source, dbname, executor, endpoint, set_dir, snapshot, level=level,
+                                      bindir=bindir, layout=layout)
             except BaseException as exc:
                 stop.set()
                 conn.cancel_safe()
@@ -189,7 +221,7 @@ def dump_database(
                 if isinstance(exc, CommandError):
                     raise PostgresBackupError(
                         f"pg_dump of database {dbname!r} from connection {source.conn_id!r} ({source.address}) "
-                        f"failed; partial file {relative} removed: {exc}"
+                        f"failed; partial {'file' if layout[0] == LAYOUT_CUSTOM else 'directory'} {relative} removed: {exc}"
                     ) from exc
                 raise
             try:
@@ -201,7 +233,7 @@ def dump_database(
         conn.rollback()
     finally:
         conn.close()
-    return DatabaseDump(dbname, result, tables, captured_at.isoformat(), properties or {}, schemas)
+    return DatabaseDump(dbname, written, tables, captured_at.isoformat(), properties or {}, schemas)
 
 
 def _select_databases(found: list[SourceDatabase], options: Mapping[str, Any]) -> list[SourceDatabase]:
@@ -271,9 +303,9 @@ def backup_full(ctx: BackupContext) -> BackupOutcome:
     for database in survey.databases:
         dump = dump_database(
             source, database.name, executor, endpoint, set_dir, level=level,
-            properties=database.properties(), bindir=bindir,
+            properties=database.properties(), bindir=bindir, layout=layout_for(database.size_bytes, options),
         )
-        files.append(dump.stream.entry)
+        files.extend(dump.written.entries)
         dumps[database.name] = dump.details()
 
     return BackupOutcome(
@@ -302,11 +334,26 @@ def backup_full(ctx: BackupContext) -> BackupOutcome:
 # ---------------------------------------------------------------------------
 
 
+def _dump_toc_files(manifest: Manifest) -> dict[str, tuple[str, dict[str, Any], str]]:
+    """Set file -> (database, its entry, the name pg_restore --list reads it under) for each dump's TOC."""
+    found = {}
+    for name, entry in manifest.details.get("databases", {}).items():
+        if entry.get("format") == LAYOUT_DIRECTORY:
+            found[f"{entry['file']}/toc.dat.zst"] = (name, entry, "dump/toc.dat")
+        else:
+            found[entry["file"]] = (name, entry, "raw")
+    return found
+
+
+def _entry_files(entry: dict[str, Any]) -> list[str]:
+    return list(entry["files"]) if entry.get("format") == LAYOUT_DIRECTORY else [entry["file"]]
+
+
 def verify_full(backup_set: BackupSet, manifest: Manifest, *, bindir: str | None = None) -> list[str]:
-    """Every .zst decompresses (frame checksum), every dump's TOC reads and lists its tables."""
+    """Every .zst decompresses (frame checksum), every dump's TOC reads and lists its tables (both layouts)."""
     set_dir = backup_set.path
     problems: list[str] = []
-    dumps = {entry["file"]: (name, entry) for name, entry in manifest.details.get("databases", {}).items()}
+    dumps = _dump_toc_files(manifest)
     executor = LocalExecutor()
     for file_entry in manifest.files:
         path = set_dir / file_entry.path
@@ -314,7 +361,9 @@ def verify_full(backup_set: BackupSet, manifest: Manifest, *, bindir: str | None
             problems.append(f"{file_entry.path}: missing from {set_dir}")
             continue
         with tempfile.TemporaryDirectory(prefix="erp-pg-verify-") as tmp:
-            raw = Path(tmp) / "raw"
+            dbname, entry, name = dumps.get(file_entry.path, ("", {}, "raw"))
+            raw = Path(tmp) / name
+            raw.parent.mkdir(exist_ok=True)
             try:
                 decompress_to(path, raw)
             except (zstandard.ZstdError, OSError) as exc:
@@ -322,9 +371,9 @@ def verify_full(backup_set: BackupSet, manifest: Manifest, *, bindir: str | None
                 continue
             if file_entry.path not in dumps:
                 continue
-            dbname, entry = dumps[file_entry.path]
             try:
-                listing = executor.run(pg_restore_list_command(raw, bindir=bindir)).decode(errors="replace")
+                archive = raw if name == "raw" else raw.parent
+                listing = executor.run(pg_restore_list_command(archive, bindir=bindir)).decode(errors="replace")
             except CommandError as exc:
                 problems.append(f"{file_entry.path} (database {dbname!r}): TOC is not readable: {exc}")
                 continue
@@ -334,8 +383,9 @@ def verify_full(backup_set: BackupSet, manifest: Manifest, *, bindir: str | None
         ]
         if missing:
             problems.append(f"{file_entry.path} (database {dbname!r}): TOC lacks tables {', '.join(missing)}")
+    listed = {f.path for f in manifest.files}
     for name, entry in manifest.details.get("databases", {}).items():
-        if not any(f.path == entry["file"] for f in manifest.files):
-            problems.append(f"database {name!r}: its dump {entry['file']} is not among the manifest's files")
+        absent = [file for file in _entry_files(entry) if file not in listed]
+        if absent:
+            problems.append(f"database {name!r}: its dump {', '.join(absent)} is not among the manifest's files")
     return problems
-

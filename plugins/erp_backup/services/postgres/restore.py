@@ -2,9 +2,11 @@
 
 Globals first (roles the target has are kept, any other error fails), then per
 database: create it if missing (``pg_restore --create``, which brings its owner,
-settings and grants), decompress to a temp file, ``pg_restore -j`` (``--schema``
-for one tenant: the schema itself first, then its objects), and compare row
-counts and content hashes with the manifest.
+settings and grants), decompress the dump to a temp file (or, for the
+directory layout of ``parallel.py``, a temp directory), ``pg_restore -j``
+(``--schema`` for one tenant: the schema itself first, then its objects), and
+compare row counts, content hashes and schema grants with the manifest. Each
+database's verification runs while the next database is restored.
 
 A database whose content differs from the manifest is a problem in the report and
 the others are still restored. Tables the restore would create that the target
@@ -18,6 +20,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from erp_backup.services.postgres.commands import (
     skip_existing_roles,
 )
 from erp_backup.services.postgres.content import TableContent
+from erp_backup.services.postgres.parallel import LAYOUT_CUSTOM, LAYOUT_DIRECTORY, restorable_directory
 from erp_backup.stream import decompress_to
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,8 @@ class _Database:
     exists: bool
     schema_exists: bool
     schemas: list[pg_schemas.SchemaMeta] | None  # None: a set made before schemas were recorded
+    layout: str = LAYOUT_CUSTOM
+    files: tuple[str, ...] = ()  # the directory layout's files
 
     def scope(self, schema: str | None) -> str:
         return f"{self.name}.{schema}" if schema else self.name
@@ -164,7 +170,8 @@ def _plan_database(manifest: Manifest, dbname: str, server: PgEndpoint, schema: 
                 f"target {server.describe()} database {dbname!r} already has {len(conflicts)} of the tables to restore "
                 f"({', '.join(conflicts[:5])}{', ...' if len(conflicts) > 5 else ''}): drop them or restore elsewhere"
             )
-    return _Database(dbname, entry["file"], expected, exists, schema_exists, pg_schemas.recorded(entry, schema))
+    return _Database(dbname, entry["file"], expected, exists, schema_exists, pg_schemas.recorded(entry, schema),
+                     entry.get("format", LAYOUT_CUSTOM), tuple(entry.get("files", ())))
 
 
 def _run(executor: Executor, command: Command, what: str, stdin: bytes | None = None) -> bytes:
@@ -221,7 +228,10 @@ def _pg_restore(archive: Path, work: Path, database: _Database, server: PgEndpoi
 
 def _load_database(set_dir: Path, backup_id: str, database: _Database, server: PgEndpoint,
                    options: FullRestoreOptions, executor: Executor) -> dict[str, Any]:
-    """Decompress one dump to a temp file and pg_restore it. Returns sizes and timings."""
+    """pg_restore one dump: a -Fc file decompressed to a temp file, or a directory fed through pipes."""
+    what = f"pg_restore of {database.scope(options.schema)} (backup {backup_id}) into {server.describe()}"
+    if database.layout == LAYOUT_DIRECTORY:
+        return _load_directory(set_dir, database, server, options, executor, what)
     archive_file = set_dir / database.file
     details: dict[str, Any] = {"file": database.file, "compressed_bytes": archive_file.stat().st_size}
     with tempfile.TemporaryDirectory(prefix="erp-pg-restore-", dir=options.work_dir) as tmp:
@@ -230,9 +240,26 @@ def _load_database(set_dir: Path, backup_id: str, database: _Database, server: P
         details["restored_bytes"] = decompress_to(archive_file, archive)
         details["decompress_seconds"] = round(time.monotonic() - started, 3)
         started = time.monotonic()
-        what = f"pg_restore of {database.scope(options.schema)} (backup {backup_id}) into {server.describe()}"
         _pg_restore(archive, Path(tmp), database, server, options, executor, what)
         details["restore_seconds"] = round(time.monotonic() - started, 3)
+    return details
+
+
+def _load_directory(set_dir: Path, database: _Database, server: PgEndpoint, options: FullRestoreOptions,
+                    executor: Executor, what: str) -> dict[str, Any]:
+    """Decompress a directory-format dump (`jobs` files at a time) and pg_restore -j it."""
+    details: dict[str, Any] = {
+        "file": database.file, "format": LAYOUT_DIRECTORY,
+        "compressed_bytes": sum((set_dir / f).stat().st_size for f in database.files),
+    }
+    with tempfile.TemporaryDirectory(prefix="erp-pg-restore-", dir=options.work_dir) as tmp:
+        started = time.monotonic()
+        with restorable_directory(set_dir, list(database.files), Path(tmp), options.jobs) as (archive, raw_bytes):
+            details["restored_bytes"] = raw_bytes
+            details["decompress_seconds"] = round(time.monotonic() - started, 3)
+            started = time.monotonic()
+            _pg_restore(archive, Path(tmp), database, server, options, executor, what)
+            details["restore_seconds"] = round(time.monotonic() - started, 3)
     return details
 
 
@@ -263,23 +290,27 @@ def _check_database(database: _Database, server: PgEndpoint, schema: str | None)
 
 
 def _restore_database(set_dir: Path, backup_id: str, database: _Database, server: PgEndpoint,
-                      options: FullRestoreOptions, decide: _RestoreLog, report: RestoreReport) -> dict[str, Any]:
+                      options: FullRestoreOptions, decide: _RestoreLog) -> dict[str, Any]:
     scope = database.scope(options.schema)
     how = "create database and restore" if not database.exists else "restore into existing database"
     decide(f"{scope}: {how} from {database.file} with pg_restore --jobs={options.jobs} "
            f"({len(database.expected)} tables to verify)")
     if decide.dry_run:
         return {"tables": len(database.expected), "create": not database.exists}
-    details = _load_database(set_dir, backup_id, database, server, options, LocalExecutor())
-    checked, mismatches = _check_database(database, server, options.schema)
-    details.update(checked)
+    return _load_database(set_dir, backup_id, database, server, options, LocalExecutor())
+
+
+def _record_check(backup_id: str, database: _Database, options: FullRestoreOptions, details: dict[str, Any],
+                  checked: tuple[dict[str, Any], list[str]], report: RestoreReport) -> None:
+    scope = database.scope(options.schema)
+    details.update(checked[0])
+    mismatches = checked[1]
     if mismatches:
         log.warning("restore of %s (backup %s) does not match the manifest: %s", scope, backup_id, "; ".join(mismatches))
         report.problems.extend(mismatches)
     else:
-        report.checks.append(f"{scope}: {checked['tables_checked']} tables, {checked['rows_checked']} rows: "
+        report.checks.append(f"{scope}: {details['tables_checked']} tables, {details['rows_checked']} rows: "
                              f"row counts and content hashes match" + pg_schemas.checked_text(database.schemas))
-    return details
 
 
 def _summarise(report: RestoreReport) -> None:
@@ -319,8 +350,15 @@ def restore_full(set_dir: Path, manifest: Manifest, target: str, *, dry_run: boo
     if chosen.apply_globals:
         report.details["globals"] = _restore_globals(
             set_dir, manifest, server, existing_roles, decide, LocalExecutor(), chosen.bindir, report)
-    for database in databases:
-        report.details["databases"][database.name] = _restore_database(
-            set_dir, manifest.backup_id, database, server, chosen, decide, report)
+    # Each database's verification runs while the next one is restored.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-restore-verify") as verifier:
+        checks: list[tuple[_Database, dict[str, Any], Future[tuple[dict[str, Any], list[str]]]]] = []
+        for database in databases:
+            details = _restore_database(set_dir, manifest.backup_id, database, server, chosen, decide)
+            report.details["databases"][database.name] = details
+            if not dry_run:
+                checks.append((database, details, verifier.submit(_check_database, database, server, chosen.schema)))
+        for database, details, future in checks:
+            _record_check(manifest.backup_id, database, chosen, details, future.result(), report)
     _summarise(report)
     return report
