@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from erp_backup.services.base import BackupContext
 
+STARTED = time.monotonic()
 RESULT_MARKER = "BENCH_RESULT "  # the line the parent parses; logs may share stdout
 
 
@@ -46,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compress-level", type=int, default=None, help="default: the plan's postgres compress_level")
     parser.add_argument("--no-inventory", action="store_true", help="diagnostic: skip the table hashing")
     parser.add_argument("--no-compress", action="store_true", help="diagnostic: write the dumps uncompressed")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=NUMBER",
+                        help="a numeric postgres plan option, e.g. dump_jobs=2 or parallel_dump_min_mb=0")
     return parser.parse_args()
 
 
@@ -79,6 +82,9 @@ def backup_context(args: argparse.Namespace) -> BackupContext:
     options: dict[str, Any] = {"exec_mode": "network", "compress_level": level}
     if args.database:
         options["databases"] = args.database
+    for option in args.option:
+        key, _, value = option.partition("=")
+        options[key] = float(value)
     job = BackupJob(
         service="postgres", backup_type="full", schedule="0 2 * * *", timezone="Asia/Seoul",
         retention=timedelta(days=30), method="pg_dump", rpo=timedelta(hours=6), rto=timedelta(hours=2),
@@ -101,6 +107,7 @@ def main() -> None:
     from erp_backup.manifest import Manifest, write_manifest
     from erp_backup.services import postgres
 
+    imports_seconds = time.monotonic() - STARTED
     baseline = status_kib("VmRSS")
     started_at = datetime.now(UTC)
     clock = time.monotonic()
@@ -116,6 +123,8 @@ def main() -> None:
     sys.stdout.write(RESULT_MARKER)
     json.dump({
         "seconds": seconds,
+        "imports_seconds": imports_seconds,
+        "layouts": {name: d.get("format", "custom") for name, d in outcome.details["databases"].items()},
         "set_dir": str(ctx.backup_set.path),
         "bytes": manifest.total_size,
         "raw_bytes": outcome.details["raw_bytes"],

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--diagnose", action="store_true", help="also time backup variants and compression levels")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory (backup sets, dumps)")
+    parser.add_argument("--pg-scale", action="store_true",
+                        help="only the PostgreSQL scale benchmark (bench/pgscale.py): its section of BENCHMARKS.md")
+    parser.add_argument("--scale", type=int, default=40, help="pgbench scale of --pg-scale's text shape (default 40)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.size_mb <= 0 or args.checksum_mb < 8:
@@ -127,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     clusters: list[ScratchPostgres] = []
     started = time.monotonic()
     try:
-        run_phases(res, work, clusters)
+        if args.pg_scale:
+            from bench import pgscale
+
+            pgscale.run(args, work, clusters, load_average)
+        else:
+            run_phases(res, work, clusters)
     finally:
         for cluster in clusters:
             cluster.destroy()
@@ -136,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    if args.pg_scale:
+        print(f"\nwritten to {args.output} ({(time.monotonic() - started) / 60:.1f} min)")
+        return 0
     res.phase_seconds["total"] = time.monotonic() - started
     res.load["end"] = load_average()
     write_report(res, args.output)
