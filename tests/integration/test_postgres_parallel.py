@@ -20,7 +20,10 @@ from erp_backup.manifest import MANIFEST_NAME, Manifest, write_manifest
 from erp_backup.plan import BackupJob
 from erp_backup.services import postgres
 from erp_backup.services.base import CheckContext, RunInfo
+from erp_backup.runner import CommandError
+from erp_backup.services.postgres.commands import PgEndpoint
 from erp_backup.services.postgres.dump import verify_full
+from erp_backup.services.postgres.parallel import dump_directory
 from erp_backup.sets import BackupSet
 from tests.fixtures.factories import make_backup_context, make_manifest
 
@@ -164,3 +167,23 @@ def test_one_tenant_from_the_directory_layout(two_layouts: TwoLayoutSet, scratch
     with psycopg.connect(scratch_pg.conninfo(two_layouts.big)) as conn:
         schemas = conn.execute("SELECT nspname, obj_description(oid) FROM pg_namespace WHERE nspname ILIKE 'tenant%'")
         assert schemas.fetchall() == [("Tenant-B", "tenant")]
+
+
+def test_a_failing_directory_dump_leaves_neither_files_nor_spool(tmp_path):
+    """pg_dump stands in as a script that finishes one item, then fails: nothing of it stays in the set."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "pg_dump"
+    script.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in --file=*) out="${a#--file=}";; esac; done\n'
+                      'mkdir -p "$out" && head -c 100000 /dev/urandom > "$out/3001.dat"\n'
+                      'echo "pg_dump: finished item 3001 TABLE DATA orders" >&2\n'
+                      'head -c 100000 /dev/urandom > "$out/3002.dat"\n'
+                      'echo "pg_dump: error: Dumping the contents of table \\"lines\\" failed" >&2\nexit 1\n')
+    script.chmod(0o755)
+    set_dir = tmp_path / "set"
+    set_dir.mkdir()
+
+    with pytest.raises(CommandError, match='(?s)exit 1.*contents of table "lines" failed'):
+        dump_directory(PgEndpoint({"host": "127.0.0.1"}), "erp", "00000003-1", set_dir, jobs=2, level=1,
+                       bindir=str(bindir), label="pg_dump erp")
+    assert list(set_dir.iterdir()) == []

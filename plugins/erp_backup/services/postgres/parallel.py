@@ -78,6 +78,7 @@ class _Compressor:
         self._queued: set[str] = set()
         self._todo: queue.Queue[str | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-dir-compress", daemon=True)
         self._thread.start()
 
@@ -101,7 +102,7 @@ class _Compressor:
 
     def _run(self) -> None:
         while (name := self._todo.get()) is not None:
-            if self._error is not None:
+            if self._error is not None or self._cancelled.is_set():
                 continue
             try:
                 raw = self.spool / name
@@ -121,7 +122,9 @@ class _Compressor:
         if self._error is not None:
             raise self._error
 
-    def stop(self) -> None:
+    def stop(self, cancel: bool = False) -> None:
+        if cancel:
+            self._cancelled.set()
         self._todo.put(None)
         self._thread.join()
 
@@ -143,7 +146,7 @@ def dump_directory(endpoint: PgEndpoint, dbname: str, snapshot: str, set_dir: Pa
                 compressor.finished_item(int(match.group(1)), match.group(2))
         compressor.finish()
     except BaseException:
-        compressor.stop()
+        compressor.stop(cancel=True)
         shutil.rmtree(set_dir / relative_dir, ignore_errors=True)
         raise
     finally:
