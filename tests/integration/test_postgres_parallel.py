@@ -186,4 +186,4 @@ def test_a_failing_directory_dump_leaves_neither_files_nor_spool(tmp_path):
     with pytest.raises(CommandError, match='(?s)exit 1.*contents of table "lines" failed'):
         dump_directory(PgEndpoint({"host": "127.0.0.1"}), "erp", "00000003-1", set_dir, jobs=2, level=1,
                        bindir=str(bindir), label="pg_dump erp")
-    assert list(set_dir.iterdir()) == []
+    assert [p.relative_to(set_dir) for p in set_dir.rglob("*")] in ([], [Path("databases")])  # no spool, no .dir
