@@ -18,6 +18,7 @@ through the plan's `estate.references` block; nothing here is imported by plugin
 from __future__ import annotations
 
 import hashlib
+import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,12 @@ def document_body(number: int) -> bytes:
     return f"# Document {number}\n\nInvoice and ledger notes for document {number}.\n".encode()
 
 
+def chunk_vector(chunk: int) -> list[float]:
+    """A distinct unit-scale vector per chunk (no ties, so searches on a restored copy return the same ids)."""
+    rng = random.Random(chunk)
+    return [rng.uniform(-1.0, 1.0) for _ in range(DIM)]
+
+
 def write_document(stores: DocumentStores, number: int) -> str:
     """Write document `number`: object, then its chunk vectors, then the row. Returns its key."""
     tenant = stores.tenants[number % len(stores.tenants)]
@@ -98,8 +105,7 @@ def write_document(stores: DocumentStores, number: int) -> str:
     body = document_body(number)
     chunk_ids = [number * 10 + part for part in range(1 + number % 3)]
     stores.s3.put_object(Bucket=stores.bucket, Key=object_key, Body=body, ContentType="text/markdown")
-    vectors = [{"chunk_id": chunk, "doc_key": doc_key, "vec": [((chunk * (d + 3)) % 17 + 1) / 17 for d in range(DIM)]}
-               for chunk in chunk_ids]
+    vectors = [{"chunk_id": chunk, "doc_key": doc_key, "vec": chunk_vector(chunk)} for chunk in chunk_ids]
     stores.milvus().insert(stores.collection, vectors)
     with psycopg.connect(stores.pg_conninfo, autocommit=True) as db:
         db.execute(sql.SQL("INSERT INTO {}.{} (doc_key, object_key, sha256, chunk_ids) VALUES (%s, %s, %s, %s)").format(
