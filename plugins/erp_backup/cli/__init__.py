@@ -31,7 +31,7 @@ from typing import TextIO
 from erp_backup.cli.console import Console
 from erp_backup.cli.drill_report import cmd_drill_report
 from erp_backup.cli.listing import cmd_list
-from erp_backup.cli.recover_estate import cmd_recover_estate
+from erp_backup.cli.recover_estate import add_recover_estate
 from erp_backup.cli.restore import _parse_option, cmd_restore, restore_target
 from erp_backup.cli.source import EXIT_FAILED, EXIT_USAGE, Failure, FetchProgress, UsageError, offsite_hint
 from erp_backup.cli.verify import cmd_verify
@@ -108,15 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     drills.add_argument("--last", type=_positive_int, help="only the last N drills")
     drills.set_defaults(handler=cmd_drill_report)
 
-    estate = commands.add_parser("recover-estate", parents=[common],
-                                 help="restore every enabled service from offsite into scratch targets as of one time")
-    estate.add_argument("--at", required=True, help="the time to recover to, ISO with a timezone (2026-11-26T10:15:00+09:00)")
-    estate.add_argument("--dry-run", action="store_true", help="print the plan of sets only; restore nothing")
-    estate.add_argument("--allow-partial", action="store_true",
-                        help="recover the other services when one has no set at or before --at (the report says so)")
-    estate.add_argument("--keep-scratch", action="store_true", help="leave the scratch targets running")
-    estate.add_argument("--run-id", help="name of this recovery (default: manual__<now>)")
-    estate.set_defaults(handler=cmd_recover_estate)
+    add_recover_estate(commands, common)
     return parser
 
 

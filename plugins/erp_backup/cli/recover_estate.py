@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 from erp_backup.cli.console import Console
 from erp_backup.cli.source import EXIT_FAILED, EXIT_OK, UsageError
@@ -51,3 +52,16 @@ def cmd_recover_estate(args: argparse.Namespace, console: Console) -> int:
     else:
         console.say(_dry_run_text(report) if args.dry_run else render_markdown(report))
     return EXIT_OK if args.dry_run or report["status"] == "passed" else EXIT_FAILED
+
+
+def add_recover_estate(commands: Any, common: argparse.ArgumentParser) -> None:
+    """The `recover-estate` subcommand's arguments."""
+    estate = commands.add_parser("recover-estate", parents=[common],
+                                 help="restore every enabled service from offsite into scratch targets as of one time")
+    estate.add_argument("--at", required=True, help="the time to recover to, ISO with a timezone (2026-11-26T10:15:00+09:00)")
+    estate.add_argument("--dry-run", action="store_true", help="print the plan of sets only; restore nothing")
+    estate.add_argument("--allow-partial", action="store_true",
+                        help="recover the other services when one has no set at or before --at (the report says so)")
+    estate.add_argument("--keep-scratch", action="store_true", help="leave the scratch targets running")
+    estate.add_argument("--run-id", help="name of this recovery (default: manual__<now>)")
+    estate.set_defaults(handler=cmd_recover_estate)
