@@ -11,6 +11,7 @@ equal to a production endpoint of the plan. `teardown` always removes what was s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -200,18 +201,29 @@ class EstateRecovery:
             for info in run.targets.values():
                 scratch_local.release(info)
 
-    def teardown(self, keep: bool = False) -> list[str]:
-        """Stop and remove every scratch target and the fetched files. Runs whatever happened before."""
+    def save_targets(self, path: Path) -> None:
+        """Record the started targets (0600: may hold a scratch password) for a teardown in another process."""
+        from erp_backup.drill.records import write_json
+
+        write_json(path, [info.as_dict() for run in self.runs.values() for info in run.targets.values()])
+
+    def _all_targets(self, saved: Path | None) -> list[TargetInfo]:
+        infos = [info for run in self.runs.values() for info in run.targets.values()]
+        if not infos and saved is not None and saved.is_file():
+            infos = [TargetInfo.from_dict(item) for item in json.loads(saved.read_text())]
+        return infos
+
+    def teardown(self, keep: bool = False, saved: Path | None = None) -> list[str]:
+        """Stop and remove every scratch target (this process's, else those saved) and the fetched files."""
         done: list[str] = []
-        for run in self.runs.values():
-            for info in run.targets.values():
-                if keep:
-                    done.append(f"kept {info.describe()}; the next recovery removes it")
-                    continue
-                try:
-                    done += self.backend.stop(info)
-                except Exception as exc:
-                    done.append(f"could not stop {info.describe()}: {one_line(exc)}")
+        for info in self._all_targets(saved):
+            if keep:
+                done.append(f"kept {info.describe()}; the next recovery removes it")
+                continue
+            try:
+                done += self.backend.stop(info)
+            except Exception as exc:
+                done.append(f"could not stop {info.describe()}: {one_line(exc)}")
         for leftover in scratch_local.cleanup_leftovers(self.root, self.owner, None) if not keep else []:
             done.append(f"removed {leftover}")
         if self.work.exists():
