@@ -130,11 +130,17 @@ class DocumentWriter(threading.Thread):
         self.written = 0
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
+        self._writing = threading.Lock()  # held while one document is written; pause() takes it
+
+    def pause(self) -> Any:
+        """`with writer.pause():` no document is written inside the block."""
+        return self._writing
 
     def run(self) -> None:
         try:
             while not self._stop_event.wait(self.interval):
-                write_document(self.stores, self.next_number)
+                with self._writing:
+                    write_document(self.stores, self.next_number)
                 self.next_number += 1
                 self.written += 1
         except BaseException as exc:  # reported by stop(): a writer that died silently would fake a quiet estate
