@@ -23,7 +23,9 @@ import pytest
 
 from erp_backup import steps
 from erp_backup.cli import main
+from erp_backup.drill import records, runner
 from erp_backup.drill.records import ledger_path
+from erp_backup.drill.report import finish
 from erp_backup.estate.choose import EstateRefused, plan_estate
 from erp_backup.estate.recover import estate_scratch_root
 from erp_backup.estate.run import recover_estate, runs_dir
@@ -58,7 +60,7 @@ def _edit(root: Path, nas: Path):
     def edit(data: dict) -> None:
         for name, service in data["services"].items():
             service["enabled"] = name in SERVICES
-        data["services"]["postgres"]["backups"]["full"]["enabled"] = False
+        data["services"]["postgres"]["backups"]["full"]["enabled"] = True  # the weekly drill's type (PITR test)
         data["services"]["postgres"]["options"]["wal_archive_dir"] = str(root / ARCHIVE_SUBDIR)
         data["services"]["milvus"]["backups"]["etcd"]["enabled"] = False
         data["offsite"].update(kind="filesystem", path=str(nas))
@@ -111,6 +113,7 @@ def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Estate]:
         try:
             with writing(stores, interval=0.1) as writer:
                 manifests["postgres"] = _ship(plan, "postgres", "snapshot")
+                _ship(plan, "postgres", "full")
                 time.sleep(1)
                 manifests["minio"] = _ship(plan, "minio", "full")
                 time.sleep(1)
@@ -218,3 +221,33 @@ def test_the_estate_drill_dag_recovers_reports_to_the_ledger_and_slack_and_tears
     assert {(e["kind"], e["service"], e["status"]) for e in mine} == {("estate", s, "estate-recovered") for s in SERVICES}
     (summary,) = [text for text in slack_receiver.texts() if "Estate drill" in text]
     assert "Estate drill passed" in summary and "unexplained by capture times: 0" in summary
+
+
+def test_the_weekly_drill_also_recovers_postgres_to_a_random_point_in_the_wal_window_and_reports_the_rpo(
+        estate: Estate) -> None:
+    run_id = "manual__pitr-drill"
+    run = RunInfo(dag_id="dr_drill", run_id=run_id, run_after=datetime.now(UTC))
+    picks = runner.pick(estate.plan, {"service": "postgres"}, run)
+    assert [(p["service"], p["backup_type"], p.get("slot")) for p in picks] == [
+        ("postgres", "full", None), ("postgres", "snapshot", "postgres-pitr")]
+    pitr = picks[1]["pitr"]
+    low, high = (datetime.fromisoformat(t) for t in pitr["random_in"])
+    assert low == datetime.fromisoformat(pitr["base_consistent_at"])  # the window starts at the base's consistency
+    assert low <= datetime.fromisoformat(pitr["target_time"]) <= high
+    runner.clean_leftovers(estate.plan, run_id, "local")
+    for chosen in picks:
+        try:
+            for step in (runner.start_target, runner.fetch, runner.restore, runner.verify):
+                step(estate.plan, chosen)
+        finally:
+            runner.teardown(estate.plan, chosen)
+    report = finish(estate.plan, run_id, notify=False)
+
+    assert report["status"] == "passed", json.dumps(report["services"], indent=2, default=str)
+    full, point = report["services"]
+    assert full["rpo"] is None and point["pitr"]["target_time"] == pitr["target_time"]
+    rpo = point["rpo"]
+    assert 0 <= rpo["lag_s"] < 5  # the writer commits every 0.1 s: the last commit before T is close to T
+    assert 0 < rpo["newest_segment_age_s"] < 600 and rpo["target_s"] == 6 * 3600 and rpo["within_target"] is True
+    markdown = (records.run_dir(estate.plan, run_id) / "report.md").read_text()
+    assert "RPO achieved: T − last replayed commit" in markdown and "within the target 6.00 h" in markdown

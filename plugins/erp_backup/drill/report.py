@@ -22,16 +22,18 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from erp_backup.drill.choose import offsite_store
+from erp_backup.drill.pitr_pick import rpo_lines, rpo_of
 from erp_backup.drill.records import (
     LEDGER_KEY,
-    ServiceState,
     ledger_path,
     parse_ledger,
     read_json,
     run_dir,
+    service_state,
     work_dir,
     write_json,
 )
@@ -115,7 +117,7 @@ def _rto(pick: Mapping[str, Any], measured: float | None, prepare: float | None)
 
 def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
     """One drilled set: what happened in each step, timings, throughput and RTO."""
-    state = ServiceState(plan, pick["run_id"], pick["service"])
+    state = service_state(plan, pick)
     steps = {name: state.read(name) for name in STEPS}
     durations = {name: (record or {}).get("seconds") for name, record in steps.items()}
     status, failed, error = _outcome(steps)
@@ -154,6 +156,7 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
                                                      "runbook_command_text", "replay_mb_per_s", "wal_bytes_replayed")
                             if k in restored},
         "teardown": (steps["teardown"] or {}).get("done"),
+        "rpo": rpo_of(pick, restored, datetime.fromisoformat((steps["restore"] or {}).get("finished_at") or utcnow().isoformat())),
     }
 
 
@@ -227,6 +230,7 @@ def _service_section(result: Mapping[str, Any]) -> list[str]:
         replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
         lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
                      f"replayed {replayed}")
+    lines += rpo_lines(result.get("rpo"))
     lines += [f"- ✓ {check}" for check in result.get("checks") or []]
     lines += [f"- ✗ {problem}" for problem in result.get("problems") or []]
     if result.get("teardown"):

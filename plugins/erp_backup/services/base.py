@@ -39,6 +39,8 @@ Verbs (see :class:`ServiceModule` for the signatures):
   retention hooks.
 - ``plan_point_in_time(manifests, at)`` and ``restore_to_time(root, at, target, *, dry_run, owner)``:
   point-in-time recovery, for services with PITR_TYPES.
+- ``point_in_time_range(manifests)``: the span (earliest, latest) a point-in-time restore
+  reaches from the newest base (None without PITR), for the drill's random target time.
 - ``sets_at(manifests, at)``: the sets a whole-estate recovery to ``at`` restores, for a
   service without PITR: the newest set captured at or before ``at`` (``newest_set_at``), or
   the newest of each type when the types complement each other (``newest_set_of_each_type_at``).
@@ -316,6 +318,8 @@ class ServiceModule(Protocol):
     def restore_to_time(self, root: Path, at: datetime, target: Any, *, dry_run: bool = False,
                         owner: str | None = None) -> RestoreReport: ...
 
+    def point_in_time_range(self, manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None: ...
+
     def sets_at(self, manifests: Sequence[Manifest], at: datetime) -> list[Manifest]: ...
 
     def read_records(self, target: Any, source: Mapping[str, Any]) -> list[dict[str, Any]]: ...
@@ -336,6 +340,11 @@ def no_after_prune(plan: Plan, job: BackupJob, *, now: datetime, dry_run: bool) 
 
 def no_point_in_time(manifests: Sequence[Manifest], at: datetime) -> PointInTimeChain:
     raise PointInTimeUnavailable("this service has no point-in-time recovery (PITR_TYPES is empty)")
+
+
+def no_point_in_time_range(manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None:
+    """No point-in-time recovery: no range."""
+    return None
 
 
 def no_restore_to_time(root: Path, at: datetime, target: Any, *, dry_run: bool = False,

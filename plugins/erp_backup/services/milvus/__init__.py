@@ -62,6 +62,7 @@ from erp_backup.services.base import (
 from erp_backup.services.base import newest_set_of_each_type_at as sets_at
 from erp_backup.services.base import no_after_prune as after_prune
 from erp_backup.services.base import no_point_in_time as plan_point_in_time
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range
 from erp_backup.services.base import no_protected_sets as protected_sets
 from erp_backup.services.base import no_restore_to_time as restore_to_time
 from erp_backup.services.milvus.endpoints import (
@@ -198,7 +199,7 @@ __all__ = [
     "parse_etcdctl_version",
     "parse_snapshot_status",
     "path_component",
-    "plan_point_in_time",
+    "plan_point_in_time", "point_in_time_range",
     "primary_field",
     "protected_sets",
     "read_records",

@@ -88,6 +88,7 @@ from erp_backup.services.base import (
 from erp_backup.services.base import newest_set_at as sets_at
 from erp_backup.services.base import no_after_prune as after_prune
 from erp_backup.services.base import no_point_in_time as plan_point_in_time
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range
 from erp_backup.services.base import no_restore_to_time as restore_to_time
 from erp_backup.services.minio.bucket_config import capture_bucket_config, config_summary, restore_bucket_config
 from erp_backup.services.minio.endpoint import Endpoint, endpoint_host, s3_client
@@ -164,7 +165,7 @@ __all__ = [
     "object_file",
     "part_size_for",
     "plan_object",
-    "plan_point_in_time",
+    "plan_point_in_time", "point_in_time_range",
     "previous_set",
     "protected_sets",
     "read_records",

@@ -233,9 +233,22 @@ def plan_point_in_time(manifests: Sequence[Manifest], at: datetime) -> PointInTi
     except pitr.RestoreError as exc:
         raise PointInTimeUnavailable(str(exc)) from None
     wal_bytes = sum(inventory.wal_manifests[set_id].total_size for set_id in recovery.wal_sets)
+    newest = max((f.archived_at for f in inventory.wal.values()), default=None)
     sets = ((chain.SNAPSHOT_TYPE, recovery.base.backup_id), *((chain.WAL_TYPE, set_id) for set_id in recovery.wal_sets))
     return PointInTimeChain(base=recovery.base_manifest, sets=sets, replay_bytes=wal_bytes,
-                            details={**recovery.as_dict(), "wal_bytes": wal_bytes})
+                            details={**recovery.as_dict(), "wal_bytes": wal_bytes,
+                                     "newest_archived_at": newest.isoformat() if newest else None})
+
+
+def point_in_time_range(manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None:
+    """From the newest usable base's consistency point to the last WAL reached from it without a gap."""
+    bases = [m for m in manifests if m.backup_type == chain.SNAPSHOT_TYPE]
+    wals = [m for m in manifests if m.backup_type == chain.WAL_TYPE]
+    spans = pitr.coverage(pitr.build_inventory(bases, wals))
+    if not spans:
+        return None
+    newest = max(spans, key=lambda span: (span.earliest, span.base_id))
+    return newest.earliest, newest.latest
 
 
 def _recovery_actions(details: Mapping[str, Any]) -> list[str]:

@@ -31,6 +31,7 @@ from erp_backup.services.base import CliTarget, ScratchSpec, TargetUsageError
 from erp_backup.services.base import newest_set_at as sets_at
 from erp_backup.services.base import no_after_prune as after_prune
 from erp_backup.services.base import no_point_in_time as plan_point_in_time
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range
 from erp_backup.services.base import no_protected_sets as protected_sets
 from erp_backup.services.base import no_records as read_records
 from erp_backup.services.base import no_restore_to_time as restore_to_time
@@ -52,7 +53,7 @@ __all__ = [
     "after_prune",
     "backup",
     "check_restored",
-    "plan_point_in_time",
+    "plan_point_in_time", "point_in_time_range",
     "protected_sets",
     "read_records",
     "restore",
