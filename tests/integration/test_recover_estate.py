@@ -28,7 +28,7 @@ from erp_backup.drill.records import ledger_path
 from erp_backup.drill.report import finish
 from erp_backup.estate.choose import EstateRefused, plan_estate
 from erp_backup.estate.recover import estate_scratch_root
-from erp_backup.estate.run import recover_estate, runs_dir
+from erp_backup.estate.run import choose_time, recover_estate, runs_dir
 from erp_backup.manifest import Manifest
 from erp_backup.plan import Plan, load_plan
 from erp_backup.runs import RunInfo
@@ -195,6 +195,8 @@ def test_dry_run_prints_the_plan_of_sets_and_bad_times_are_refused(estate: Estat
     early = base_end + (minio_start - base_end) / 2
     with pytest.raises(EstateRefused, match=r"minio: no complete minio set .* captured at or before .*--allow-partial"):
         plan_estate(estate.plan, early, _store(estate.plan))
+    with pytest.raises(EstateRefused, match="outside what the backups cover"):  # 7 days back: no base that old
+        choose_time(estate.plan, "scheduled__2026-12-06T07:00:00+09:00", estate.at, _store(estate.plan))
     partial = plan_estate(estate.plan, early, _store(estate.plan), allow_partial=True)
     assert partial.partial and set(partial.missing) == {"minio", "milvus", "redis"}
     assert [s.service for s in partial.services] == ["postgres"]
