@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from erp_backup.plan import Plan
@@ -67,11 +67,12 @@ def pitr_picks(plan: Plan, request: Any, run: RunInfo, store: Any, picks: list[d
     return extra
 
 
-def rpo_of(pick: Mapping[str, Any], restored: Mapping[str, Any], drilled_at: datetime) -> dict[str, Any] | None:
-    """The achieved RPO of a point-in-time pick: T minus the last replayed commit, and the newest WAL's age."""
+def rpo_of(pick: Mapping[str, Any], restored: Mapping[str, Any], drilled: str | None) -> dict[str, Any] | None:
+    """The achieved RPO of a point-in-time pick: T minus the last replayed commit, and the newest WAL's age at `drilled`."""
     pitr = pick.get("pitr")
     if not pitr or not pick.get("slot"):
         return None
+    drilled_at = datetime.fromisoformat(drilled) if drilled else datetime.now(UTC)
     target = datetime.fromisoformat(pitr["target_time"])
     last = restored.get("last_replayed_commit")
     newest = pitr.get("newest_archived_at")

@@ -22,18 +22,16 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 from erp_backup.drill.choose import offsite_store
-from erp_backup.drill.pitr_pick import rpo_lines, rpo_of
 from erp_backup.drill.records import (
     LEDGER_KEY,
+    ServiceState,
     ledger_path,
     parse_ledger,
     read_json,
     run_dir,
-    service_state,
     work_dir,
     write_json,
 )
@@ -117,7 +115,9 @@ def _rto(pick: Mapping[str, Any], measured: float | None, prepare: float | None)
 
 def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
     """One drilled set: what happened in each step, timings, throughput and RTO."""
-    state = service_state(plan, pick)
+    from erp_backup.drill.pitr_pick import rpo_of, slot  # a point-in-time pick records under its own slot
+
+    state = ServiceState(plan, pick["run_id"], slot(pick))
     steps = {name: state.read(name) for name in STEPS}
     durations = {name: (record or {}).get("seconds") for name, record in steps.items()}
     status, failed, error = _outcome(steps)
@@ -156,7 +156,7 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
                                                      "runbook_command_text", "replay_mb_per_s", "wal_bytes_replayed")
                             if k in restored},
         "teardown": (steps["teardown"] or {}).get("done"),
-        "rpo": rpo_of(pick, restored, datetime.fromisoformat((steps["restore"] or {}).get("finished_at") or utcnow().isoformat())),
+        "rpo": rpo_of(pick, restored, (steps["restore"] or {}).get("finished_at")),
     }
 
 
@@ -230,7 +230,9 @@ def _service_section(result: Mapping[str, Any]) -> list[str]:
         replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
         lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
                      f"replayed {replayed}")
-    lines += rpo_lines(result.get("rpo"))
+        from erp_backup.drill.pitr_pick import rpo_lines
+
+        lines += rpo_lines(result.get("rpo"))
     lines += [f"- ✓ {check}" for check in result.get("checks") or []]
     lines += [f"- ✗ {problem}" for problem in result.get("problems") or []]
     if result.get("teardown"):
