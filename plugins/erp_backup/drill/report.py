@@ -230,11 +230,11 @@ def _service_section(result: Mapping[str, Any]) -> list[str]:
         replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
         lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
                      f"replayed {replayed}")
-        from erp_backup.drill.pitr_pick import rpo_lines
-
-        lines += rpo_lines(result.get("rpo"))
     lines += [f"- ✓ {check}" for check in result.get("checks") or []]
     lines += [f"- ✗ {problem}" for problem in result.get("problems") or []]
+    from erp_backup.drill.pitr_pick import rpo_lines  # the achieved RPO of a point-in-time pick
+
+    lines += rpo_lines(result.get("rpo"))
     if result.get("teardown"):
         lines.append("- Teardown: " + "; ".join(result["teardown"]))
     return lines
