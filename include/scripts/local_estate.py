@@ -9,6 +9,8 @@
   offsite directory, .estate/offsite-nas.
 - milvus-lite: .estate/milvus.db with two sample collections (one with partitions and a dynamic field).
 - etcd (port 12379), Redis (port 16379) with sample keys; RabbitMQ is the machine's own broker.
+- The ERP document flow across the three (include/estate/documents.py): a `documents` table
+  in each tenant schema, the objects in `erp-documents`, the chunk vectors in `erp_doc_chunks`.
 - A Slack sink on port 18090 that appends every alert to .estate/slack.jsonl.
 - Sample configuration trees for the `files` service under .estate/host (the plan's paths:
   etc/gitlab, etc/ssl/erp, opt/erp/.env, etc/nginx), read through the `erp_files` connection.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "include" / "estate"))
 
 from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user  # noqa: E402
 
@@ -214,6 +217,26 @@ def seed_milvus() -> None:
     log(f"milvus-lite sample collections in {path}")
 
 
+SAMPLE_DOCUMENTS = 60
+
+
+def seed_documents() -> None:
+    """The document flow: rows, objects and vectors that agree. moto forgets its objects on stop: put them back."""
+    import boto3
+    import documents
+
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{MINIO_PORT}", aws_access_key_id="dev-access-key",
+                      aws_secret_access_key="dev-secret-key", region_name="us-east-1")
+    stores = documents.DocumentStores(f"host=127.0.0.1 port={PG_PORT} user=postgres dbname=erp", s3, str(ESTATE / "milvus.db"))
+    try:
+        existing = documents.ensure_stores(stores)
+        put_back = documents.restore_objects(stores)
+        total = documents.seed_documents(stores, SAMPLE_DOCUMENTS) if existing == 0 else existing
+    finally:
+        stores.close()
+    log(f"{total} ERP documents (rows, objects, vectors; {put_back} objects put back into the S3 stand-in)")
+
+
 SAMPLE_CONFIG = {
     "etc/gitlab/gitlab.rb": ("external_url 'https://git.erp.local'\n", 0o600),
     "etc/gitlab/gitlab-secrets.json": ('{"gitlab_rails": {"db_key_base": "dev-only-sample"}}\n', 0o600),
@@ -247,6 +270,7 @@ def start() -> None:
     start_etcd()
     start_redis()
     seed_milvus()
+    seed_documents()
     start_slack()
 
 

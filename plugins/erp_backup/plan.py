@@ -25,6 +25,7 @@ import yaml
 from croniter import croniter
 
 from erp_backup import plan_yaml
+from erp_backup.estate.config import EstatePlan, read_estate
 
 PLAN_ENV = "ERP_BACKUP_PLAN"
 BACKUP_ROOT_ENV = "ERP_BACKUP_ROOT"
@@ -102,6 +103,7 @@ class Plan:
     jobs: tuple[BackupJob, ...]
     services_enabled: dict[str, bool]
     service_errors: dict[str, str] = field(default_factory=dict)  # service -> why its block was left out
+    estate: EstatePlan | None = None  # whole-estate recovery (erp_backup.estate)
 
     def job(self, service: str, backup_type: str) -> BackupJob:
         for job in self.jobs:
@@ -277,7 +279,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     service -> message) leaves that service out and is recorded in `Plan.service_errors`.
     """
     top = _Reader(path, "plan", data)
-    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging")
+    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging", "estate")
     if top.get("version", int) != 1:
         top.fail("only version 1 is supported", "version")
     tz = top.timezone("timezone", "Asia/Seoul")
@@ -306,6 +308,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
         jobs=tuple(jobs),
         services_enabled=enabled,
         service_errors=service_errors,
+        estate=read_estate(top, tz, set(known_services())),
     )
 
 

@@ -1,6 +1,6 @@
 """The restore CLI: list, verify and restore backup sets and read the DR drill ledger, with Airflow down.
 
-    PYTHONPATH=plugins python -m erp_backup list|verify|restore|drill-report ...
+    PYTHONPATH=plugins python -m erp_backup list|verify|restore|drill-report|recover-estate ...
     include/scripts/erp-restore ...            # the same, with the project's venv
 
 Sets are read from local staging (``--from local``, the default: ``--root``, else
@@ -31,6 +31,7 @@ from typing import TextIO
 from erp_backup.cli.console import Console
 from erp_backup.cli.drill_report import cmd_drill_report
 from erp_backup.cli.listing import cmd_list
+from erp_backup.cli.recover_estate import add_recover_estate
 from erp_backup.cli.restore import _parse_option, cmd_restore, restore_target
 from erp_backup.cli.source import EXIT_FAILED, EXIT_USAGE, Failure, FetchProgress, UsageError, offsite_hint
 from erp_backup.cli.verify import cmd_verify
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     drills = commands.add_parser("drill-report", parents=[common], help="print the DR drill ledger")
     drills.add_argument("--last", type=_positive_int, help="only the last N drills")
     drills.set_defaults(handler=cmd_drill_report)
+
+    add_recover_estate(commands, common)
     return parser
 
 

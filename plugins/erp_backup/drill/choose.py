@@ -253,4 +253,6 @@ def _choose(plan: Plan, request: DrillRequest, run: RunInfo, store: Any,
         problems = []  # services not chosen are not failures
         for item in picks:
             item["service_weights"] = result.service_weights
-    return picks, problems
+    from erp_backup.drill.pitr_pick import pitr_picks
+
+    return picks + pitr_picks(plan, request, run, store, picks), problems

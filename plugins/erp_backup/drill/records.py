@@ -104,7 +104,7 @@ class ServiceState:
 
 
 def service_state(plan: Plan, pick: Mapping[str, Any]) -> ServiceState:
-    return ServiceState(plan, pick["run_id"], pick["service"])
+    return ServiceState(plan, pick["run_id"], str(pick.get("slot") or pick["service"]))  # a PITR pick has its own slot
 
 
 def parse_ledger(text: str) -> list[dict[str, Any]]:

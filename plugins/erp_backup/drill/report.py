@@ -115,7 +115,9 @@ def _rto(pick: Mapping[str, Any], measured: float | None, prepare: float | None)
 
 def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
     """One drilled set: what happened in each step, timings, throughput and RTO."""
-    state = ServiceState(plan, pick["run_id"], pick["service"])
+    from erp_backup.drill.pitr_pick import rpo_of, slot  # a point-in-time pick records under its own slot
+
+    state = ServiceState(plan, pick["run_id"], slot(pick))
     steps = {name: state.read(name) for name in STEPS}
     durations = {name: (record or {}).get("seconds") for name, record in steps.items()}
     status, failed, error = _outcome(steps)
@@ -154,6 +156,7 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
                                                      "runbook_command_text", "replay_mb_per_s", "wal_bytes_replayed")
                             if k in restored},
         "teardown": (steps["teardown"] or {}).get("done"),
+        "rpo": rpo_of(pick, restored, (steps["restore"] or {}).get("finished_at")),
     }
 
 
@@ -229,6 +232,9 @@ def _service_section(result: Mapping[str, Any]) -> list[str]:
                      f"replayed {replayed}")
     lines += [f"- ✓ {check}" for check in result.get("checks") or []]
     lines += [f"- ✗ {problem}" for problem in result.get("problems") or []]
+    from erp_backup.drill.pitr_pick import rpo_lines  # the achieved RPO of a point-in-time pick
+
+    lines += rpo_lines(result.get("rpo"))
     if result.get("teardown"):
         lines.append("- Teardown: " + "; ".join(result["teardown"]))
     return lines

@@ -19,6 +19,7 @@ from typing import Any
 from erp_backup.checksum import ChecksumMismatch, entry_problem
 from erp_backup.drill.choose import offsite_store, pick
 from erp_backup.drill.model import DrillFailed, DrillVerificationFailed
+from erp_backup.drill.pitr_pick import slot
 from erp_backup.drill.records import ServiceState, drills_root, mkdirs, service_state, work_dir
 from erp_backup.drill.targets import (
     DockerBackend,
@@ -117,7 +118,7 @@ def fetch(plan: Plan, pick: Mapping[str, Any], *, offsite: Any = None) -> dict[s
     state = service_state(plan, pick)
     service = pick["service"]
     with state.step("fetch") as record:
-        root = work_dir(plan, pick["run_id"], service) / "root"
+        root = work_dir(plan, pick["run_id"], slot(pick)) / "root"
         fetched_bytes, files = 0, 0
         for kind, set_id in _sets_to_fetch(pick):
             if pick["source"] == "offsite":
@@ -261,7 +262,7 @@ def teardown(plan: Plan, pick: Mapping[str, Any], *, keep_scratch: bool | None =
                 done.append(f"kept {target.describe()} (keep_scratch); the next drill removes it")
             else:
                 done += backend.stop(target) if target.backend == backend.name else local.stop(target)
-        fetched = work_dir(plan, pick["run_id"], pick["service"])
+        fetched = work_dir(plan, pick["run_id"], slot(pick))
         if fetched.exists():
             shutil.rmtree(fetched)
             done.append(f"removed fetched files {fetched}")

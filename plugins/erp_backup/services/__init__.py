@@ -17,7 +17,7 @@ from erp_backup.services.base import ServiceModule
 NOT_SERVICES = frozenset({"base"})
 CONTRACT = ("SUPPORTED_TYPES", "RESTORE_TYPES", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "DEFAULT_PORTS", "backup", "verify", "restore",
             "check_restored", "target_from_cli", "scratch_spec", "scratch_target", "versions", "source_size",
-            "protected_sets", "after_prune", "plan_point_in_time", "restore_to_time")
+            "protected_sets", "after_prune", "plan_point_in_time", "restore_to_time", "point_in_time_range", "sets_at", "read_records")
 
 
 class ContractError(TypeError):

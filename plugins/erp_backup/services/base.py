@@ -39,6 +39,14 @@ Verbs (see :class:`ServiceModule` for the signatures):
   retention hooks.
 - ``plan_point_in_time(manifests, at)`` and ``restore_to_time(root, at, target, *, dry_run, owner)``:
   point-in-time recovery, for services with PITR_TYPES.
+- ``point_in_time_range(manifests)``: the span (earliest, latest) a point-in-time restore
+  reaches from the newest base (None without PITR), for the drill's random target time.
+- ``sets_at(manifests, at)``: the sets a whole-estate recovery to ``at`` restores, for a
+  service without PITR: the newest set captured at or before ``at`` (``newest_set_at``), or
+  the newest of each type when the types complement each other (``newest_set_of_each_type_at``).
+- ``read_records(target, source)``: the records of a restored target that the estate's
+  cross-service reference checks compare, as plain dicts; ``source`` is the plan's
+  ``estate.references`` entry (table, bucket, collection, fields).
 """
 
 from __future__ import annotations
@@ -61,10 +69,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BackupContext", "BackupOutcome", "CheckContext", "Checks", "CliTarget", "ConnectionMissing", "ContainerSpec",
-    "PointInTimeChain", "PointInTimeUnavailable", "RestoreCheckFailed", "RestoreReport", "RunInfo",
-    "ScratchSpec", "ServiceModule", "SourceUnavailable", "TargetUsageError", "airflow_connection",
-    "no_after_prune", "no_point_in_time", "no_protected_sets", "no_restore_to_time",
+    "BackupContext",
+    "BackupOutcome",
+    "CheckContext",
+    "Checks",
+    "CliTarget",
+    "ConnectionMissing",
+    "ContainerSpec",
+    "PointInTimeChain",
+    "PointInTimeUnavailable",
+    "RecordsUnavailable",
+    "RestoreCheckFailed",
+    "RestoreReport",
+    "RunInfo",
+    "ScratchSpec",
+    "ServiceModule",
+    "SourceUnavailable",
+    "TargetUsageError",
+    "airflow_connection",
+    "newest_set_at",
+    "newest_set_of_each_type_at",
+    "no_after_prune",
+    "no_point_in_time",
+    "no_protected_sets",
+    "no_records",
+    "no_restore_to_time",
 ]
 
 
@@ -82,6 +111,10 @@ class TargetUsageError(ValueError):
 
 class PointInTimeUnavailable(ValueError):
     """No retained chain covers the requested time. The message gives the covered range."""
+
+
+class RecordsUnavailable(ValueError):
+    """A service keeps no records the reference checks can read, or the mapping names none."""
 
 
 @dataclass
@@ -285,6 +318,12 @@ class ServiceModule(Protocol):
     def restore_to_time(self, root: Path, at: datetime, target: Any, *, dry_run: bool = False,
                         owner: str | None = None) -> RestoreReport: ...
 
+    def point_in_time_range(self, manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None: ...
+
+    def sets_at(self, manifests: Sequence[Manifest], at: datetime) -> list[Manifest]: ...
+
+    def read_records(self, target: Any, source: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
 
 # ───────────────────────── defaults a module re-exports ─────────────────────────
 
@@ -303,9 +342,36 @@ def no_point_in_time(manifests: Sequence[Manifest], at: datetime) -> PointInTime
     raise PointInTimeUnavailable("this service has no point-in-time recovery (PITR_TYPES is empty)")
 
 
+def no_point_in_time_range(manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None:
+    """No point-in-time recovery: no range."""
+    return None
+
+
 def no_restore_to_time(root: Path, at: datetime, target: Any, *, dry_run: bool = False,
                        owner: str | None = None) -> RestoreReport:
     raise PointInTimeUnavailable("this service has no point-in-time recovery (PITR_TYPES is empty)")
+
+
+def _captured(manifest: Manifest) -> datetime:
+    return manifest.captured_finished_at
+
+
+def newest_set_at(manifests: Sequence[Manifest], at: datetime) -> list[Manifest]:
+    """The newest set (of any type) captured at or before `at`: types that each restore the whole service."""
+    before = [m for m in manifests if _captured(m) <= at]
+    return [max(before, key=lambda m: (_captured(m), m.backup_id))] if before else []
+
+
+def newest_set_of_each_type_at(manifests: Sequence[Manifest], at: datetime) -> list[Manifest]:
+    """The newest set of each type captured at or before `at`: types that restore different parts."""
+    chosen = []
+    for backup_type in sorted({m.backup_type for m in manifests}):
+        chosen += newest_set_at([m for m in manifests if m.backup_type == backup_type], at)
+    return chosen
+
+
+def no_records(target: Any, source: Mapping[str, Any]) -> list[dict[str, Any]]:
+    raise RecordsUnavailable("this service keeps no records the estate's reference checks can read")
 
 
 def connection_for(conn_id: str, get_connection: Callable[[str], Any]) -> Any:

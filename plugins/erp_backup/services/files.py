@@ -41,9 +41,12 @@ from erp_backup.services.base import (
     TargetUsageError,
     connection_for,
 )
+from erp_backup.services.base import newest_set_at as sets_at  # noqa: F401
 from erp_backup.services.base import no_after_prune as after_prune  # noqa: F401
 from erp_backup.services.base import no_point_in_time as plan_point_in_time  # noqa: F401
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range  # noqa: F401
 from erp_backup.services.base import no_protected_sets as protected_sets  # noqa: F401
+from erp_backup.services.base import no_records as read_records  # noqa: F401
 from erp_backup.services.base import no_restore_to_time as restore_to_time  # noqa: F401
 from erp_backup.sets import BackupSet
 from erp_backup.stream import open_chain

@@ -52,9 +52,12 @@ import zstandard
 
 from erp_backup.manifest import Manifest
 from erp_backup.services.base import BackupContext, BackupOutcome, CliTarget, ScratchSpec, TargetUsageError
+from erp_backup.services.base import newest_set_at as sets_at
 from erp_backup.services.base import no_after_prune as after_prune
 from erp_backup.services.base import no_point_in_time as plan_point_in_time
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range
 from erp_backup.services.base import no_protected_sets as protected_sets
+from erp_backup.services.base import no_records as read_records
 from erp_backup.services.base import no_restore_to_time as restore_to_time
 from erp_backup.services.gitlab.commands import (
     BACKUP_INFORMATION,
@@ -88,9 +91,28 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "GitLabBackupError",
-    "GitLabRestoreError", "after_prune", "backup", "check_restored", "plan_point_in_time", "protected_sets",
-    "restore", "restore_to_time", "scratch_spec", "scratch_target", "source_size", "target_from_cli", "verify",
+    "DEFAULT_PORTS",
+    "DRILL_TYPES",
+    "PITR_TYPES",
+    "RESTORE_OPTIONS",
+    "RESTORE_TYPES",
+    "SUPPORTED_TYPES",
+    "GitLabBackupError",
+    "GitLabRestoreError",
+    "after_prune",
+    "backup",
+    "check_restored",
+    "plan_point_in_time", "point_in_time_range",
+    "protected_sets",
+    "read_records",
+    "restore",
+    "restore_to_time",
+    "scratch_spec",
+    "scratch_target",
+    "sets_at",
+    "source_size",
+    "target_from_cli",
+    "verify",
     "versions",
 ]
 

@@ -85,8 +85,10 @@ from erp_backup.services.base import (
     airflow_connection,
     connection_for,
 )
+from erp_backup.services.base import newest_set_at as sets_at
 from erp_backup.services.base import no_after_prune as after_prune
 from erp_backup.services.base import no_point_in_time as plan_point_in_time
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range
 from erp_backup.services.base import no_restore_to_time as restore_to_time
 from erp_backup.services.minio.bucket_config import capture_bucket_config, config_summary, restore_bucket_config
 from erp_backup.services.minio.endpoint import Endpoint, endpoint_host, s3_client
@@ -115,6 +117,7 @@ from erp_backup.services.minio.layout import (
     valid_bucket_name,
 )
 from erp_backup.services.minio.mirror import backup, previous_set
+from erp_backup.services.minio.records import read_records
 from erp_backup.services.minio.restore import RESTORE_OPTIONS as _RESTORE_OPTION_NAMES
 from erp_backup.services.minio.restore import (
     RestoreTarget,
@@ -128,14 +131,59 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DEFAULT_BUCKETS", "DEFAULT_MAX_WORKERS", "DRILL_TYPES", "INCREMENTAL_TYPES", "LAYOUT", "MAX_PARTS", "MIB",
-    "PART_SIZE", "PITR_TYPES", "RESTORE_TYPES", "SUPPORTED_TYPES", "Action", "BucketMissing", "Endpoint", "Listed",
-    "MinioError", "MirrorOptions", "RestoreFailed", "RestoreTarget", "after_prune", "b64_sha256", "backup",
-    "capture_bucket_config", "check_restored", "composite_sha256", "config_file", "config_summary", "endpoint_host",
-    "is_multipart_etag", "normalized_prefix", "normalized_time", "object_file", "part_size_for", "plan_object",
-    "plan_point_in_time", "previous_set", "protected_sets", "restore", "restore_bucket", "restore_bucket_config",
-    "restore_to_time", "s3_client", "scratch_spec", "scratch_target", "source_size", "target_from_cli",
-    "target_key", "valid_bucket_name", "verify", "versions", "whole_object_sha256",
+    "DEFAULT_BUCKETS",
+    "DEFAULT_MAX_WORKERS",
+    "DRILL_TYPES",
+    "INCREMENTAL_TYPES",
+    "LAYOUT",
+    "MAX_PARTS",
+    "MIB",
+    "PART_SIZE",
+    "PITR_TYPES",
+    "RESTORE_TYPES",
+    "SUPPORTED_TYPES",
+    "Action",
+    "BucketMissing",
+    "Endpoint",
+    "Listed",
+    "MinioError",
+    "MirrorOptions",
+    "RestoreFailed",
+    "RestoreTarget",
+    "after_prune",
+    "b64_sha256",
+    "backup",
+    "capture_bucket_config",
+    "check_restored",
+    "composite_sha256",
+    "config_file",
+    "config_summary",
+    "endpoint_host",
+    "is_multipart_etag",
+    "normalized_prefix",
+    "normalized_time",
+    "object_file",
+    "part_size_for",
+    "plan_object",
+    "plan_point_in_time", "point_in_time_range",
+    "previous_set",
+    "protected_sets",
+    "read_records",
+    "restore",
+    "restore_bucket",
+    "restore_bucket_config",
+    "restore_to_time",
+    "s3_client",
+    "scratch_spec",
+    "scratch_target",
+    "sets_at",
+    "source_size",
+    "target_from_cli",
+    "target_key",
+    "valid_bucket_name",
+    "verify",
+    "versions",
+    "whole_object_sha256",
 ]
 
 log = logging.getLogger(__name__)

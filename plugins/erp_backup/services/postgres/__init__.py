@@ -40,6 +40,7 @@ from erp_backup.services.base import (
     ScratchSpec,
     TargetUsageError,
 )
+from erp_backup.services.base import newest_set_at as sets_at
 from erp_backup.services.postgres import chain, pitr, snapshot, wal
 from erp_backup.services.postgres.checks import check_full_restore, check_point_in_time
 from erp_backup.services.postgres.commands import (
@@ -51,6 +52,7 @@ from erp_backup.services.postgres.commands import (
 )
 from erp_backup.services.postgres.conninfo import conninfo_from_cli, redact_conninfo
 from erp_backup.services.postgres.dump import backup_full, verify_full
+from erp_backup.services.postgres.records import read_records
 from erp_backup.services.postgres.restore import OPTION_NAMES, restore_full
 from erp_backup.sets import BackupSet
 
@@ -58,10 +60,34 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "PgEndpoint", "PostgresBackupError",
-    "RestoreConflict", "RestoreError", "SourceServer", "after_prune", "backup", "backup_full", "check_restored",
-    "plan_point_in_time", "protected_sets", "restore", "restore_full", "restore_to_time", "scratch_spec",
-    "scratch_target", "source_size", "target_from_cli", "verify", "verify_full", "versions",
+    "DRILL_TYPES",
+    "PITR_TYPES",
+    "RESTORE_OPTIONS",
+    "RESTORE_TYPES",
+    "SUPPORTED_TYPES",
+    "PgEndpoint",
+    "PostgresBackupError",
+    "RestoreConflict",
+    "RestoreError",
+    "SourceServer",
+    "after_prune",
+    "backup",
+    "backup_full",
+    "check_restored",
+    "plan_point_in_time",
+    "protected_sets",
+    "read_records",
+    "restore",
+    "restore_full",
+    "restore_to_time",
+    "scratch_spec",
+    "scratch_target",
+    "sets_at",
+    "source_size",
+    "target_from_cli",
+    "verify",
+    "verify_full",
+    "versions",
 ]
 
 FULL_TYPE = "full"
@@ -207,9 +233,22 @@ def plan_point_in_time(manifests: Sequence[Manifest], at: datetime) -> PointInTi
     except pitr.RestoreError as exc:
         raise PointInTimeUnavailable(str(exc)) from None
     wal_bytes = sum(inventory.wal_manifests[set_id].total_size for set_id in recovery.wal_sets)
+    newest = max((f.archived_at for f in inventory.wal.values()), default=None)
     sets = ((chain.SNAPSHOT_TYPE, recovery.base.backup_id), *((chain.WAL_TYPE, set_id) for set_id in recovery.wal_sets))
     return PointInTimeChain(base=recovery.base_manifest, sets=sets, replay_bytes=wal_bytes,
-                            details={**recovery.as_dict(), "wal_bytes": wal_bytes})
+                            details={**recovery.as_dict(), "wal_bytes": wal_bytes,
+                                     "newest_archived_at": newest.isoformat() if newest else None})
+
+
+def point_in_time_range(manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None:
+    """From the newest usable base's consistency point to the last WAL reached from it without a gap."""
+    bases = [m for m in manifests if m.backup_type == chain.SNAPSHOT_TYPE]
+    wals = [m for m in manifests if m.backup_type == chain.WAL_TYPE]
+    spans = pitr.coverage(pitr.build_inventory(bases, wals))
+    if not spans:
+        return None
+    newest = max(spans, key=lambda span: (span.earliest, span.base_id))
+    return newest.earliest, newest.latest
 
 
 def _recovery_actions(details: Mapping[str, Any]) -> list[str]:

@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 from erp_backup.manifest import Manifest
 from erp_backup.scratch.redis import ScratchRedis
 from erp_backup.services.base import CliTarget, ScratchSpec, TargetUsageError
+from erp_backup.services.base import newest_set_at as sets_at
 from erp_backup.services.base import no_after_prune as after_prune
 from erp_backup.services.base import no_point_in_time as plan_point_in_time
+from erp_backup.services.base import no_point_in_time_range as point_in_time_range
 from erp_backup.services.base import no_protected_sets as protected_sets
+from erp_backup.services.base import no_records as read_records
 from erp_backup.services.base import no_restore_to_time as restore_to_time
 from erp_backup.services.redis.commands import RDB_FILE
 from erp_backup.services.redis.rdb import backup, verify
@@ -40,9 +43,28 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RDB_FILE", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "after_prune",
-    "backup", "check_restored", "plan_point_in_time", "protected_sets", "restore", "restore_to_time",
-    "scratch_spec", "scratch_target", "source_size", "target_from_cli", "verify", "versions",
+    "DEFAULT_PORTS",
+    "DRILL_TYPES",
+    "PITR_TYPES",
+    "RDB_FILE",
+    "RESTORE_OPTIONS",
+    "RESTORE_TYPES",
+    "SUPPORTED_TYPES",
+    "after_prune",
+    "backup",
+    "check_restored",
+    "plan_point_in_time", "point_in_time_range",
+    "protected_sets",
+    "read_records",
+    "restore",
+    "restore_to_time",
+    "scratch_spec",
+    "scratch_target",
+    "sets_at",
+    "source_size",
+    "target_from_cli",
+    "verify",
+    "versions",
 ]
 
 SUPPORTED_TYPES = frozenset({"rdb"})
