@@ -1,4 +1,8 @@
-"""RabbitMQ and the GitLab stand-in in containers of the tests' engine, reached through the Docker API.
+"""Redis, RabbitMQ and the GitLab stand-in in containers of the tests' engine.
+
+- Redis (erp-local/redis, password from a config on stdin, as in docker-compose.yaml): `redis-cli
+  --rdb` from the worker through the port published on 127.0.0.1 (the Redis service has no
+  docker-exec mode), restored into a scratch server and compared key by key.
 
 - RabbitMQ (erp-local/rabbitmq, management plugin): definitions exported with `rabbitmqctl` by
   `docker exec`, restored into a scratch container of the drill's docker backend over its
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import tarfile
 import time
 import uuid
@@ -27,7 +32,9 @@ from erp_backup import steps
 from erp_backup.drill.targets import DRILL_LABEL, DockerBackend, LocalBackend, ProductionGuard
 from erp_backup.plan import DrillDockerPlan, load_plan
 from erp_backup.services import get_service
+from erp_backup.scratch.redis import ScratchRedis
 from erp_backup.services import rabbitmq as svc
+from erp_backup.services import redis as redis_svc
 from erp_backup.services.base import CheckContext, RunInfo
 from erp_backup.sets import SetState
 from tests.fixtures.docker_engine import DockerEngine
@@ -59,6 +66,50 @@ def exec_ok(engine: DockerEngine, container: str, *argv: str, stdin_text: str | 
     code = engine.api.exec_inspect(exec_id)["ExitCode"]
     assert code == 0, f"{argv}: {out.decode(errors='replace')}"
     return out.decode()
+
+
+# ───────────── Redis ─────────────
+
+
+def test_redis_in_a_container_backs_up_over_its_loopback_port_and_restores_exactly(
+        docker_engine: DockerEngine, docker_images: dict[str, str], services_network: str, tmp_path: Path):
+    api, name, password = docker_engine.api, "erp-redis", uuid.uuid4().hex
+    api.create_container(
+        docker_images["redis"], ["sh", "-c", 'printf "requirepass %s\\nbind 0.0.0.0\\n" "$REDISCLI_AUTH" | exec redis-server -'],
+        name=name, environment={"REDISCLI_AUTH": password}, ports=[6379],
+        host_config=api.create_host_config(network_mode=services_network, port_bindings={6379: ("127.0.0.1", None)}))
+    try:
+        api.start(name)
+        port = int(api.port(name, 6379)[0]["HostPort"])
+        assert password not in json.dumps(api.inspect_container(name)["Args"])  # the secret is not in argv
+        deadline = time.monotonic() + 30
+        while exec_code(docker_engine, name, "redis-cli", "ping") != 0:
+            assert time.monotonic() < deadline, api.logs(name).decode(errors="replace")
+            time.sleep(0.3)
+        exec_ok(docker_engine, name, "sh", "-c", "for i in $(seq 1 50); do redis-cli SET order:$i total=$i >/dev/null; done;"
+                " redis-cli -n 3 HSET tenant:acme seats 40 >/dev/null")
+        started = datetime.now(timezone.utc)
+        conn = Connection(conn_id="erp_redis", conn_type="redis", host="127.0.0.1", port=port, password=password)
+        ctx = make_backup_context(tmp_path / "staging", service="redis", backup_type="rdb",
+                                  run=RunInfo("backup_redis_rdb", "manual", started), backup_id="20261203T031500Z",
+                                  connection=conn)
+        outcome = redis_svc.backup(ctx)
+        manifest = make_manifest(context=ctx, outcome=outcome, captured_started_at=started,
+                                 captured_finished_at=datetime.now(timezone.utc))
+    finally:
+        api.remove_container(name, force=True, v=True)
+    assert manifest.details["keyspace"]["0"]["keys"] == 50 and manifest.details["keyspace"]["3"]["keys"] == 1
+    assert redis_svc.verify(ctx.backup_set, manifest) == []
+    scratch = ScratchRedis(tmp_path / "scratch")
+    try:
+        report = redis_svc.restore(ctx.backup_set.path, manifest, scratch)
+        assert report.ok and report.problems == [] and report.restored_bytes == manifest.details["rdb_bytes"]
+        get = ["redis-cli", "-h", "127.0.0.1", "-p", str(scratch.port)]
+        assert subprocess.run([*get, "GET", "order:42"], capture_output=True, check=True).stdout.strip() == b"total=42"
+        assert subprocess.run([*get, "-n", "3", "HGET", "tenant:acme", "seats"], capture_output=True,
+                              check=True).stdout.strip() == b"40"
+    finally:
+        scratch.stop()
 
 
 # ───────────── RabbitMQ ─────────────
