@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from erp_backup.drill import records, runner
-from erp_backup.drill.targets import DRILL_LABEL, DockerBackend, LocalBackend, ProductionGuard, drill_scratch_root
-from erp_backup.plan import load_plan
+from erp_backup.drill.targets import DRILL_LABEL, DockerBackend, LocalBackend, ProductionGuard
+from erp_backup.plan import DrillDockerPlan, load_plan
 from erp_backup.services import get_service
 from tests.fixtures.docker_engine import SOCKET as SOCKET_PATH
 from tests.fixtures.docker_engine import DockerEngine
@@ -42,11 +42,11 @@ ROOT = Path(__file__).resolve().parents[3]
 DOCKER_IMAGES = {"postgres": "erp-local/postgres:{tag}", "rabbitmq": "erp-local/rabbitmq:{tag}"}
 
 
-def labelled(engine: DockerEngine) -> list[str]:
-    """Every container and network of any drill on the engine."""
-    api = engine.api
-    containers = [c["Names"][0] for c in api.containers(all=True, filters={"label": [DRILL_LABEL]})]
-    networks = [n["Name"] for n in api.networks(filters={"label": [DRILL_LABEL]})]
+def labelled(engine: DockerEngine, run_id: str | None = None) -> list[str]:
+    """Every container and network of any drill (or of drill `run_id`) on the engine."""
+    label = [f"{DRILL_LABEL}={run_id}" if run_id else DRILL_LABEL]
+    containers = [c["Names"][0] for c in engine.api.containers(all=True, filters={"label": label})]
+    networks = [n["Name"] for n in engine.api.networks(filters={"label": label})]
     return containers + networks
 
 
@@ -102,7 +102,7 @@ def test_a_failed_restore_in_a_container_is_torn_down(dagbag, airflow_db, docker
 KILLED_WORKER = """
 import json, sys, time
 from erp_backup.drill import runner
-from erp_backup.plan import load_plan
+from erp_backup.plan import DrillDockerPlan, load_plan
 from erp_backup.services import get_service
 plan = load_plan(sys.argv[1])
 backend = runner.make_backend(plan, "docker", lambda conn_id: (_ for _ in ()).throw(LookupError(conn_id)))
@@ -135,7 +135,7 @@ def test_a_sigkilled_workers_target_is_removed_by_the_next_runs_clean_leftovers(
     assert labelled(docker_engine) == []
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def production(docker_engine: DockerEngine, docker_images: dict[str, str]) -> Iterator[dict[str, str]]:
     """A stand-in production server (erp-local/redis) on its own network, as in the seed's deployment."""
     api = docker_engine.api
@@ -158,15 +158,17 @@ def connects(engine: DockerEngine, container: str, host: str, port: int) -> bool
     return engine.api.exec_inspect(exec_id)["ExitCode"] == 0
 
 
-@pytest.fixture
-def docker_target(docker_drill: Drill, docker_engine: DockerEngine):
+@pytest.fixture(scope="module")
+def docker_target(docker_engine: DockerEngine, docker_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """One scratch PostgreSQL target of the docker backend, shared by the isolation tests."""
     guard = ProductionGuard([])
-    backend = DockerBackend(docker_engine.api, guard, LocalBackend(drill_scratch_root(docker_drill.plan), guard),
-                            docker_plan=docker_drill.plan.drill.docker)
+    backend = DockerBackend(docker_engine.api, guard, LocalBackend(tmp_path_factory.mktemp("scratch"), guard),
+                            docker_plan=DrillDockerPlan(pull="never", images=DOCKER_IMAGES))
     info = backend.start(get_service("postgres").scratch_spec("full", {}), "postgres", "full", "drill:manual__iso",
                          run_id="manual__iso")
     yield info
     backend.stop(info)
+    assert labelled(docker_engine) == []
 
 
 def test_the_target_publishes_on_loopback_only_and_cannot_resolve_production(docker_engine: DockerEngine, docker_target,
@@ -229,7 +231,7 @@ def test_a_worker_in_a_container_joins_the_drill_network_and_reaches_the_target_
         assert result["done"] == [f"removed container {result['container']}",
                                   f"disconnected {result['worker']} from {result['container']}",
                                   f"removed network {result['container']}"]
-        assert labelled(docker_engine) == []
+        assert labelled(docker_engine, "manual__in") == []
         assert list(api.inspect_container(worker)["NetworkSettings"]["Networks"]) == ["erp-test-workers"]
     finally:
         api.remove_container(worker, force=True, v=True)
