@@ -1,9 +1,11 @@
-# syntax=docker/dockerfile:1
 # ALL-ERP backup image: Airflow 3.3.2 plus our Python requirements and the
 # client tools the backup, restore and drill tasks run. See docs/deployment.md.
 #
 # The -python3.11 variant of the 3.3.2 image: the Python the project is developed
-# and tested on. Its base is Debian bookworm.
+# and tested on. Its base is Debian bookworm. Where no registry can be reached,
+# include/scripts/build_images.sh passes AIRFLOW_IMAGE=erp-local/airflow-base:3.3.2,
+# a stand-in with the same layout built from Debian packages, and pip's
+# PIP_NO_INDEX / PIP_FIND_LINKS (a wheelhouse built on the host) as build args.
 ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11
 FROM ${AIRFLOW_IMAGE}
 
@@ -16,6 +18,7 @@ USER root
 #   zstd                  compression CLI
 #   etcd-client           etcdctl (snapshot save/status/restore); etcd-server: scratch etcd for restore checks
 #   redis-tools           redis-cli (--rdb), redis-check-rdb; redis-server: scratch Redis for restore checks
+#   rabbitmq-server       rabbitmqctl, and the scratch node of the local-backend RabbitMQ drill
 # If a future base image is not bookworm, postgresql-client-15 comes from the PGDG apt repository instead.
 # policy-rc.d keeps the packages' daemons from starting during the build.
 RUN set -eux; \
@@ -35,7 +38,8 @@ RUN set -eux; \
         etcd-client \
         etcd-server \
         redis-tools \
-        redis-server; \
+        redis-server \
+        rabbitmq-server; \
     rm -f /usr/sbin/policy-rc.d; \
     apt-get autoremove -yqq --purge; \
     apt-get clean; \
@@ -46,7 +50,7 @@ RUN set -eux; \
     zstd --version; \
     etcdctl version; \
     redis-cli --version; \
-    command -v redis-check-rdb redis-server etcd
+    command -v redis-check-rdb redis-server etcd rabbitmq-server rabbitmqctl
 
 # Where erp_backup.scratch_pg finds initdb/pg_ctl (they are not on PATH).
 ENV ERP_PG_BINDIR=/usr/lib/postgresql/15/bin
@@ -57,6 +61,9 @@ USER airflow
 # can never up- or downgrade Airflow while resolving requirements.txt.
 # requirements.txt also holds the test tools (pytest, moto, hypothesis): some tens of MB,
 # accepted so the image can run the test suite against its own tools.
-COPY --chown=airflow:0 requirements.txt /requirements.txt
-RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /requirements.txt \
+# constraints.txt pins the whole tree, exactly as the tests ran it.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+COPY --chown=airflow:0 requirements.txt constraints.txt /
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /requirements.txt -c /constraints.txt \
     && python -c "import airflow, docker, psycopg, pymilvus, yaml, zstandard; print('airflow', airflow.__version__)"

@@ -24,4 +24,5 @@ pytest_plugins = [
     "tests.fixtures.pg_estate",
     "tests.fixtures.pitr",
     "tests.fixtures.milvus",
+    "tests.fixtures.docker_engine",
 ]

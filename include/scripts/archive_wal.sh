@@ -72,6 +72,8 @@ fi
 tmp=$archive_dir/.$file_name.tmp.$$
 trap 'rm -f "$tmp"' EXIT
 cp "$source_path" "$tmp" || fail "$file_name: copy to $tmp failed (disk full? permissions?)"
+# cp keeps the source's mode under the umask, and PostgreSQL writes its segments 0600.
+chmod 0640 "$tmp" || fail "$file_name: chmod of $tmp failed"
 sync "$tmp" || fail "$file_name: fsync of $tmp failed"
 # A hard link is an atomic "create if absent": it never replaces an existing file.
 if ! ln "$tmp" "$target" 2>/dev/null; then

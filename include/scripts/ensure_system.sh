@@ -3,7 +3,10 @@
 # Idempotent: packages already present are not reinstalled, running services are left alone.
 set -euo pipefail
 
-PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux)
+# docker.io, docker-compose, debootstrap: the tests' private Docker engine and its images
+# (tests/fixtures/docker_engine.py, include/scripts/build_images.sh).
+PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux
+          docker.io docker-compose debootstrap)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

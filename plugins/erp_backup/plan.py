@@ -59,11 +59,31 @@ class OffsitePlan:
     path: str
 
 
+PULL_POLICIES = ("if-missing", "always", "never")
+
+
+@dataclass(frozen=True)
+class DrillDockerPlan:
+    """The Docker backend's images: `images` maps a scratch kind to an image reference in which
+    `{image}` is the image the service asks for (`postgres:15`) and `{tag}` its tag (`15`)."""
+
+    pull: Literal["if-missing", "always", "never"] = "if-missing"
+    images: dict[str, str] = field(default_factory=dict)
+
+    def image_for(self, kind: str, default: str) -> str:
+        template = self.images.get(kind)
+        if not template:
+            return default
+        _, _, tag = default.rpartition(":")
+        return template.format(image=default, tag=tag if "/" not in tag else "latest")
+
+
 @dataclass(frozen=True)
 class DrillPlan:
     schedule: str
     timezone: str
     backend: Literal["local", "docker"]
+    docker: DrillDockerPlan = field(default_factory=DrillDockerPlan)
 
 
 @dataclass(frozen=True)
@@ -191,6 +211,26 @@ class _Reader:
         return value
 
 
+def _read_drill_docker(docker: _Reader) -> DrillDockerPlan:
+    """`drill.docker`: the pull policy and an image per scratch kind (`erp_backup.scratch.local.KINDS`)."""
+    from erp_backup.scratch.local import KINDS
+
+    docker.only("pull", "images")
+    pull = docker.get("pull", str, "if-missing")
+    if pull not in PULL_POLICIES:
+        docker.fail(f"must be one of {', '.join(PULL_POLICIES)}, got {pull!r}", "pull")
+    images = docker.sub("images", {})
+    for kind in images.data:
+        if kind not in KINDS:
+            images.fail(f"unknown scratch kind {kind!r} (known: {', '.join(sorted(KINDS))})", kind)
+        template = images.get(kind, str)
+        try:
+            template.format(image="postgres:15", tag="15")
+        except (KeyError, IndexError, ValueError) as exc:
+            images.fail(f"image {template!r} may use only {{image}} and {{tag}} ({exc!r})", kind)
+    return DrillDockerPlan(pull=cast(Literal["if-missing", "always", "never"], pull), images=dict(images.data))
+
+
 def _disabled_by_env() -> set[str]:
     return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
 
@@ -290,10 +330,11 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     offsite_plan = _read_offsite(top.sub("offsite"))
 
     drill = top.sub("drill")
-    drill.only("schedule", "timezone", "backend")
+    drill.only("schedule", "timezone", "backend", "docker")
     backend = drill.get("backend", str, "local")
     if backend not in ("local", "docker"):
         drill.fail(f"must be 'local' or 'docker', got {backend!r}", "backend")
+    drill_docker = _read_drill_docker(drill.sub("docker", {}))
 
     jobs, enabled, service_errors = _read_services(top, tz, isolate_services, broken or {})
 
@@ -304,7 +345,8 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
         timezone=tz,
         slack_conn_id=alerts.get("slack_conn_id", str),
         offsite=offsite_plan,
-        drill=DrillPlan(schedule=drill.cron("schedule"), timezone=drill.timezone("timezone", tz), backend=backend),
+        drill=DrillPlan(schedule=drill.cron("schedule"), timezone=drill.timezone("timezone", tz), backend=backend,
+                        docker=drill_docker),
         jobs=tuple(jobs),
         services_enabled=enabled,
         service_errors=service_errors,

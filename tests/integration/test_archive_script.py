@@ -67,6 +67,16 @@ def test_new_segment_is_copied_logged_and_private(dirs: tuple[Path, Path]) -> No
     assert before <= entry.archived_at <= datetime.now(timezone.utc)
 
 
+def test_a_0600_segment_as_postgresql_writes_it_is_archived_group_readable(dirs: tuple[Path, Path]) -> None:
+    """Found on a real engine (issue 9): cp kept PostgreSQL's 0600, so the worker (gid 0) could not read it."""
+    source, archive = dirs
+    (source / SEGMENT).chmod(0o600)
+    done = run_script(str(source / SEGMENT), SEGMENT, str(archive))
+    assert done.returncode == 0, done.stderr
+    assert (archive / SEGMENT).stat().st_mode & 0o777 == 0o640
+    assert (archive / "archive.log").stat().st_mode & 0o777 == 0o640
+
+
 def test_identical_segment_exits_0_and_is_logged_once(dirs: tuple[Path, Path]) -> None:
     source, archive = dirs
     assert run_script(str(source / SEGMENT), SEGMENT, str(archive)).returncode == 0

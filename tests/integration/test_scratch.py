@@ -228,6 +228,34 @@ def test_redis_under_a_root_over_100_characters_starts_with_its_socket_in_a_shor
     assert not running(pid, "redis-server") and socket_dir is not None and not socket_dir.exists()
 
 
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_the_drills_local_backend_under_a_long_scratch_root_starts_and_removes_its_target(deep_root: Path, kind: str):
+    """Issue 9: a 44-character scratch root made the drill's scratch PostgreSQL fail ("pg_ctl failed")."""
+    from erp_backup.drill.targets import drill_scratch_root
+    from erp_backup.plan import load_plan
+
+    root = drill_scratch_root(load_plan())
+    assert root.parent == deep_root and len(str(root)) > 44
+    backend = LocalBackend(root, ProductionGuard([]))
+    info = backend.start_kind(kind, f"svc-{kind}", "full", OWNER, pg_major=None, timeout=120)
+    try:
+        assert Path(info.base_dir or "").parent == root
+        if kind == "postgres":
+            socket_dir = ScratchPostgres.attach(Path(info.base_dir or "")).socket_dir
+            with psycopg.connect(info.pg_conninfo, connect_timeout=5) as conn:
+                assert conn.execute("SHOW unix_socket_directories").fetchone() == (str(socket_dir),)
+        else:
+            server = ScratchRedis(dir=Path(info.base_dir or "") / "data", port=info.port).start(timeout=30)
+            socket_dir = server.socket_dir
+            assert subprocess.run(["redis-cli", "-p", str(info.port), "PING"], capture_output=True,
+                                  check=True).stdout.strip() == b"PONG"
+        assert socket_dir is not None and socket_dir.name.startswith("erp-s-") and len(str(socket_dir)) < 40
+    finally:
+        backend.stop(info)
+    assert not Path(info.base_dir or "").exists() and not socket_dir.exists()
+    shutil.rmtree(root)
+
+
 # ───────────── etcd by pid file (moved from the etcd round trip) ─────────────
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk import Connection
+from docker.errors import ImageNotFound
 from docker.types import HostConfig
 
 from erp_backup.drill.targets import (
@@ -20,6 +21,7 @@ from erp_backup.drill.targets import (
     ProductionTargetRefused,
     TargetError,
 )
+from erp_backup.plan import DrillDockerPlan
 from erp_backup.scratch.base import TargetInfo
 from erp_backup.services import get_service
 from erp_backup.services.base import ScratchSpec
@@ -33,10 +35,11 @@ class FakeAPIClient:
     """Records every call; answers like the Docker API does (docker.APIClient method names and arguments)."""
 
     def __init__(self, host_ip: str = "127.0.0.1", host_port: str = "49153", existing: list[dict] | None = None,
-                 networks: list[dict] | None = None):
+                 networks: list[dict] | None = None, images: set[str] | None = None):
         self.calls: list[tuple[str, tuple, dict]] = []
         self.host_ip, self.host_port = host_ip, host_port
         self.existing, self.existing_networks = existing or [], networks or []
+        self.images = images  # None: every image is on the engine
 
     def _record(self, _call: str, *args: Any, **kwargs: Any) -> None:
         self.calls.append((_call, args, kwargs))
@@ -47,6 +50,12 @@ class FakeAPIClient:
     def create_network(self, name, **kwargs):
         self._record("create_network", name, **kwargs)
         return {"Id": f"net-{name}"}
+
+    def inspect_image(self, image):
+        self._record("inspect_image", image)
+        if self.images is not None and image not in self.images:
+            raise ImageNotFound(f"No such image: {image}")
+        return {"Id": f"sha256:{image}"}
 
     def pull(self, repository, tag=None, **kwargs):
         self._record("pull", repository, tag=tag, **kwargs)
@@ -99,7 +108,7 @@ def backend(tmp_path: Path, api: FakeAPIClient, guard: ProductionGuard | None = 
     return docker
 
 
-def test_postgres_target_is_the_backed_up_major_on_an_internal_network_bound_to_loopback(tmp_path):
+def test_postgres_target_is_the_backed_up_major_on_its_own_network_bound_to_loopback(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
     info = docker.start(spec("postgres", "full", {"postgres_major": 16}), "postgres", "full", OWNER, run_id=RUN_ID)
@@ -107,9 +116,10 @@ def test_postgres_target_is_the_backed_up_major_on_an_internal_network_bound_to_
     name = info.container
     assert name and name.startswith("erp-drill-scheduled-2026-11-29t21-00") and name.endswith("-postgres")
     labels = {DRILL_LABEL: RUN_ID, SERVICE_LABEL: "postgres"}
-    assert api.named("create_network") == [((name,), {"driver": "bridge", "internal": True, "labels": labels,
+    # Not internal: Docker publishes no port from an internal network.
+    assert api.named("create_network") == [((name,), {"driver": "bridge", "internal": False, "labels": labels,
                                                       "check_duplicate": True})]
-    assert api.named("pull") == [(("postgres",), {"tag": "16"})]
+    assert api.named("inspect_image") == [(("postgres:16",), {})] and api.named("pull") == []
     assert api.named("create_host_config") == [((), {"port_bindings": {5432: ("127.0.0.1", None)}, "network_mode": name})]
     (_, created), = api.named("create_container")
     assert created["image"] == "postgres:16" and created["name"] == name and created["labels"] == labels
@@ -124,15 +134,53 @@ def test_postgres_target_is_the_backed_up_major_on_an_internal_network_bound_to_
     assert password not in info.describe() and password not in repr(info)
     assert docker.ready_calls == [info]
     assert [call for call, _, _ in api.calls] == [
-        "create_network", "pull", "create_host_config", "create_container", "start", "port",
+        "create_network", "inspect_image", "create_host_config", "create_container", "start", "port",
     ]
+
+
+def test_a_missing_image_is_pulled_by_default(tmp_path):
+    api = FakeAPIClient(images=set())
+    backend(tmp_path, api).start(spec("postgres", "full", {"postgres_major": 16}), "postgres", "full", OWNER,
+                                 run_id=RUN_ID)
+    assert api.named("inspect_image") == [(("postgres:16",), {})]
+    assert api.named("pull") == [(("postgres",), {"tag": "16"})]
+
+
+def test_pull_always_pulls_even_a_present_image(tmp_path):
+    api = FakeAPIClient()
+    docker = backend(tmp_path, api, docker_plan=DrillDockerPlan(pull="always"))
+    docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
+    assert api.named("inspect_image") == [] and api.named("pull") == [(("postgres",), {"tag": "15"})]
+
+
+def test_pull_never_refuses_a_missing_image_and_leaves_nothing(tmp_path):
+    api = FakeAPIClient(images={"postgres:16"})
+    docker = backend(tmp_path, api, docker_plan=DrillDockerPlan(pull="never"))
+    with pytest.raises(TargetError, match=r"image postgres:15 is not on the Docker engine .* 'never'"):
+        docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
+    assert api.named("pull") == [] and api.named("create_container") == []
+    network = api.named("create_network")[0][0][0]
+    assert api.named("remove_network") == [((network,), {})]
+
+
+def test_the_plan_names_the_image_per_target_kind(tmp_path):
+    api = FakeAPIClient()
+    plan = DrillDockerPlan(images={"postgres": "mirror.example/erp/postgres:{tag}",
+                                   "rabbitmq": "erp-local/rabbitmq:{tag}", "milvus_lite": "mirror.example/{image}"})
+    docker = backend(tmp_path, api, docker_plan=plan)
+    images = [docker.start(spec(*args), args[0], args[1], OWNER, run_id=RUN_ID).image for args in (
+        ("postgres", "full", {"postgres_major": 16}), ("rabbitmq", "definitions", {"rabbitmq": "3.10.8"}),
+        ("milvus", "full", {"milvus": "v2.4.15"}), ("minio", "full", {}))]
+    assert images == ["mirror.example/erp/postgres:16", "erp-local/rabbitmq:3.10-management",
+                      "mirror.example/milvusdb/milvus:v2.4.15", "minio/minio:latest"]
+    assert [kwargs["image"] for _, kwargs in api.named("create_container")] == images
 
 
 def test_teardown_removes_the_container_and_its_network(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
     info = docker.start(spec("rabbitmq", "definitions", {"rabbitmq": "3.10.8"}), "rabbitmq", "definitions", OWNER, run_id=RUN_ID)
-    assert api.named("pull") == [(("rabbitmq",), {"tag": "3.10-management"})]
+    assert api.named("inspect_image") == [(("rabbitmq:3.10-management",), {})]
     assert api.named("create_host_config")[0][1]["port_bindings"] == {15672: ("127.0.0.1", None)}
     endpoint = get_service("rabbitmq").scratch_target(info)
     assert (endpoint.mode, endpoint.management_url, endpoint.login) == ("http", "http://127.0.0.1:49153", "drill")
@@ -143,19 +191,33 @@ def test_teardown_removes_the_container_and_its_network(tmp_path):
     assert done == [f"removed container {info.container}", f"removed network {info.network}"]
 
 
-def test_worker_in_a_container_joins_the_drill_network_and_uses_the_container_name(tmp_path):
+def test_worker_in_a_container_joins_an_internal_drill_network_and_uses_the_container_name(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api, worker_container="airflow-worker-1")
     info = docker.start(spec("milvus", "full", {}), "milvus", "full", OWNER, run_id=RUN_ID)
+    assert api.named("create_network")[0][1]["internal"] is True  # nothing is published, so nothing routes out
+    assert api.named("create_host_config") == [((), {"port_bindings": {}, "network_mode": info.network})]
     assert api.named("connect_container_to_network") == [(("airflow-worker-1", info.network), {})]
     assert api.named("port") == []
     assert (info.host, info.port, info.uri) == (info.container, 19530, f"http://{info.container}:19530")
-    assert api.named("pull") == [(("milvusdb/milvus",), {"tag": "v2.5.4"})]
+    assert api.named("inspect_image") == [(("milvusdb/milvus:v2.5.4",), {})]
     (_, created), = api.named("create_container")
     assert created["command"] == ["milvus", "run", "standalone"]
     api.calls.clear()
     docker.stop(info)
     assert api.named("disconnect_container_from_network") == [(("airflow-worker-1", info.network), {"force": True})]
+
+
+def test_worker_container_auto_is_this_container(monkeypatch, tmp_path):
+    from erp_backup.drill import targets
+
+    monkeypatch.setenv(targets.WORKER_CONTAINER_ENV, "auto")
+    monkeypatch.setattr(targets.socket, "gethostname", lambda: "3f2a9c0d1e4b")
+    monkeypatch.setattr("erp_backup.runner.docker_api", lambda conn_id, url: FakeAPIClient())
+    guard = ProductionGuard([])
+    assert DockerBackend.from_env(guard, LocalBackend(tmp_path, guard)).worker_container == "3f2a9c0d1e4b"
+    monkeypatch.setenv(targets.WORKER_CONTAINER_ENV, "")
+    assert DockerBackend.from_env(guard, LocalBackend(tmp_path, guard)).worker_container is None
 
 
 def test_a_port_published_beyond_loopback_is_refused_and_cleaned_up(tmp_path):

@@ -51,6 +51,34 @@ def test_the_drill_schedule_and_cron_aliases_need_five_fields_too():
         parse_plan(Path("plan.yaml"), data)
 
 
+def test_the_drill_docker_block_sets_the_pull_policy_and_an_image_per_scratch_kind():
+    plan = parse_plan(Path("plan.yaml"), raw_plan())
+    assert (plan.drill.docker.pull, plan.drill.docker.images) == ("if-missing", {})
+    assert plan.drill.docker.image_for("postgres", "postgres:15") == "postgres:15"
+    data = raw_plan()
+    data["drill"]["docker"] = {"pull": "never", "images": {"postgres": "erp-local/postgres:{tag}",
+                                                           "rabbitmq": "mirror.example:5000/{image}"}}
+    docker = parse_plan(Path("plan.yaml"), data).drill.docker
+    assert docker.pull == "never"
+    assert docker.image_for("postgres", "postgres:16") == "erp-local/postgres:16"
+    assert docker.image_for("rabbitmq", "rabbitmq:3.10-management") == "mirror.example:5000/rabbitmq:3.10-management"
+    assert docker.image_for("s3", "minio/minio:latest") == "minio/minio:latest"
+
+
+@pytest.mark.parametrize(("block", "error"), [
+    ({"pull": "sometimes"}, r"plan\.drill\.docker\.pull: must be one of if-missing, always, never, got 'sometimes'"),
+    ({"images": {"postgress": "x:{tag}"}}, r"plan\.drill\.docker\.images\.postgress: unknown scratch kind 'postgress'"),
+    ({"images": {"postgres": "x:{major}"}}, r"plan\.drill\.docker\.images\.postgres: image 'x:\{major\}' may use only"),
+    ({"images": {"postgres": 15}}, r"plan\.drill\.docker\.images\.postgres: must be str, got 15"),
+    ({"registry": "x"}, r"plan\.drill\.docker\.registry: unknown key 'registry'"),
+])
+def test_a_bad_drill_docker_block_names_the_field(block, error):
+    data = raw_plan()
+    data["drill"]["docker"] = block
+    with pytest.raises(PlanError, match=error):
+        parse_plan(Path("plan.yaml"), data)
+
+
 def test_yaml_duplicate_keys_are_found_with_their_lines():
     data, duplicates = load_yaml("a: 1\nb:\n  c: 2\n  c: 3\na: 4\nlist:\n  - {x: 1, x: 2}\n")
     assert data["a"] == 4  # what plain YAML would silently do

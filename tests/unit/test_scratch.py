@@ -144,3 +144,46 @@ def test_socket_dirs_are_short_private_and_only_they_are_removed(tmp_path: Path)
     other.mkdir()
     remove_socket_dir(other)
     assert other.exists()
+
+
+def test_wait_http_needs_an_http_answer_not_just_an_accepted_connection():
+    """docker-proxy accepts on a published port before the container's server listens, then resets."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from erp_backup.scratch.base import ScratchError, wait_http
+
+    resetting = socket.socket()
+    resetting.bind(("127.0.0.1", 0))
+    resetting.listen()
+
+    def reset_all() -> None:
+        while True:
+            try:
+                conn, _ = resetting.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=reset_all, daemon=True).start()
+    try:
+        with pytest.raises(ScratchError, match="did not answer HTTP"):
+            wait_http("127.0.0.1", resetting.getsockname()[1], 1.0, "the proxy")
+    finally:
+        resetting.close()
+
+    class Unauthorized(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_http("127.0.0.1", server.server_address[1], 5.0, "the management API")  # any status is an answer
+    finally:
+        server.shutdown()

@@ -48,8 +48,8 @@ def make_backend(plan: Plan, name: str, get_connection: Callable[[str], Any] = a
     local = LocalBackend(drill_scratch_root(plan), guard)
     if name == "docker":
         if docker_api is not None:
-            return DockerBackend(docker_api, guard, local)
-        return DockerBackend.from_env(guard, local)
+            return DockerBackend(docker_api, guard, local, docker_plan=plan.drill.docker)
+        return DockerBackend.from_env(guard, local, plan.drill.docker)
     return local
 
 

@@ -5,11 +5,12 @@ Two backends build a throwaway target for a (service, backup type):
 - `LocalBackend`: processes on 127.0.0.1 under one scratch root per backup root, one
   kind of `erp_backup.scratch` server per target (the kind registry `scratch.local`
   says how each is made, stopped and removed).
-- `DockerBackend`: a container of the matching image and major version on an
-  internal Docker network created per drill, ports published on 127.0.0.1 only,
-  labelled `erp-backup.drill=<run_id>`. Redis, etcd and GitLab have no container
-  target (their restores start a local server or only prepare files); they fall
-  back to the local backend.
+- `DockerBackend`: a container of the matching image and major version (the image
+  per kind and the pull policy from the plan's `drill.docker`) on a network created
+  per drill, its port published on 127.0.0.1 only, labelled
+  `erp-backup.drill=<run_id>`. Redis, etcd and GitLab have no container target
+  (their restores start a local server or only prepare files); they fall back to
+  the local backend.
 
 Every target is described by a `TargetInfo` (JSON, kept in the drill's state), so
 the teardown task, in another process, can stop it. Every target is labelled with
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from erp_backup.plan import Plan
+from erp_backup.plan import DrillDockerPlan, Plan
 from erp_backup.scratch import local as scratch_local
 from erp_backup.scratch.base import ScratchError, TargetInfo, scratch_root, wait_ready
 from erp_backup.scratch.local import START_TIMEOUT_S
@@ -251,30 +252,43 @@ def _ready(info: TargetInfo) -> None:
     wait_ready(info, START_TIMEOUT_S)
 
 
+def _worker_container(value: str | None) -> str | None:
+    """`$ERP_DRILL_WORKER_CONTAINER`: a container name or id; `auto` is this container (Docker sets its hostname to its id)."""
+    if value == "auto":
+        return socket.gethostname()
+    return value or None
+
+
 class DockerBackend:
     """Scratch containers through the Docker API (`docker.APIClient`, e.g. from the Docker provider's hook).
 
-    Each target gets its own internal network (`internal=True`: no route to
-    production or anywhere else) and publishes its port on 127.0.0.1 only. When the
-    worker itself runs in a container (`$ERP_DRILL_WORKER_CONTAINER`), that container
-    joins the drill network and reaches the target by name instead.
+    Each drill target gets its own user-defined bridge network and container, both
+    labelled `erp-backup.drill=<run_id>`, so the next run's `cleanup_leftovers` finds
+    what a killed worker left. A worker on the host reaches the target through its
+    port, published on 127.0.0.1 only (Docker publishes no port from an `internal`
+    network). A worker in a container (`$ERP_DRILL_WORKER_CONTAINER`) joins the drill
+    network instead, which is then `internal` (no route out of it at all), and
+    reaches the target by container name. The image per scratch kind and the pull
+    policy come from the plan (`drill.docker`).
     """
 
     name = "docker"
 
     def __init__(self, api: Any, guard: ProductionGuard, local: LocalBackend, *, worker_container: str | None = None,
-                 docker_conn_id: str | None = None, ready: Callable[[TargetInfo], None] = _ready):
+                 docker_conn_id: str | None = None, ready: Callable[[TargetInfo], None] = _ready,
+                 docker_plan: DrillDockerPlan | None = None):
         self.api, self.guard, self.local = api, guard, local
         self.worker_container, self.docker_conn_id, self.ready = worker_container, docker_conn_id, ready
+        self.docker_plan = docker_plan or DrillDockerPlan()
 
     @classmethod
-    def from_env(cls, guard: ProductionGuard, local: LocalBackend) -> DockerBackend:
+    def from_env(cls, guard: ProductionGuard, local: LocalBackend, docker_plan: DrillDockerPlan | None = None) -> DockerBackend:
         from erp_backup.runner import docker_api
 
         conn_id = os.environ.get(DOCKER_CONN_ENV) or None
-        url = os.environ.get(DOCKER_URL_ENV) or "unix:///var/run/docker.sock"
-        return cls(docker_api(conn_id, url), guard, local, worker_container=os.environ.get(WORKER_CONTAINER_ENV) or None,
-                   docker_conn_id=conn_id)
+        url = os.environ.get(DOCKER_URL_ENV) or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return cls(docker_api(conn_id, url), guard, local, worker_container=_worker_container(os.environ.get(WORKER_CONTAINER_ENV)),
+                   docker_conn_id=conn_id, docker_plan=docker_plan)
 
     def start(self, spec: ScratchSpec, service: str, backup_type: str, owner: str, *, run_id: str,
               timeout: float = START_TIMEOUT_S) -> TargetInfo:
@@ -284,12 +298,16 @@ class DockerBackend:
             return self.local.start(spec, service, backup_type, owner, run_id=run_id, timeout=timeout)
         name = f"erp-drill-{slug(run_id, 40)}-{service}"
         labels = {DRILL_LABEL: run_id, SERVICE_LABEL: service}
+        image = self.docker_plan.image_for(spec.kind, spec.container.image)
         info = TargetInfo(service=service, backup_type=backup_type, kind=spec.kind, backend=self.name, owner=owner,
-                          image=spec.container.image, container=name, network=name,
+                          image=image, container=name, network=name,
                           docker_conn_id=self.docker_conn_id, secret=secrets.token_hex(16))
-        log.info("drill %s: creating internal network %s and container %s (%s)", run_id, name, name, info.image)
-        self.api.create_network(name, driver="bridge", internal=True, labels=labels, check_duplicate=True)
+        internal = self.worker_container is not None
+        log.info("drill %s: creating %snetwork %s and container %s (%s)", run_id, "internal " if internal else "", name,
+                 name, image)
+        self.api.create_network(name, driver="bridge", internal=internal, labels=labels, check_duplicate=True)
         try:
+            self._ensure_image(image)
             self._run_container(info, spec.container, labels)
             self.guard.check(info)
             self.ready(info)
@@ -298,15 +316,32 @@ class DockerBackend:
             raise
         return info
 
+    def _ensure_image(self, image: str) -> None:
+        """Pull `image` as the plan's `drill.docker.pull` says: if-missing, always or never."""
+        from docker.errors import ImageNotFound
+
+        policy = self.docker_plan.pull
+        if policy != "always":
+            try:
+                self.api.inspect_image(image)
+                return
+            except ImageNotFound:
+                pass
+            if policy == "never":
+                raise TargetError(f"image {image} is not on the Docker engine and the plan's drill.docker.pull is "
+                                  "'never': build or load it there, or change drill.docker.images")
+        repository, tag = _split_image(image)
+        log.info("pulling %s:%s (drill.docker.pull: %s)", repository, tag, policy)
+        self.api.pull(repository, tag=tag)
+
     def _run_container(self, info: TargetInfo, spec: ContainerSpec, labels: dict[str, str]) -> None:
         name = info.container
-        assert name
-        repository, tag = _split_image(spec.image)
-        self.api.pull(repository, tag=tag)
-        host_config = self.api.create_host_config(port_bindings={spec.port: ("127.0.0.1", None)}, network_mode=name)
+        assert name and info.image
+        ports = {} if self.worker_container else {spec.port: ("127.0.0.1", None)}
+        host_config = self.api.create_host_config(port_bindings=ports, network_mode=name)
         environment = {**spec.environment, **dict.fromkeys(spec.secret_env, info.secret)}
         self.api.create_container(
-            image=spec.image, name=name, labels=labels, environment=environment,
+            image=info.image, name=name, labels=labels, environment=environment,
             command=list(spec.command) if spec.command else None, ports=[spec.port], host_config=host_config, detach=True,
         )
         self.api.start(name)
@@ -315,15 +350,18 @@ class DockerBackend:
             info.worker_container = self.worker_container
             info.host, info.port = name, spec.port
         else:
-            bindings = self.api.port(name, spec.port) or []
-            if not bindings:
-                raise TargetError(f"container {name}: port {spec.port} was not published on 127.0.0.1")
-            binding = bindings[0]
-            if binding.get("HostIp") != "127.0.0.1":
-                raise TargetError(f"container {name}: port {spec.port} published on {binding.get('HostIp')!r}, not 127.0.0.1")
-            info.host, info.port = "127.0.0.1", int(binding["HostPort"])
+            info.host, info.port = "127.0.0.1", self._published_port(name, spec.port)
         if spec.uri_scheme:
             info.uri = f"{spec.uri_scheme}://{info.host}:{info.port}"
+
+    def _published_port(self, name: str, port: int) -> int:
+        bindings = self.api.port(name, port) or []
+        if not bindings:
+            raise TargetError(f"container {name}: port {port} was not published on 127.0.0.1")
+        wrong = [binding.get("HostIp") for binding in bindings if binding.get("HostIp") != "127.0.0.1"]
+        if wrong:
+            raise TargetError(f"container {name}: port {port} published on {wrong[0]!r}, not 127.0.0.1")
+        return int(bindings[0]["HostPort"])
 
     def stop(self, info: TargetInfo) -> list[str]:
         if info.backend != self.name:
@@ -346,7 +384,7 @@ class DockerBackend:
         return done
 
     def cleanup_leftovers(self, keep_run_id: str | None) -> list[str]:
-        """Remove containers and networks labelled by other drill runs."""
+        """Remove containers (with their anonymous volumes) and networks labelled by other drill runs."""
         removed = []
         for container in self.api.containers(all=True, filters={"label": [DRILL_LABEL]}):
             labels = container.get("Labels") or {}
@@ -361,8 +399,8 @@ class DockerBackend:
             if self.worker_container:
                 try:
                     self.api.disconnect_container_from_network(self.worker_container, network["Id"], force=True)
-                except Exception:
-                    pass
+                except Exception as exc:  # not attached to this one
+                    log.info("drill cleanup: %s was not on network %s (%s)", self.worker_container, network["Id"], exc)
             self.api.remove_network(network["Id"])
             removed.append(f"network {network.get('Name', network['Id'])} (drill {labels.get(DRILL_LABEL)})")
         return removed

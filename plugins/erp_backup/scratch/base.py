@@ -230,12 +230,35 @@ class TargetInfo:
         return f"host={self.host} port={self.port} user=postgres dbname=postgres{password}"
 
 
+def wait_http(host: str, port: int, timeout: float, what: str) -> None:
+    """Wait until host:port answers HTTP (any status). Through Docker's docker-proxy a published
+    port accepts TCP connections before the server in the container listens, and resets them."""
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        connection = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            connection.request("GET", "/")
+            connection.getresponse().read()
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() > deadline:
+                raise ScratchError(f"{what} did not answer HTTP on {host}:{port}: {exc!r}") from exc
+            time.sleep(0.5)
+        finally:
+            connection.close()
+
+
 def wait_ready(info: TargetInfo, timeout: float) -> None:
-    """Wait until a started server answers: its TCP port, and for PostgreSQL a real login."""
+    """Wait until a started server answers: its TCP port, and for PostgreSQL a real login. A container
+    target of another kind (a management API, S3, Milvus) must answer HTTP: see `wait_http`."""
     if not (info.host and info.port):
         raise ScratchError(f"{info.describe()} has no address to wait for")
     wait_tcp(info.host, info.port, timeout, info.describe())
     if info.kind != "postgres":
+        if info.container:
+            wait_http(info.host, info.port, timeout, info.describe())
         return
     import psycopg
 
