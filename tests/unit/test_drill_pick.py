@@ -155,6 +155,16 @@ def test_params_form_has_defaults_and_descriptions():
     assert form["source"].value == "offsite" and form["keep_scratch"].value is False and form["seed"].value is None
 
 
+def test_optional_params_are_nullable_so_the_defaults_trigger_a_run():
+    form = drill_params(plan_with("redis"))
+    for name in ("backup_id", "target_time", "seed"):
+        assert form[name].value is None and "null" in form[name].schema["type"], name
+    for name in ("service", "source", "backend", "keep_scratch"):  # required, with a valid default
+        assert "null" not in form[name].schema["type"] and form[name].value is not None, name
+    validated = {name: param.resolve() for name, param in form.items()}
+    assert parse_request(validated, plan_with("redis"), "manual__x").backup_id is None
+
+
 def test_unknown_service_lists_the_valid_ones():
     with pytest.raises(DrillParamError, match=r"service 'mysql' .* valid: all, random, postgres, redis"):
         parse_request({"service": "mysql"}, plan_with("redis"), "run")
