@@ -148,3 +148,16 @@ def latest_by_service(entries: Iterable[DrillLedgerEntry]) -> dict[str, DrillLed
         if entry.service not in latest or entry.finished_at >= latest[entry.service].finished_at:
             latest[entry.service] = entry
     return latest
+
+
+def last_drill_lines(entries: Iterable[DrillLedgerEntry]) -> list[str]:
+    """One line per service: its last drill, the set, the result and the RTO against the target."""
+    lines = []
+    for service, entry in sorted(latest_by_service(entries).items()):
+        rto = entry.rto_extrapolated_s if entry.rto_extrapolated_s is not None else entry.rto_measured_s
+        verdict = {True: "within", False: "OVER", None: "no RTO against"}[entry.rto_met]
+        rto_text = f", RTO {rto:.1f} s {verdict} the target" if rto is not None else ""
+        target = f" {entry.rto_target_s:.0f} s" if rto is not None and entry.rto_target_s is not None else ""
+        lines.append(f"{service}: {entry.status} {entry.finished_at.isoformat()} ({entry.set_name or 'no set'})"
+                     f"{rto_text}{target}")
+    return lines
