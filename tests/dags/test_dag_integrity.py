@@ -79,9 +79,10 @@ def test_parsing_makes_no_connection_or_variable_lookup(monkeypatch):
 
 
 def test_plugin_loader_skips_the_package():
-    """Airflow's plugin loader execs plugins/*.py under bare names (redis/__init__.py as `redis`); it must skip ours."""
+    """Airflow's plugin loader execs plugins/*.py under bare names (redis/__init__.py as `redis`); it must skip
+    our package and load only the Backups page plugin."""
     from airflow._shared.module_loading import find_path_from_directory
 
     plugins = PLAN.path.parents[1] / "plugins"
     assert (plugins / "erp_backup" / "services" / "redis" / "__init__.py").exists()
-    assert list(find_path_from_directory(str(plugins), ".airflowignore", "glob")) == []
+    assert list(find_path_from_directory(str(plugins), ".airflowignore", "glob")) == [str(plugins / "erp_backups_plugin.py")]

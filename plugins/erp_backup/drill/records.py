@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -111,14 +111,13 @@ def read_ledger(plan: Plan, offsite: Any = None) -> list[ledger.DrillLedgerEntry
     """The local ledger, merged with the offsite one when a store is given (deduplicated by run and set)."""
     entries = ledger.parse(ledger_path(plan).read_text()) if ledger_path(plan).is_file() else []
     if offsite is not None:
-        remote = work_dir(plan, "ledger-read") / "ledger.jsonl"
-        try:
-            if offsite.get_file(LEDGER_KEY, remote):
-                entries += ledger.parse(remote.read_text())
+        try:  # a private directory: the Backups page may read while a drill does
+            with tempfile.TemporaryDirectory(prefix="ledger-read-", dir=mkdirs(drills_root(plan) / "work")) as work:
+                remote = Path(work) / "ledger.jsonl"
+                if offsite.get_file(LEDGER_KEY, remote):
+                    entries += ledger.parse(remote.read_text())
         except Exception as exc:  # the pick still works from the local ledger
             log.warning("could not read the offsite drill ledger (%s); using the local one", exc)
-        finally:
-            shutil.rmtree(remote.parent, ignore_errors=True)
     return ledger.deduplicated(entries)
 
 
