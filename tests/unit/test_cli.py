@@ -403,3 +403,23 @@ def test_help_and_argument_errors() -> None:
     assert run("--help")[0] == 0
     code, _, _ = run("drill-report", "--last", "0")
     assert code == 2
+
+
+def test_list_orders_sets_by_capture_time_and_shows_slot_and_capture(tmp_path: Path) -> None:
+    from datetime import UTC, timedelta
+
+    from tests.unit.test_watchdog import NOW, make_offsite_set
+
+    staging = tmp_path / "staging"
+    make_offsite_set(staging, None, NOW - timedelta(hours=2), backup_id="20260310T020000Z")
+    make_offsite_set(staging, None, NOW - timedelta(hours=1), backup_id="20260301T020000Z")  # backfilled: old slot, new data
+    BackupSet(staging, "postgres", "full", "20260311T020000Z").create_dir()  # incomplete: no capture time
+
+    code, out, _ = run("list", "postgres", "full", "--root", str(staging), "--json")
+    assert code == 0
+    assert [row["backup_id"] for row in json.loads(out)] == ["20260310T020000Z", "20260301T020000Z", "20260311T020000Z"]
+
+    code, out, _ = run("list", "postgres", "full", "--root", str(staging))
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows[1][2:4] == ["20260301T020000Z", "verified"] and (NOW - timedelta(hours=1)).astimezone(UTC).strftime(
+        "%Y-%m-%d") in " ".join(rows[1])
