@@ -33,6 +33,8 @@ def test_backup_dag_follows_the_plan(dagbag, job):
     assert {"backup", f"service:{job.service}", f"type:{job.backup_type}"} <= set(dag.tags)
     assert f"`{job.schedule}`" in dag.doc_md and f"{job.retention.days} days" in dag.doc_md
     assert "idempotent" in dag.doc_md and "airflow backfill create" in dag.doc_md
+    effect = "ships the data of its own window" if job.interval else "captures the source as it is now"
+    assert f"What a backfill does here: each run {effect}" in dag.doc_md
 
 
 @pytest.mark.parametrize("job", BACKUP_JOBS, ids=lambda job: job.dag_id)
