@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test soak run stop venv system lint bench clean
+.PHONY: test soak run stop shell venv system lint bench clean
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ run: venv system
 
 stop:
 	bash include/scripts/run_local.sh stop
+
+# A shell with the local estate's environment: `airflow ...`, `erp-restore ...`, `python -m erp_backup ...`.
+shell: venv
+	bash include/scripts/shell.sh
 
 bench: venv system
 	bash bench/run

@@ -6,7 +6,7 @@ from airflow.sdk import CronTriggerTimetable, TriggerRule, dag, get_current_cont
 
 from erp_backup.drill import DAG_ID, render_doc
 from erp_backup.drill.params import drill_params
-from erp_backup.drill.tasks import fail_fast, report_or_fail, run_info
+from erp_backup.drill.tasks import REPORT_TASK, drill_default_args, fail_fast, report_or_fail, run_info
 from erp_backup.factory import START_DATE, default_args
 from erp_backup.plan import load_plan
 from erp_backup.plan_alert import alert_plan_errors
@@ -23,7 +23,7 @@ PLAN = load_plan()
     max_active_runs=1,
     tags=["drill", "dr"],
     doc_md=render_doc(PLAN),
-    default_args=default_args(PLAN),
+    default_args=drill_default_args(default_args(PLAN), PLAN.slack_conn_id),
     params=drill_params(PLAN),
 )
 def dr_drill():
@@ -68,7 +68,7 @@ def dr_drill():
         [target, fetch(chosen)] >> restore(chosen) >> verify(chosen) >> removed.as_teardown(setups=target)  # type: ignore[arg-type]
         removed.operator.trigger_rule = TriggerRule.ALL_DONE  # type: ignore[attr-defined]  # also after a failed setup
 
-    @task(task_id="report", trigger_rule=TriggerRule.ALL_DONE)
+    @task(task_id=REPORT_TASK, trigger_rule=TriggerRule.ALL_DONE)
     def report() -> dict:
         return report_or_fail(get_current_context()["dag_run"].run_id)
 

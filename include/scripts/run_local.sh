@@ -5,26 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 PY=$ROOT/.venv/bin/python
-export ERP_ESTATE_DIR=$ROOT/.estate
-export AIRFLOW_HOME=$ROOT/.airflow
-export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
-export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
-export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=30
-export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://localhost:8080}
-export ERP_BACKUP_ROOT=$ERP_ESTATE_DIR/backup
-export ERP_SCRATCH_ROOT=$ERP_ESTATE_DIR/scratch
-export ERP_WAL_ARCHIVE_DIR=$ERP_ESTATE_DIR/wal_archive
-# Offsite is a NAS-style directory here: it survives `make stop` (moto's S3 keeps nothing on disk).
-export ERP_OFFSITE_KIND=filesystem
-export ERP_OFFSITE_PATH=$ERP_ESTATE_DIR/offsite-nas
-export ERP_BACKUP_DISABLE=gitlab   # no GitLab can run on this machine (README)
-export PYTHONPATH=$ROOT/plugins:$ROOT/include/estate${PYTHONPATH:+:$PYTHONPATH}
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=airflow_sqlite.CONNECT_ARGS
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=airflow_sqlite.CONNECT_ARGS
-export PATH=$ROOT/.venv/bin:$PATH
-set -a; source include/estate/dev.env; set +a
+source include/scripts/local_env.sh
 
 stop() {
   if [[ -f $ERP_ESTATE_DIR/airflow.pid ]] && kill -0 "$(cat "$ERP_ESTATE_DIR/airflow.pid")" 2>/dev/null; then

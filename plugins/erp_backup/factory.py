@@ -100,13 +100,24 @@ run removes it.
 - Rerun: clear the failed task (and downstream) in the UI; a corrupt set is taken again.
 - Backfill: `airflow backfill create --dag-id {job.dag_id} --from-date 2026-01-01 --to-date 2026-01-03`
   (add `--reprocess-behavior completed` to redo finished runs; offsite gets no duplicates).
-  A backfilled run cannot capture the past: its manifest records the real capture time
-  next to the run's logical date.
+  {_backfill_effect(job)}
 - A backfill runs one window at a time, whatever its `--max-active-runs`: every task has
   `max_active_tis_per_dag=1` (backfill runs do not obey the DAG's `max_active_runs`), so
   no two windows write or prune this job's staging at once; the job's lock
   (`$BACKUP_ROOT/.locks/{job.service}.{job.backup_type}.lock`) also stops a second deployment sharing the root.
 """
+
+
+def _backfill_effect(job: BackupJob) -> str:
+    """What a backfilled run of this job's type does, for its DAG doc."""
+    if job.interval:
+        return (f"What a backfill does here: each run ships the data of its own window (the {_fmt(job.interval)} "
+                "before its slot) from what the source still holds for it;\n  a window whose data is gone fails with "
+                "the gap named, rather than shipping an empty set.")
+    return ("What a backfill does here: each run captures the source as it is now (a snapshot cannot be taken in "
+            "the past)\n  and files it under the past slot's id. Its manifest records the real capture time: the "
+            "watchdog and the drill\n  order sets by it, and `erp-restore list` and the Backups page show the slot "
+            "and the capture time.")
 
 
 def _job_now(job: BackupJob) -> tuple[Plan, BackupJob]:

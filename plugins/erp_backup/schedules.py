@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -42,7 +43,13 @@ def next_fire(schedule: str, tz: str, after: datetime) -> datetime:
 
 
 def longest_gap(schedule: str, tz: str, around: datetime) -> timedelta:
-    """The longest time between two consecutive fires (e.g. 72 h for weekdays at 02:00)."""
-    fires = croniter(schedule, as_utc(around).astimezone(ZoneInfo(tz)))
+    """The longest time between two consecutive fires (e.g. 72 h for weekdays at 02:00), sampled from the
+    start of `around`'s hour: cached, since a check or the Backups page asks for every job, and croniter is slow."""
+    return _longest_gap(schedule, tz, as_utc(around).replace(minute=0, second=0, microsecond=0))
+
+
+@lru_cache(maxsize=1024)
+def _longest_gap(schedule: str, tz: str, around: datetime) -> timedelta:
+    fires = croniter(schedule, around.astimezone(ZoneInfo(tz)))
     times = [as_utc(fires.get_next(datetime)) for _ in range(GAP_SAMPLES)]
     return max(later - earlier for earlier, later in itertools.pairwise(times))

@@ -22,6 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 from erp_backup import locks
@@ -73,8 +74,8 @@ class BackupSet:
     backup_type: str
     backup_id: str
 
-    @property
-    def path(self) -> Path:
+    @cached_property
+    def path(self) -> Path:  # cached: listings of thousands of sets ask for it several times per set
         return self.root / self.service / self.backup_type / self.backup_id
 
     @property

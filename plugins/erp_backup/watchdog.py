@@ -160,7 +160,7 @@ class Status:
 @dataclass(frozen=True)
 class Alert:
     key: str
-    kind: str  # "breach", "changed" or "recovery"
+    kind: str  # "breach", "changed", "recovery", or "info" (erp_backup.first_sets)
     text: str
 
 
@@ -517,9 +517,15 @@ def announce(
     An alert that could not be sent leaves its key's state as it was, so the
     next check tries again.
     """
+    from erp_backup import first_sets
+
     path = state_path(plan)
     previous = read_state(path)
-    alerts, state = transitions(previous, list(statuses))
+    held, waiting = first_sets.hold(plan, previous, statuses, GRACE)
+    alerts, state = transitions(previous, held)
+    first_sets.keep(state, waiting)
+    if info := first_sets.info_text(previous, waiting):
+        alerts.insert(0, Alert(first_sets.INFO_KEY, "info", info))
     results = []
     for alert in alerts:
         sent = send(plan.slack_conn_id, alert.text)
@@ -567,6 +573,9 @@ def run_check(plan: Plan | None = None, now: datetime | None = None, offsite: Of
     plan = plan or load_plan()
     statuses = check(plan, now or runs.utcnow(), offsite or offsite_from_plan(plan))
     log.info("backup freshness:\n%s", render_table(statuses))
+    from erp_backup.drill import ledger, records
+
+    log.info("last DR drill per service:\n%s", "\n".join(ledger.last_drill_lines(records.read_ledger(plan))) or "none yet")
     return [status.as_row() for status in statuses]
 
 

@@ -33,6 +33,8 @@ def test_backup_dag_follows_the_plan(dagbag, job):
     assert {"backup", f"service:{job.service}", f"type:{job.backup_type}"} <= set(dag.tags)
     assert f"`{job.schedule}`" in dag.doc_md and f"{job.retention.days} days" in dag.doc_md
     assert "idempotent" in dag.doc_md and "airflow backfill create" in dag.doc_md
+    effect = "ships the data of its own window" if job.interval else "captures the source as it is now"
+    assert f"What a backfill does here: each run {effect}" in dag.doc_md
 
 
 @pytest.mark.parametrize("job", BACKUP_JOBS, ids=lambda job: job.dag_id)
@@ -79,9 +81,10 @@ def test_parsing_makes_no_connection_or_variable_lookup(monkeypatch):
 
 
 def test_plugin_loader_skips_the_package():
-    """Airflow's plugin loader execs plugins/*.py under bare names (redis/__init__.py as `redis`); it must skip ours."""
+    """Airflow's plugin loader execs plugins/*.py under bare names (redis/__init__.py as `redis`); it must skip
+    our package and load only the Backups page plugin."""
     from airflow._shared.module_loading import find_path_from_directory
 
     plugins = PLAN.path.parents[1] / "plugins"
     assert (plugins / "erp_backup" / "services" / "redis" / "__init__.py").exists()
-    assert list(find_path_from_directory(str(plugins), ".airflowignore", "glob")) == []
+    assert list(find_path_from_directory(str(plugins), ".airflowignore", "glob")) == [str(plugins / "erp_backups_plugin.py")]

@@ -26,12 +26,15 @@ import psycopg
 import pytest
 
 from erp_backup import steps
+from erp_backup.drill import ledger
+from erp_backup.drill.ledger import LEDGER_KEY
 from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services.base import RunInfo
 from erp_backup.services.postgres import content as pg_content
 from erp_backup.sets import FAILED_NAME, BackupSet, SetState
+from tests.fixtures.factories import drill_entry
 from tests.fixtures.pg_estate import SAMPLE_SQL
 from tests.fixtures.s3 import S3Endpoint
 from tests.integration.dagrun import write_plan
@@ -291,28 +294,28 @@ def test_incomplete_sets_are_refused(estate: Estate, airflow_home: Path) -> None
 
 def test_drill_report_local_and_offsite(estate: Estate, airflow_home: Path, tmp_path: Path) -> None:
     entries = [
-        {"service": "postgres", "backup_type": "full", "backup_id": BACKUP_ID, "status": "passed",
-         "rto_measured_seconds": 95.0, "rto_target_seconds": 7200, "finished_at": "2026-03-01T06:10:00+09:00"},
-        {"service": "redis", "backup_type": "rdb", "backup_id": BACKUP_ID, "status": "failed",
-         "rto_measured_seconds": 4000, "rto_target_seconds": 3600, "finished_at": "2026-03-08T06:10:00+09:00"},
+        drill_entry("postgres", backup_type="full", backup_id=BACKUP_ID, rto_measured_s=95.0, rto_extrapolated_s=95.0,
+                    rto_target_s=7200, finished_at=datetime.fromisoformat("2026-03-01T06:10:00+09:00")),
+        drill_entry("redis", "failed", backup_type="rdb", backup_id=BACKUP_ID, failed_step="verify",
+                    rto_measured_s=4000, rto_extrapolated_s=4000, rto_target_s=3600,
+                    finished_at=datetime.fromisoformat("2026-03-08T06:10:00+09:00")),
     ]
-    text = "".join(json.dumps(entry) + "\n" for entry in entries)
     ledger_root = tmp_path / "ledger-root"
-    (ledger_root / "drills").mkdir(parents=True)
-    (ledger_root / "drills/ledger.jsonl").write_text(text)
-    estate.s3.client().put_object(Bucket=estate.bucket, Key=f"{PREFIX}/drills/ledger.jsonl", Body=text.encode())
+    written = ledger_root / LEDGER_KEY
+    ledger.append(written, entries)
+    estate.s3.client().put_object(Bucket=estate.bucket, Key=f"{PREFIX}/{LEDGER_KEY}", Body=written.read_bytes())
 
     local = cli(estate, airflow_home, "drill-report", "--root", str(ledger_root))
     assert local.returncode == 0, local.stderr
     lines = local.stdout.splitlines()
     assert lines[1].split() == ["2026-03-01T06:10:00+09:00", "postgres", "full", BACKUP_ID, "passed",
-                                "95.0s", "/", "2h00m", "yes"]
-    assert lines[2].split() == ["2026-03-08T06:10:00+09:00", "redis", "rdb", BACKUP_ID, "failed",
-                                "1h06m", "/", "1h00m", "NO"]
+                                "95.0s", "/", "95.0s", "/", "2h00m", "yes"]
+    assert lines[2].split() == ["2026-03-08T06:10:00+09:00", "redis", "rdb", BACKUP_ID, "failed", "at", "verify",
+                                "1h06m", "/", "1h06m", "/", "1h00m", "NO"]
 
     remote = cli(estate, airflow_home, "drill-report", "--from", "offsite", "--last", "1", "--json", offsite=True)
     assert remote.returncode == 0, remote.stderr
-    assert json.loads(remote.stdout) == entries[-1:]
+    assert json.loads(remote.stdout) == [entries[-1].as_dict()]
 
 
 # --- the wrapper script ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from erp_backup import steps
-from erp_backup.drill import records, runner
+from erp_backup.drill import ledger, records, runner
 from erp_backup.drill.params import DrillParamError
 from erp_backup.drill.pick import derive_seed
 from erp_backup.drill.targets import drill_scratch_root
@@ -267,10 +267,11 @@ def test_drill_restores_the_real_postgres_backup_and_reports_plausible_numbers(d
 
     markdown = (drill.run_record(dag_run.run_id) / "report.md").read_text()
     assert f"postgres | full/{drill.backup.backup_id} | passed" in markdown and "RTO formula" in markdown
-    local = [json.loads(line) for line in records.ledger_path(drill.plan).read_text().splitlines()]
-    offsite = [json.loads(line) for line in drill.read_object(f"{PREFIX}/drills/ledger.jsonl").decode().splitlines()]
+    local = ledger.parse(records.ledger_path(drill.plan).read_text())
+    offsite = ledger.parse(drill.read_object(f"{PREFIX}/drills/ledger.jsonl").decode())
     assert local == offsite and len(local) == 1
-    assert local[0]["status"] == "passed" and local[0]["backup_id"] == drill.backup.backup_id
+    assert local[0].status == "passed" and local[0].backup_id == drill.backup.backup_id
+    assert local[0].rto_measured_s == rto["measured_s"] and local[0].rto_target_s == 7200 and local[0].rto_met is True
     assert [text for text in slack_receiver.texts() if "DR drill passed" in text and drill.backup.backup_id in text]
     assert scratch_left(drill.plan) == []
     assert not records.work_dir(drill.plan, dag_run.run_id).exists()
@@ -321,7 +322,7 @@ def test_a_table_hash_that_no_longer_matches_fails_at_verify(dagbag, airflow_db,
     assert scratch_left(drill.plan) == []
 
 
-def test_a_backup_id_of_an_incomplete_set_is_rejected_at_pick(dagbag, airflow_db, drill: Drill):
+def test_a_backup_id_of_an_incomplete_set_is_rejected_at_pick(dagbag, airflow_db, drill: Drill, slack_receiver):
     incomplete = "20261127T170000Z"
     drill.put_object(drill.key("globals.sql.zst", backup_id=incomplete), b"partial upload")
     dag_run, _ = run_dag(dagbag, "dr_drill", soon(4), retries=0,
@@ -331,6 +332,8 @@ def test_a_backup_id_of_an_incomplete_set_is_rejected_at_pick(dagbag, airflow_db
     report = drill.report(dag_run.run_id)
     assert f"backup postgres/full/{incomplete}" in report["error"] and "is incomplete" in report["error"]
     assert f"complete sets: full/{drill.backup.backup_id}" in report["error"]
+    (alert,) = slack_receiver.texts()  # one alert for the failed run: the report's summary
+    assert "DR drill FAILED" in alert and f"backup postgres/full/{incomplete}" in alert and "None" not in alert
 
     run = RunInfo(dag_id="dr_drill", run_id="manual__y", run_after=datetime.now(timezone.utc))
     with pytest.raises(DrillParamError, match=f"no backup postgres/20260101T000000Z .* complete sets: full/{drill.backup.backup_id}"):

@@ -9,14 +9,18 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from erp_backup import cli
+from erp_backup.drill import ledger
+from erp_backup.drill.ledger import DrillLedgerEntry
 from erp_backup.offsite import FilesystemOffsite
 from erp_backup.sets import FAILED_NAME, SUMS_NAME, BackupSet, SetState
+from tests.fixtures.factories import drill_entry
 from tests.integration.dagrun import write_plan
 from tests.unit.test_offsite_fs import flip_byte, make_verified_set
 
@@ -306,34 +310,53 @@ def test_offsite_restore_fetches_into_the_work_dir_and_cleans_up(root: Path, nas
 # --- drill-report ----------------------------------------------------------------------------------
 
 LEDGER = [
-    {"service": "postgres", "backup_type": "full", "backup_id": ID_OLD, "status": "passed",
-     "rto_measured_seconds": 754.2, "rto_target_seconds": 7200, "finished_at": "2026-01-04T06:20:00+09:00"},
-    {"service": "redis", "backup_id": ID_NEW, "ok": False, "rto": {"measured_seconds": 4000, "target": "1h"},
-     "timestamp": "2026-01-11T06:05:00+09:00"},
-    {"service": "gitlab"},
+    drill_entry("postgres", backup_type="full", backup_id=ID_OLD, rto_measured_s=754.2, rto_extrapolated_s=900.0,
+                rto_target_s=7200, finished_at=datetime.fromisoformat("2026-01-04T06:20:00+09:00")),
+    drill_entry("redis", "failed", backup_type="rdb", backup_id=ID_NEW, rto_measured_s=4000, rto_extrapolated_s=4000,
+                rto_target_s=3600, failed_step="verify", finished_at=datetime.fromisoformat("2026-01-11T06:05:00+09:00")),
+    drill_entry("gitlab", "failed", failed_step="pick", error="no complete gitlab set",
+                finished_at=datetime.fromisoformat("2026-01-11T06:06:00+09:00")),
 ]
 
 
-def write_ledger(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+def write_ledger(path: Path, entries: list[DrillLedgerEntry], *, broken_line_after: int | None = None) -> Path:
+    """The ledger as the drill writes it; optionally a line of garbage after the first n entries."""
+    ledger.append(path, entries[:broken_line_after])
+    if broken_line_after is not None:
+        with path.open("a") as out:
+            out.write("{not json\n")
+        ledger.append(path, entries[broken_line_after:])
     return path
 
 
 def test_drill_report_prints_status_and_rto_against_target(root: Path) -> None:
-    write_ledger(root / "drills/ledger.jsonl", [json.dumps(e) for e in LEDGER[:2]] + ["{not json", json.dumps(LEDGER[2])])
+    write_ledger(root / "drills/ledger.jsonl", LEDGER, broken_line_after=2)
 
     code, out, err = run("drill-report", "--root", str(root))
 
     assert code == 0 and "line 3 is not JSON, skipped" in err
     lines = out.splitlines()
     assert lines[0].split()[:5] == ["WHEN", "SERVICE", "TYPE", "BACKUP_ID", "STATUS"]
-    assert lines[1].split() == ["2026-01-04T06:20:00+09:00", "postgres", "full", ID_OLD, "passed", "12m34s", "/", "2h00m", "yes"]
-    assert lines[2].split() == ["2026-01-11T06:05:00+09:00", "redis", "-", ID_NEW, "failed", "1h06m", "/", "1h00m", "NO"]
-    assert lines[3].split() == ["-", "gitlab", "-", "-", "-", "-", "/", "-", "-"]
+    assert lines[1].split() == ["2026-01-04T06:20:00+09:00", "postgres", "full", ID_OLD, "passed",
+                                "12m34s", "/", "15m00s", "/", "2h00m", "yes"]
+    assert lines[2].split() == ["2026-01-11T06:05:00+09:00", "redis", "rdb", ID_NEW, "failed", "at", "verify",
+                                "1h06m", "/", "1h06m", "/", "1h00m", "NO"]
+    assert lines[3].split() == ["2026-01-11T06:06:00+09:00", "gitlab", "-", "-", "failed", "at", "pick",
+                                "-", "/", "-", "/", "-", "-"]
 
     code, out, _ = run("drill-report", "--root", str(root), "--last", "2", "--json")
-    assert code == 0 and json.loads(out) == LEDGER[1:]
+    assert code == 0 and json.loads(out) == [entry.as_dict() for entry in LEDGER[1:]]
+
+
+def test_drill_report_skips_lines_that_are_not_ledger_entries(root: Path) -> None:
+    path = write_ledger(root / "drills/ledger.jsonl", LEDGER[:1])
+    with path.open("a") as out:
+        out.write(json.dumps({"service": "redis", "rto_measured_seconds": 5}) + "\n")
+
+    code, out, err = run("drill-report", "--root", str(root), "--json")
+
+    assert code == 0 and "line 2 is not a ledger entry (missing run_id, finished_at, status), skipped" in err
+    assert json.loads(out) == [LEDGER[0].as_dict()]
 
 
 def test_drill_report_without_a_ledger_fails(root: Path) -> None:
@@ -343,11 +366,11 @@ def test_drill_report_without_a_ledger_fails(root: Path) -> None:
 
 
 def test_drill_report_from_offsite(root: Path, nas: FilesystemOffsite, tmp_path: Path) -> None:
-    nas.put_file("drills/ledger.jsonl", write_ledger(tmp_path / "ledger.jsonl", [json.dumps(e) for e in LEDGER]))
+    nas.put_file("drills/ledger.jsonl", write_ledger(tmp_path / "ledger.jsonl", LEDGER))
 
     code, out, _ = run("drill-report", "--from", "offsite", "--root", str(root), "--last", "1", "--json")
 
-    assert code == 0 and json.loads(out) == LEDGER[-1:]
+    assert code == 0 and json.loads(out) == [LEDGER[-1].as_dict()]
 
 
 # --- progress and arguments ------------------------------------------------------------------------
@@ -380,3 +403,23 @@ def test_help_and_argument_errors() -> None:
     assert run("--help")[0] == 0
     code, _, _ = run("drill-report", "--last", "0")
     assert code == 2
+
+
+def test_list_orders_sets_by_capture_time_and_shows_slot_and_capture(tmp_path: Path) -> None:
+    from datetime import UTC, timedelta
+
+    from tests.unit.test_watchdog import NOW, make_offsite_set
+
+    staging = tmp_path / "staging"
+    make_offsite_set(staging, None, NOW - timedelta(hours=2), backup_id="20260310T020000Z")
+    make_offsite_set(staging, None, NOW - timedelta(hours=1), backup_id="20260301T020000Z")  # backfilled: old slot, new data
+    BackupSet(staging, "postgres", "full", "20260311T020000Z").create_dir()  # incomplete: no capture time
+
+    code, out, _ = run("list", "postgres", "full", "--root", str(staging), "--json")
+    assert code == 0
+    assert [row["backup_id"] for row in json.loads(out)] == ["20260310T020000Z", "20260301T020000Z", "20260311T020000Z"]
+
+    code, out, _ = run("list", "postgres", "full", "--root", str(staging))
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows[1][2:4] == ["20260301T020000Z", "verified"] and (NOW - timedelta(hours=1)).astimezone(UTC).strftime(
+        "%Y-%m-%d") in " ".join(rows[1])

@@ -12,13 +12,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from erp_backup.drill import ledger
 from erp_backup.drill import pick as picking
 from erp_backup.drill import report as drill_report
 from erp_backup.drill.model import size_measure
 from erp_backup.drill.params import DrillParamError, drill_params, parse_request
 from erp_backup.drill.records import ServiceState, ledger_entries_for_pick
 from erp_backup.plan import DEFAULT_PLAN_PATH, parse_plan
-from tests.fixtures.factories import make_manifest
+from tests.fixtures.factories import drill_entry, make_manifest
 
 NOW = datetime(2026, 11, 29, 21, 0, tzinfo=UTC)  # Sunday 06:00 Asia/Seoul
 
@@ -135,10 +136,9 @@ def test_pick_is_always_one_of_the_candidates_and_reproducible(ages, drilled_day
 
 def test_failed_drills_do_not_count_as_drilled():
     entries = [
-        {"service": "postgres", "backup_type": "full", "backup_id": "20261120T170000Z", "status": "failed",
-         "finished_at": "2026-11-22T21:10:00+00:00"},
-        {"service": "gitlab", "backup_type": "full", "backup_id": "20261120T190000Z", "status": "prepared",
-         "finished_at": "2026-11-22T21:12:00+00:00"},
+        drill_entry("postgres", "failed", backup_type="full", backup_id="20261120T170000Z", failed_step="verify"),
+        drill_entry("gitlab", "prepared", backup_type="full", backup_id="20261120T190000Z"),
+        drill_entry("redis", "failed", failed_step="pick"),  # no set was picked
     ]
     assert [e.service for e in ledger_entries_for_pick(entries)] == ["gitlab"]
 
@@ -153,6 +153,16 @@ def test_params_form_has_defaults_and_descriptions():
     assert all(param.description for param in form.values())
     assert form["service"].schema["enum"] == ["all", "random", "postgres", "redis"]
     assert form["source"].value == "offsite" and form["keep_scratch"].value is False and form["seed"].value is None
+
+
+def test_optional_params_are_nullable_so_the_defaults_trigger_a_run():
+    form = drill_params(plan_with("redis"))
+    for name in ("backup_id", "target_time", "seed"):
+        assert form[name].value is None and "null" in form[name].schema["type"], name
+    for name in ("service", "source", "backend", "keep_scratch"):  # required, with a valid default
+        assert "null" not in form[name].schema["type"] and form[name].value is not None, name
+    validated = {name: param.resolve() for name, param in form.items()}
+    assert parse_request(validated, plan_with("redis"), "manual__x").backup_id is None
 
 
 def test_unknown_service_lists_the_valid_ones():
@@ -213,9 +223,9 @@ def test_rto_measured_is_fetch_restore_verify_and_extrapolation_scales_by_produc
 
 
 def test_ledger_merge_appends_once():
-    line = {"run_id": "r1", "service": "redis", "backup_type": "rdb", "backup_id": "20261120T181500Z", "status": "passed"}
-    once, added = drill_report._merge("", [line])
-    twice, added_again = drill_report._merge(once, [line])
+    entry = drill_entry("redis", backup_type="rdb", backup_id="20261120T181500Z", run_id="r1")
+    once, added = ledger.merge("", [entry])
+    twice, added_again = ledger.merge(once, [entry])
     assert (added, added_again) == (1, 0) and once == twice and once.count("\n") == 1
 
 

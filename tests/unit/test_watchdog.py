@@ -431,3 +431,69 @@ def test_an_unreadable_state_file_is_logged_and_starts_over(plan: Plan, caplog):
     assert [alert.kind for alert, _ in results] == ["breach"] and sent == ["slack_backup_alerts"]
     assert any(str(path) in record.getMessage() for record in caplog.records)
     assert read_state(path)["backup_milvus_etcd"]["status"] == "breach"
+
+
+# --- a fresh install: jobs without any set wait for their first run (erp_backup.first_sets) ------------
+
+
+def test_a_fresh_install_posts_one_informational_message_then_alerts_only_a_late_first_set(
+        plan: Plan, nas: FilesystemOffsite, slack_receiver, monkeypatch):
+    monkeypatch.setenv(SLACK_ENV, slack_receiver.conn_json())
+    due = plan.enabled_jobs[0]
+
+    results = announce(plan, check(plan, NOW, nas))
+    assert [(alert.kind, sent) for alert, sent in results] == [("info", True)]
+    (info,) = slack_receiver.texts()
+    assert info.startswith(":information_source:") and "postgres/full: first set due by" in info
+    assert ":rotating_light:" not in info and "None" not in info
+
+    announce(plan, check(plan, NOW + timedelta(hours=1), nas))  # still before the first run is due
+    assert len(slack_receiver.messages) == 1
+    state = read_state(state_path(plan))
+    assert state[due.dag_id]["status"] == "ok" and state[due.dag_id]["waiting_since"] == NOW.isoformat()
+
+    results = announce(plan, check(plan, NOW + timedelta(days=2), nas))  # its first run came and went
+    assert [alert.kind for alert, _ in results] == ["breach"]
+    late = slack_receiver.texts()[1]
+    assert "no complete, offsite-verified postgres/full set exists" in late and "first checked at" in late
+
+
+def test_a_first_set_in_time_ends_the_wait_silently(plan: Plan, nas: FilesystemOffsite, slack_receiver, monkeypatch):
+    monkeypatch.setenv(SLACK_ENV, slack_receiver.conn_json())
+    announce(plan, check(plan, NOW, nas))
+    make_offsite_set(plan.backup_root, nas, NOW + timedelta(hours=2))
+
+    results = announce(plan, check(plan, NOW + timedelta(hours=3), nas))
+
+    assert results == [] and len(slack_receiver.messages) == 1
+    assert "waiting_since" not in read_state(state_path(plan))["backup_postgres_full"]
+
+
+def test_a_job_whose_first_run_failed_is_not_waiting(plan: Plan, nas: FilesystemOffsite):
+    failed = BackupSet(plan.backup_root, "postgres", "full", backup_id_for(NOW - timedelta(hours=5)))
+    failed.path.mkdir(parents=True)
+    (failed.path / "globals.sql.zst").write_bytes(b"partial")
+    os.utime(failed.path / "globals.sql.zst", (0, 0))
+    os.utime(failed.path, (0, 0))
+    sent: list[str] = []
+
+    results = announce(plan, check(plan, NOW, nas), send=lambda conn_id, text: sent.append(text) or True)
+
+    assert [alert.kind for alert, _ in results] == ["breach"]
+    assert "no complete, offsite-verified postgres/full set exists" in sent[0] and "1 incomplete" in sent[0]
+
+
+def test_run_check_logs_each_services_last_drill_from_the_ledger(plan: Plan, nas: FilesystemOffsite, caplog):
+    from erp_backup.drill import ledger, records
+    from tests.fixtures.factories import drill_entry
+
+    ledger.append(records.ledger_path(plan), [
+        drill_entry("postgres", "failed", run_id="a", failed_step="verify", finished_at=NOW - timedelta(days=8)),
+        drill_entry("postgres", run_id="b", backup_type="full", backup_id="20260301T170000Z", finished_at=NOW - timedelta(days=1),
+                    rto_measured_s=80.0, rto_extrapolated_s=200.0, rto_target_s=7200.0),
+    ])
+    with caplog.at_level(logging.INFO, logger="erp_backup.watchdog"):
+        run_check(plan, NOW, nas)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert (f"postgres: passed {(NOW - timedelta(days=1)).isoformat()} (full/20260301T170000Z), "
+            "RTO 200.0 s within the target 7200 s") in logged

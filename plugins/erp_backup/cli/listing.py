@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,18 @@ def offsite_info(check: OffsiteSetCheck, description: str) -> SetInfo:
                    files=len(manifest.files), note=check.why, **common)
 
 
+def by_capture_time(infos: list[SetInfo]) -> list[SetInfo]:
+    """Each service and type's sets by capture time (a backfilled set holds today's data under a past slot's id),
+    then the sets without one (incomplete, corrupt, suspect) by slot."""
+    def key(info: SetInfo) -> tuple:
+        captured = info.captured_at
+        if captured is not None and captured.tzinfo is None:
+            captured = captured.replace(tzinfo=UTC)
+        return info.service, info.backup_type, captured is None, captured or datetime.min.replace(tzinfo=UTC), info.backup_id
+
+    return sorted(infos, key=key)
+
+
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     source = open_source(args)
     if args.service:
@@ -89,6 +101,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             else:
                 infos += [offsite_info(check, source.store.description)
                           for check in check_offsite_sets(source.store, service, backup_type, source.root)]
+    infos = by_capture_time(infos)
     if args.json:
         console.say(json.dumps([info.as_dict() for info in infos], indent=2))
         return EXIT_OK

@@ -209,7 +209,7 @@ def pick(plan: Plan, params: Mapping[str, Any], run: RunInfo, *, offsite: Any = 
 
 
 def _choose(plan: Plan, request: DrillRequest, run: RunInfo, store: Any,
-            ledger: list[picking.LedgerEntry]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+            ledger: list[picking.LedgerEntry]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if request.service not in (ALL, RANDOM):
         problem = _service_module_problem(request.service)
         if problem:
@@ -220,7 +220,7 @@ def _choose(plan: Plan, request: DrillRequest, run: RunInfo, store: Any,
         return [_explicit(plan, request, run, store, ledger)], []
 
     services = drillable_services(plan) if request.service in (ALL, RANDOM) else [request.service]
-    problems: list[dict[str, str]] = []
+    problems: list[dict[str, Any]] = []
     candidates: dict[str, list[picking.Candidate]] = {}
     manifests: dict[str, Manifest] = {}
     wheres: dict[str, str] = {}
@@ -233,6 +233,11 @@ def _choose(plan: Plan, request: DrillRequest, run: RunInfo, store: Any,
         listing = list_sets_for(plan, service, types, request.source, store)
         wheres[service] = listing.where
         usable = _within_retention(plan, listing, run.moment)
+        if not (listing.complete or listing.incomplete or listing.suspect):
+            problems.append({"service": service, "never_backed_up": True, "error": (
+                f"no {service} backup ({'/'.join(types)}) exists yet at {listing.where}; the watchdog alerts "
+                "if its first backup is late")})
+            continue
         if not usable:
             retention = ", ".join(f"{t} {plan.job(service, t).retention.days} d" for t in types)
             problems.append({"service": service, "error": (

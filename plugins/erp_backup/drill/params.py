@@ -79,7 +79,11 @@ def pitr_services(plan: Plan) -> list[str]:
 
 
 def drill_params(plan: Plan) -> dict[str, Any]:
-    """The trigger form. Defaults are what the weekly run does."""
+    """The trigger form. Defaults are what the weekly run does.
+
+    Optional fields are nullable (`type=["null", ...]`, default None): Airflow's form marks a field whose
+    type excludes null as required, which would keep the Trigger button disabled with the defaults.
+    """
     from airflow.sdk import Param
 
     services = drillable_services(plan)
@@ -91,7 +95,7 @@ def drill_params(plan: Plan) -> dict[str, Any]:
             "weighted towards the least recently drilled; or one service by name.",
         ),
         "backup_id": Param(
-            "", type="string",
+            None, type=["null", "string"],
             description="A backup id (e.g. 20261126T020000Z, or full/20261126T020000Z when a service has several "
             "types) to drill that set; empty: a weighted random complete set within retention. Needs a service.",
         ),
@@ -101,7 +105,7 @@ def drill_params(plan: Plan) -> dict[str, Any]:
             "download) or 'local' (staging under BACKUP_ROOT, checksums verified in place).",
         ),
         "target_time": Param(
-            "", type="string",
+            None, type=["null", "string"],
             description="Point-in-time restore: an ISO 8601 time with offset (e.g. 2026-11-26T10:15:00+09:00); "
             f"needs a service that can restore to a point in time ({pitr}). Empty: no PITR.",
         ),

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from erp_backup.drill import ledger
 from erp_backup.drill import pick as picking
+from erp_backup.drill.ledger import LEDGER_KEY, PASSED
 from erp_backup.drill.targets import TargetInfo, slug
 from erp_backup.manifest import write_atomic
 from erp_backup.notify import one_line
@@ -26,8 +28,6 @@ from erp_backup.runs import utcnow
 
 log = logging.getLogger(__name__)
 
-LEDGER_KEY = "drills/ledger.jsonl"
-PASSED = frozenset({"passed", "prepared"})
 
 
 def drills_root(plan: Plan) -> Path:
@@ -107,46 +107,21 @@ def service_state(plan: Plan, pick: Mapping[str, Any]) -> ServiceState:
     return ServiceState(plan, pick["run_id"], str(pick.get("slot") or pick["service"]))  # a PITR pick has its own slot
 
 
-def parse_ledger(text: str) -> list[dict[str, Any]]:
-    entries = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            log.warning("drill ledger line %d is not JSON; skipped", number)
-    return entries
-
-
-def read_ledger(plan: Plan, offsite: Any = None) -> list[dict[str, Any]]:
+def read_ledger(plan: Plan, offsite: Any = None) -> list[ledger.DrillLedgerEntry]:
     """The local ledger, merged with the offsite one when a store is given (deduplicated by run and set)."""
-    entries = parse_ledger(ledger_path(plan).read_text()) if ledger_path(plan).is_file() else []
+    entries = ledger.parse(ledger_path(plan).read_text()) if ledger_path(plan).is_file() else []
     if offsite is not None:
-        remote = work_dir(plan, "ledger-read") / "ledger.jsonl"
-        try:
-            if offsite.get_file(LEDGER_KEY, remote):
-                entries += parse_ledger(remote.read_text())
+        try:  # a private directory: the Backups page may read while a drill does
+            with tempfile.TemporaryDirectory(prefix="ledger-read-", dir=mkdirs(drills_root(plan) / "work")) as work:
+                remote = Path(work) / "ledger.jsonl"
+                if offsite.get_file(LEDGER_KEY, remote):
+                    entries += ledger.parse(remote.read_text())
         except Exception as exc:  # the pick still works from the local ledger
             log.warning("could not read the offsite drill ledger (%s); using the local one", exc)
-        finally:
-            shutil.rmtree(remote.parent, ignore_errors=True)
-    seen, merged = set(), []
-    for entry in entries:
-        key = (entry.get("run_id"), entry.get("service"), entry.get("backup_type"), entry.get("backup_id"))
-        if key not in seen:
-            seen.add(key)
-            merged.append(entry)
-    return merged
+    return ledger.deduplicated(entries)
 
 
-def ledger_entries_for_pick(entries: list[dict[str, Any]]) -> list[picking.LedgerEntry]:
+def ledger_entries_for_pick(entries: list[ledger.DrillLedgerEntry]) -> list[picking.LedgerEntry]:
     """Only drills that passed count as 'drilled': a failed set stays likely to be picked again."""
-    found = []
-    for entry in entries:
-        if entry.get("status") in PASSED:
-            try:
-                found.append(picking.LedgerEntry.from_dict(entry))
-            except (KeyError, ValueError):
-                continue
-    return found
+    return [picking.LedgerEntry(e.service, e.backup_type, e.backup_id, e.finished_at)
+            for e in entries if e.status in PASSED and e.backup_type and e.backup_id]

@@ -18,18 +18,19 @@ not add a run's lines twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
+from erp_backup.drill import ledger
 from erp_backup.drill.choose import offsite_store
+from erp_backup.drill.ledger import DrillLedgerEntry
 from erp_backup.drill.records import (
     LEDGER_KEY,
     ServiceState,
     ledger_path,
-    parse_ledger,
     read_json,
     run_dir,
     work_dir,
@@ -41,6 +42,8 @@ from erp_backup.runs import utcnow
 
 log = logging.getLogger(__name__)
 
+PASSED, FAILED, SKIPPED, NOTHING_YET = "passed", "failed", "skipped", "no_backups_yet"
+DRILLED = frozenset({PASSED, "prepared"})
 STEPS = ("start_target", "fetch", "restore", "verify", "teardown")
 RTO_STEPS = ("fetch", "restore", "verify")
 RTO_FORMULA = (
@@ -160,20 +163,32 @@ def service_result(plan: Plan, pick: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _problem_result(problem: Mapping[str, Any]) -> dict[str, Any]:
+    """A service the pick could not drill: skipped if it has no backup at all yet, else failed at pick."""
+    skipped = bool(problem.get("never_backed_up"))
+    return {"service": problem["service"], "status": SKIPPED if skipped else FAILED,
+            "failed_step": None if skipped else "pick", "error": problem["error"], "backup_type": None, "backup_id": None}
+
+
+def overall_status(results: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(run status, error): failed if any set failed; no backups yet if every service was skipped for that."""
+    if any(r["status"] == FAILED for r in results):
+        return FAILED, None
+    if any(r["status"] in DRILLED for r in results):
+        return PASSED, None
+    if results:
+        return NOTHING_YET, None
+    return FAILED, "nothing was drilled"
+
+
 def build_report(plan: Plan, run_id: str) -> dict[str, Any]:
     pick_record = read_json(run_dir(plan, run_id) / "pick.json") or {}
     results = [service_result(plan, pick) for pick in pick_record.get("picks") or []]
-    for problem in pick_record.get("problems") or []:
-        results.append({"service": problem["service"], "status": "failed", "failed_step": "pick",
-                        "error": problem["error"], "backup_type": None, "backup_id": None})
+    results += [_problem_result(problem) for problem in pick_record.get("problems") or []]
     if pick_record.get("status") != "ok":
-        error = pick_record.get("error") or "the pick step did not run"
-        status = "failed"
+        status, error = FAILED, pick_record.get("error") or "the pick step did not run"
     else:
-        error = None
-        status = "passed" if results and all(r["status"] in ("passed", "prepared") for r in results) else "failed"
-        if not results:
-            error = "nothing was drilled"
+        status, error = overall_status(results)
     return {
         "run_id": run_id,
         "status": status,
@@ -185,15 +200,29 @@ def build_report(plan: Plan, run_id: str) -> dict[str, Any]:
     }
 
 
+def set_name(result: Mapping[str, Any]) -> str:
+    """`<type>/<id>` of a result, or "no set" when none was picked (never "None/None")."""
+    if result.get("backup_type") and result.get("backup_id"):
+        return f"{result['backup_type']}/{result['backup_id']}"
+    return "no set"
+
+
+def _or_dash(value: Any) -> str:
+    return "–" if value is None or value == "" else str(value)
+
+
+HEADLINES = {PASSED: "PASSED", FAILED: "FAILED", NOTHING_YET: "nothing to drill yet (no backups exist)"}
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     request = report.get("request") or {}
-    icon = "PASSED" if report["status"] == "passed" else "FAILED"
     lines = [
-        f"# DR drill {report['run_id']}: {icon}",
+        f"# DR drill {report['run_id']}: {HEADLINES.get(report['status'], report['status'])}",
         "",
         f"- Finished: {report['finished_at']}",
-        f"- Request: service `{request.get('service')}`, source `{request.get('source')}`, backend `{request.get('backend')}`, "
-        f"seed {request.get('seed')} (from {request.get('seed_from')}), keep_scratch {request.get('keep_scratch')}"
+        f"- Request: service `{_or_dash(request.get('service'))}`, source `{_or_dash(request.get('source'))}`, "
+        f"backend `{_or_dash(request.get('backend'))}`, seed {_or_dash(request.get('seed'))} "
+        f"(from {_or_dash(request.get('seed_from'))}), keep_scratch {_or_dash(request.get('keep_scratch'))}"
         + (f", target_time {request['target_time']}" if request.get("target_time") else ""),
     ]
     if report.get("error"):
@@ -205,7 +234,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rto = result.get("rto") or {}
         status = result["status"] + (f" at {result['failed_step']}" if result.get("failed_step") else "")
         lines.append(
-            f"| {result['service']} | {result.get('backup_type')}/{result.get('backup_id')} | {status} | "
+            f"| {result['service']} | {set_name(result)} | {status} | "
             f"{_duration(durations.get('fetch'))} | {_duration(durations.get('restore'))} | {_duration(durations.get('verify'))} | "
             f"{_duration(rto.get('measured_s'))} | {_duration(rto.get('extrapolated_s'))} | {_duration(rto.get('target_s'))} |"
         )
@@ -217,8 +246,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 def _service_section(result: Mapping[str, Any]) -> list[str]:
     """One drilled set's section: failure, origin and sizes, steps and RTO, PITR, checks, teardown."""
-    lines = ["", f"## {result['service']} {result.get('backup_type')}/{result.get('backup_id')}: {result['status']}", ""]
-    if result.get("error"):
+    lines = ["", f"## {result['service']} {set_name(result)}: {result['status']}", ""]
+    if result.get("status") == SKIPPED:
+        lines.append(f"- Not drilled: {result.get('error')}")
+    elif result.get("error"):
         lines.append(f"- **Failed at {result.get('failed_step')}**: {result['error']}")
     if result.get("status") == "prepared":
         lines.append("- **Prepared, not restored**: the files were fetched, verified and placed for the restore "
@@ -228,8 +259,7 @@ def _service_section(result: Mapping[str, Any]) -> list[str]:
     if result.get("pitr"):
         pitr = result["pitr"]
         replayed = ", ".join("/".join(item) for item in pitr.get("sets") or []) or "none"
-        lines.append(f"- PITR: target {pitr.get('target_time')}, base {result['backup_type']}/{result['backup_id']}, "
-                     f"replayed {replayed}")
+        lines.append(f"- PITR: target {pitr.get('target_time')}, base {set_name(result)}, replayed {replayed}")
     lines += [f"- ✓ {check}" for check in result.get("checks") or []]
     lines += [f"- ✗ {problem}" for problem in result.get("problems") or []]
     from erp_backup.drill.pitr_pick import rpo_lines  # the achieved RPO of a point-in-time pick
@@ -245,13 +275,14 @@ def _origin_lines(result: Mapping[str, Any]) -> list[str]:
     choice = result.get("choice") or {}
     measure, production = sizes.get("size_measure") or {}, sizes.get("production") or {}
     return [
-        f"- From: {result['source']} ({result['source_description']}), captured {result.get('captured_at')}",
-        f"- Picked: probability {choice.get('probability')} among {choice.get('candidates')} sets "
-        f"(last drilled: {choice.get('last_drilled') or 'never'}), seed {result.get('seed')}",
-        f"- Target: {result.get('target')}",
-        f"- Size: {_size(sizes.get('set_bytes'))} in {sizes.get('files')} files; restored "
+        f"- From: {result['source']} ({result['source_description']}), captured {_or_dash(result.get('captured_at'))}",
+        f"- Picked: probability {_or_dash(choice.get('probability'))} among {_or_dash(choice.get('candidates'))} sets "
+        f"(last drilled: {choice.get('last_drilled') or 'never'}), seed {_or_dash(result.get('seed'))}",
+        f"- Target: {_or_dash(result.get('target'))}",
+        f"- Size: {_size(sizes.get('set_bytes'))} in {_or_dash(sizes.get('files'))} files; restored "
         f"{_size(sizes.get('restored_bytes'))}; size measure {_size(measure.get('bytes'))} "
-        f"({measure.get('from')}); production (newest set {production.get('backup_id')}) {_size(production.get('bytes'))}",
+        f"({_or_dash(measure.get('from'))}); production (newest set {_or_dash(production.get('backup_id'))}) "
+        f"{_size(production.get('bytes'))}",
     ]
 
 
@@ -260,86 +291,81 @@ def _timing_lines(result: Mapping[str, Any]) -> list[str]:
     throughput = result.get("throughput_mb_s") or {}
     rto = result.get("rto") or {}
     lines = ["- Steps: " + ", ".join(f"{name} {_duration(durations.get(name))}" for name in STEPS),
-             f"- Throughput: fetch {throughput.get('fetch')} MB/s, restore {throughput.get('restore')} MB/s"]
+             f"- Throughput: fetch {_or_dash(throughput.get('fetch'))} MB/s, restore {_or_dash(throughput.get('restore'))} MB/s"]
     if rto.get("note"):
         lines.append(f"- RTO: {rto['note']}; fetch, checks and preparing the runbook files took "
                      f"{_duration(rto.get('prepare_s'))} (target {_duration(rto.get('target_s'))})")
     else:
         verdict = {True: "within", False: "OVER", None: "not measured against"}[rto.get("within_target")]
         lines.append(f"- RTO: measured {_duration(rto.get('measured_s'))}, extrapolated {_duration(rto.get('extrapolated_s'))} "
-                     f"(× {rto.get('scale')}), {verdict} the target {_duration(rto.get('target_s'))}")
+                     f"(× {_or_dash(rto.get('scale'))}), {verdict} the target {_duration(rto.get('target_s'))}")
     return lines
 
 
+_SLACK_HEADS = {
+    PASSED: ":white_check_mark: *DR drill passed*",
+    FAILED: ":red_circle: *DR drill FAILED*",
+    NOTHING_YET: ":information_source: *DR drill: nothing to drill yet*, no backup exists so far",
+}
+
+
 def slack_text(report: Mapping[str, Any]) -> str:
-    ok = report["status"] == "passed"
-    head = f"{':white_check_mark:' if ok else ':red_circle:'} *DR drill {'passed' if ok else 'FAILED'}* run `{report['run_id']}`"
-    lines = [head]
+    lines = [f"{_SLACK_HEADS.get(report['status'], report['status'])} run `{report['run_id']}`"]
     if report.get("error"):
         lines.append(f"error: {report['error']}")
     for result in report["services"]:
         rto = result.get("rto") or {}
-        where = f"{result['service']} {result.get('backup_type')}/{result.get('backup_id')}"
-        if result["status"] == "prepared":
+        where = result["service"] + (f" {set_name(result)}" if result.get("backup_id") else "")
+        if result["status"] == SKIPPED:
+            lines.append(f"• {where}: not drilled, {result.get('error')}")
+        elif result["status"] == "prepared":
             lines.append(f"• {where}: prepared (fetched, checksums verified, files placed for the runbook; not restored)")
-        elif result["status"] == "passed":
+        elif result["status"] == PASSED:
             lines.append(
-                f"• {where}: {result['status']} from {result.get('source')}, RTO {_duration(rto.get('measured_s'))} "
+                f"• {where}: passed from {_or_dash(result.get('source'))}, RTO {_duration(rto.get('measured_s'))} "
                 f"(extrapolated {_duration(rto.get('extrapolated_s'))}, target {_duration(rto.get('target_s'))})"
             )
         else:
-            lines.append(f"• {where}: failed at {result.get('failed_step')}: {result.get('error')}")
+            lines.append(f"• {where}: failed at {_or_dash(result.get('failed_step'))}: {_or_dash(result.get('error'))}")
     return "\n".join(lines)
 
 
-def ledger_lines(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+def ledger_lines(report: Mapping[str, Any]) -> list[DrillLedgerEntry]:
+    """One entry per service of the report, a service whose set could not be picked included."""
     lines = []
     for result in report["services"]:
-        if not result.get("backup_id"):
-            continue
         rto = result.get("rto") or {}
-        lines.append({
-            "run_id": report["run_id"],
-            "finished_at": report["finished_at"],
-            "service": result["service"],
-            "backup_type": result["backup_type"],
-            "backup_id": result["backup_id"],
-            "status": result["status"],
-            "failed_step": result.get("failed_step"),
-            "source": result.get("source"),
-            "backend": result.get("backend"),
-            "seed": result.get("seed"),
-            "rto_measured_s": rto.get("measured_s"),
-            "rto_extrapolated_s": rto.get("extrapolated_s"),
-            "rto_target_s": rto.get("target_s"),
-        })
+        captured = result.get("captured_at")
+        lines.append(DrillLedgerEntry(
+            run_id=report["run_id"],
+            finished_at=datetime.fromisoformat(report["finished_at"]),
+            service=result["service"],
+            status=result["status"],
+            backup_type=result.get("backup_type"),
+            backup_id=result.get("backup_id"),
+            captured_at=datetime.fromisoformat(captured) if captured else None,
+            failed_step=result.get("failed_step"),
+            error=result.get("error"),
+            source=result.get("source"),
+            backend=result.get("backend"),
+            seed=result.get("seed"),
+            rto_measured_s=rto.get("measured_s"),
+            rto_extrapolated_s=rto.get("extrapolated_s"),
+            rto_target_s=rto.get("target_s"),
+        ))
     return lines
 
 
-def _merge(existing: str, new: list[dict[str, Any]]) -> tuple[str, int]:
-    """Append the lines of `new` not already in `existing` (same run, service, type and backup)."""
-    def key(entry: Mapping[str, Any]) -> tuple:
-        return entry.get("run_id"), entry.get("service"), entry.get("backup_type"), entry.get("backup_id")
-
-    have = {key(entry) for entry in parse_ledger(existing)}
-    added = [entry for entry in new if key(entry) not in have]
-    text = existing if not existing or existing.endswith("\n") else existing + "\n"
-    return text + "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in added), len(added)
-
-
-def append_ledger(plan: Plan, lines: list[dict[str, Any]], offsite: Any = None) -> dict[str, Any]:
+def append_ledger(plan: Plan, lines: list[DrillLedgerEntry], offsite: Any = None) -> dict[str, Any]:
     """Append to the local ledger, then to the offsite one (fetched first, so other workers' lines stay)."""
     local = ledger_path(plan)
-    local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    text, added = _merge(local.read_text() if local.is_file() else "", lines)
-    write_atomic(local, text.encode())
-    result: dict[str, Any] = {"local": str(local), "local_added": added}
+    result: dict[str, Any] = {"local": str(local), "local_added": ledger.append(local, lines)}
     if offsite is not None:
         scratch = work_dir(plan, "ledger-write") / "ledger.jsonl"
         try:
             scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             existing = scratch.read_text() if offsite.get_file(LEDGER_KEY, scratch) else ""
-            merged, added_offsite = _merge(existing, lines)
+            merged, added_offsite = ledger.merge(existing, lines)
             write_atomic(scratch, merged.encode())
             offsite.put_file(LEDGER_KEY, scratch)
             result.update(offsite=f"{offsite.description}/{LEDGER_KEY}", offsite_added=added_offsite)

@@ -5,9 +5,36 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from airflow.sdk.exceptions import AirflowFailException
+
+from erp_backup.notify import FailureAlert
 from erp_backup.runs import RunInfo
 
 T = TypeVar("T")
+REPORT_TASK = "report"
+
+
+class DrillReported(Exception):
+    """Marks the report task's failure after it posted the run's summary (the run's one alert)."""
+
+
+class DrillFailureAlert(FailureAlert):
+    """The drill's failure callback: one alert per failed run.
+
+    The `report` task always runs (ALL_DONE) and posts the run's summary, failures included, so
+    a failed step posts nothing itself. The report task alerts only when it failed without
+    posting that summary (it crashed, or Slack refused the summary).
+    """
+
+    def __call__(self, context: dict[str, Any]) -> None:
+        ti = context.get("ti") or context.get("task_instance")
+        if getattr(ti, "task_id", None) != REPORT_TASK or isinstance(context.get("exception"), DrillReported):
+            return
+        super().__call__(context)
+
+
+def drill_default_args(base: dict[str, Any], slack_conn_id: str) -> dict[str, Any]:
+    return {**base, "on_failure_callback": DrillFailureAlert(slack_conn_id)}
 
 
 def run_info(context: Mapping[str, Any]) -> RunInfo:
@@ -27,18 +54,20 @@ def fail_fast(call: Callable[[], T]) -> T:
     return failing.fail_fast(call, also=(DrillFailed, ChecksumMismatch, ProductionTargetRefused))
 
 
+class DrillFailedAndReported(DrillReported, AirflowFailException):
+    """The drill failed and its summary was posted: fail the run, with no further alert and no retry."""
+
+
 def report_or_fail(run_id: str) -> dict[str, Any]:
     """Write the report, ledger and Slack summary; fail the task (and the run) if any set failed."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from erp_backup.drill.report import finish
+    from erp_backup.drill.report import FAILED, finish
     from erp_backup.plan import load_plan
 
     result = finish(load_plan(), run_id)
-    if result["status"] != "passed":
+    if result["status"] == FAILED:
         failed = [f"{r['service']} at {r.get('failed_step')}: {r.get('error')}" for r in result["services"]
-                  if r["status"] not in ("passed", "prepared")]
-        raise AirflowFailException(
-            f"DR drill failed: {result.get('error') or '; '.join(failed)} (report {result['report_files']['markdown']})"
-        )
+                  if r["status"] == FAILED]
+        message = (f"DR drill failed: {result.get('error') or '; '.join(failed)} "
+                   f"(report {result['report_files']['markdown']})")
+        raise (DrillFailedAndReported if result.get("slack_sent") else AirflowFailException)(message)
     return {"status": result["status"], "report": result["report_files"]["markdown"]}
