@@ -220,7 +220,8 @@ def test_the_estate_drill_dag_recovers_reports_to_the_ledger_and_slack_and_tears
     assert report["teardown"] and not any(estate_scratch_root(estate.plan).glob("erp-scratch-*"))
     ledger = [json.loads(line) for line in ledger_path(estate.plan).read_text().splitlines()]
     mine = [entry for entry in ledger if entry["run_id"] == dag_run.run_id]
-    assert {(e["kind"], e["service"], e["status"]) for e in mine} == {("estate", s, "estate-recovered") for s in SERVICES}
+    assert {(e["kind"], e["service"], e["status"]) for e in mine} == {("estate", s, "passed") for s in SERVICES}
+    assert all(e["details"]["at"] == estate.at.isoformat() for e in mine)
     (summary,) = [text for text in slack_receiver.texts() if "Estate drill" in text]
     assert "Estate drill passed" in summary and "unexplained by capture times: 0" in summary
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class DrillLedgerEntry:
     rto_measured_s: float | None = None
     rto_extrapolated_s: float | None = None
     rto_target_s: float | None = None
+    kind: str = "drill"  # "drill" (the weekly one-set drill) or "estate" (a whole-estate recovery)
+    details: dict[str, Any] = field(default_factory=dict)  # kind-specific, e.g. the estate's T and skew
 
     @property
     def key(self) -> tuple[str, str, str | None, str | None]:

@@ -11,6 +11,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from erp_backup.drill.ledger import DrillLedgerEntry
 from erp_backup.drill.report import _duration
 from erp_backup.estate import DAG_ID
 from erp_backup.estate.choose import plan_estate
@@ -89,17 +90,18 @@ def recover(plan: Plan, run_id: str, at: str, *, offsite: Any = None) -> dict[st
     return {"status": report["status"], "at": report["at"], "failed": report["failed"]}
 
 
-def ledger_lines(report: dict[str, Any]) -> list[dict[str, Any]]:
+def ledger_lines(report: dict[str, Any]) -> list[DrillLedgerEntry]:
     lines = []
     for name, service in report["services"].items():
         for chosen in service["sets"][:1]:  # the base set for PITR
-            lines.append({"kind": LEDGER_KIND, "run_id": report["run_id"], "finished_at": report["finished"],
-                          "service": name, "backup_type": chosen["backup_type"], "backup_id": chosen["backup_id"],
-                          "status": f"estate-{'recovered' if service['status'] == 'restored' else 'failed'}",
-                          "at": report["at"], "skew_s": report["skew"]["seconds"],
-                          "rto_measured_s": service["seconds"].get("total"), "rto_extrapolated_s": service["extrapolated_s"],
-                          "rto_target_s": service["rto_target_s"], "reference_gaps_unexplained":
-                              report["references"].get("unexplained")})
+            lines.append(DrillLedgerEntry(
+                run_id=report["run_id"], finished_at=datetime.fromisoformat(str(report["finished"])), service=name,
+                status="passed" if service["status"] == "restored" else "failed", kind=LEDGER_KIND,
+                backup_type=chosen["backup_type"], backup_id=chosen["backup_id"],
+                rto_measured_s=service["seconds"].get("total"), rto_extrapolated_s=service["extrapolated_s"],
+                rto_target_s=service["rto_target_s"],
+                details={"at": report["at"], "skew_s": report["skew"]["seconds"],
+                         "reference_gaps_unexplained": report["references"].get("unexplained")}))
     return lines
 
 
