@@ -120,10 +120,42 @@ def slack_text(report: dict[str, Any] | None, error: str | None, run_id: str) ->
     return "\n".join(lines)
 
 
+def _merged(existing: str, lines: list[dict[str, Any]]) -> str:
+    """`existing` plus the lines it lacks (same run, service, type and backup): a rerun adds nothing twice."""
+    def key(entry: dict[str, Any]) -> tuple[Any, ...]:
+        return entry.get("run_id"), entry.get("service"), entry.get("backup_type"), entry.get("backup_id")
+
+    have = set()
+    for line in existing.splitlines():
+        try:
+            have.add(key(json.loads(line)))
+        except (ValueError, AttributeError):
+            continue
+    text = existing if not existing or existing.endswith("\n") else existing + "\n"
+    return text + "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in lines if key(entry) not in have)
+
+
+def append_ledger(plan: Plan, lines: list[dict[str, Any]], store: Any = None) -> dict[str, Any]:
+    """Append to the drill ledger, local then offsite (fetched first, so other workers' lines stay)."""
+    from erp_backup.drill.records import LEDGER_KEY, ledger_path
+
+    local = ledger_path(plan)
+    local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(local, _merged(local.read_text() if local.is_file() else "", lines).encode())
+    result: dict[str, Any] = {"local": str(local)}
+    if store is not None:
+        scratch = runs_dir(plan, lines[0]["run_id"] if lines else "ledger") / "offsite-ledger.jsonl"
+        existing = scratch.read_text() if store.get_file(LEDGER_KEY, scratch) else ""
+        write_atomic(scratch, _merged(existing, lines).encode())
+        store.put_file(LEDGER_KEY, scratch)
+        scratch.unlink()
+        result["offsite"] = f"{store.description}/{LEDGER_KEY}"
+    return result
+
+
 def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True) -> dict[str, Any]:
     """Ledger (local and offsite) and one Slack summary. Returns {status, report, slack_sent}."""
     from erp_backup.drill.choose import offsite_store
-    from erp_backup.drill.report import append_ledger
     from erp_backup.notify import send
 
     report = read_report(plan, run_id)
