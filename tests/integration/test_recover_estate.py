@@ -27,6 +27,7 @@ from erp_backup.drill import records, runner
 from erp_backup.drill.records import ledger_path
 from erp_backup.drill.report import finish
 from erp_backup.estate.choose import EstateRefused, plan_estate
+from erp_backup.estate.drill import finish as finish_estate
 from erp_backup.estate.recover import estate_scratch_root
 from erp_backup.estate.run import choose_time, recover_estate, runs_dir
 from erp_backup.manifest import Manifest
@@ -222,6 +223,8 @@ def test_the_estate_drill_dag_recovers_reports_to_the_ledger_and_slack_and_tears
     mine = [entry for entry in ledger if entry["run_id"] == dag_run.run_id]
     assert {(e["kind"], e["service"], e["status"]) for e in mine} == {("estate", s, "passed") for s in SERVICES}
     assert all(e["details"]["at"] == estate.at.isoformat() for e in mine)
+    finish_estate(estate.plan, dag_run.run_id, notify=False)  # a rerun of the report step adds no line twice
+    assert len(ledger_path(estate.plan).read_text().splitlines()) == len(ledger)
     (summary,) = [text for text in slack_receiver.texts() if "Estate drill" in text]
     assert "Estate drill passed" in summary and "unexplained by capture times: 0" in summary
 
