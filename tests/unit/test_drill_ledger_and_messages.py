@@ -130,3 +130,33 @@ def test_a_failed_drill_alerts_once(slack_receiver, monkeypatch, task_id, except
     monkeypatch.setenv("AIRFLOW_CONN_SLACK_BACKUP_ALERTS", slack_receiver.conn_json())
     DrillFailureAlert("slack_backup_alerts")(alert_context(task_id, exception))
     assert len(slack_receiver.messages) == alerts
+
+
+def test_the_run_note_fits_airflows_limit_and_keeps_its_links(tmp_path: Path) -> None:
+    from erp_backup.drill.run_note import NOTE_LIMIT, links, note_markdown
+
+    services = [{"service": f"service{i}", "backup_type": "full", "backup_id": "20261120T170000Z", "status": "passed",
+                 "rto": {"measured_s": 80.0, "extrapolated_s": 200.0, "target_s": 7200.0}} for i in range(30)]
+    report = {"run_id": "manual__5", "status": "passed", "error": None, "services": services,
+              "links": links("http://airflow.test", "dr_drill", "manual__5"),
+              "report_files": {"markdown": "/backup/drills/runs/manual__5/report.md"}}
+
+    note = note_markdown(report, "PASSED")
+
+    assert len(note) <= NOTE_LIMIT and note.startswith("**DR drill: PASSED**")
+    assert "- **service0 full/20261120T170000Z**: passed, RTO 80.0 s (extrapolated 3.3 min, target 2.00 h)" in note
+    assert "…(more in the full report)" in note and note.endswith(
+        "[Backups page](http://airflow.test/plugin/backups) · Full report: `/backup/drills/runs/manual__5/report.md`")
+    assert not NONE_WORD.search(note)
+
+
+def test_the_slack_summary_links_the_run_and_the_backups_page() -> None:
+    from erp_backup.drill.run_note import links
+
+    report = {"run_id": "manual__6+00:00", "status": "passed", "error": None, "services": [],
+              "links": links("http://airflow.test/", "dr_drill", "manual__6+00:00")}
+
+    text = drill_report.slack_text(report)
+
+    assert text.endswith("<http://airflow.test/dags/dr_drill/runs/manual__6%2B00%3A00|The run and its report> · "
+                         "<http://airflow.test/plugin/backups|Backups page>")

@@ -60,7 +60,7 @@ class ServiceRow:
     service: str
     rto_target: timedelta
     last_drill: DrillLedgerEntry | None
-    drills: tuple[DrillLedgerEntry, ...]  # oldest first
+    drills: tuple[DrillLedgerEntry, ...]  # oldest first; not those skipped for having no backup yet
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def service_rows(plan: Plan, ledger: Sequence[DrillLedgerEntry]) -> list[Service
     latest = latest_by_service(ledger)
     rows = []
     for service in sorted({job.service for job in plan.enabled_jobs}):
-        drills = tuple(sorted((e for e in ledger if e.service == service), key=lambda e: e.finished_at))
+        drills = tuple(sorted((e for e in ledger if e.service == service and e.status != "skipped"),
+                              key=lambda e: e.finished_at))
         target = max(job.rto for job in plan.enabled_jobs if job.service == service)
         rows.append(ServiceRow(service, target, latest.get(service), drills))
     return rows

@@ -327,6 +327,8 @@ def slack_text(report: Mapping[str, Any]) -> str:
             )
         else:
             lines.append(f"• {where}: failed at {_or_dash(result.get('failed_step'))}: {_or_dash(result.get('error'))}")
+    if report.get("links"):
+        lines.append(f"<{report['links']['run']}|The run and its report> · <{report['links']['backups']}|Backups page>")
     return "\n".join(lines)
 
 
@@ -374,15 +376,18 @@ def append_ledger(plan: Plan, lines: list[DrillLedgerEntry], offsite: Any = None
     return result
 
 
-def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True) -> dict[str, Any]:
+def finish(plan: Plan, run_id: str, *, offsite: Any = None, notify: bool = True, ui_base: str | None = None) -> dict[str, Any]:
     """Write report.json and report.md, append the ledger (local and offsite), post the Slack summary.
 
     Returns the report; the caller fails the run when `report["status"]` is not "passed".
     A broken offsite store or Slack does not hide the drill's result: both are recorded in the report.
     """
+    from erp_backup.drill import DAG_ID
+    from erp_backup.drill.run_note import base_url, links
     from erp_backup.notify import send
 
     report = build_report(plan, run_id)
+    report["links"] = links(ui_base or base_url(), DAG_ID, run_id)
     directory = run_dir(plan, run_id)
     store = None
     try:

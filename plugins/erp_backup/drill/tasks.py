@@ -60,10 +60,13 @@ class DrillFailedAndReported(DrillReported, AirflowFailException):
 
 def report_or_fail(run_id: str) -> dict[str, Any]:
     """Write the report, ledger and Slack summary; fail the task (and the run) if any set failed."""
-    from erp_backup.drill.report import FAILED, finish
+    from erp_backup.drill import DAG_ID
+    from erp_backup.drill.report import FAILED, HEADLINES, finish
+    from erp_backup.drill.run_note import note_markdown, set_note
     from erp_backup.plan import load_plan
 
     result = finish(load_plan(), run_id)
+    set_note(DAG_ID, run_id, note_markdown(result, HEADLINES.get(result["status"], result["status"])))
     if result["status"] == FAILED:
         failed = [f"{r['service']} at {r.get('failed_step')}: {r.get('error')}" for r in result["services"]
                   if r["status"] == FAILED]
