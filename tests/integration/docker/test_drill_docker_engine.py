@@ -36,7 +36,9 @@ from tests.integration.test_drill import (  # noqa: F401  (fixtures)
     task_states,
 )
 
-pytestmark = pytest.mark.integration
+# The first test to use `docker_images` may carry a cold build of every image (about 15 min on 2 cores,
+# more under load), longer than pytest.ini's 900 s per test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[3]
 DOCKER_IMAGES = {"postgres": "erp-local/postgres:{tag}", "rabbitmq": "erp-local/rabbitmq:{tag}"}

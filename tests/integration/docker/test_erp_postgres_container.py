@@ -25,7 +25,9 @@ from tests.fixtures.docker_engine import DockerEngine
 from tests.integration.dagrun import run_dag, write_plan
 from tests.integration.test_backup_postgres_dag import DAG_ID, PREFIX, RUN_DATE, restore_with_standard_tools
 
-pytestmark = pytest.mark.integration
+# The first test to use `docker_images` may carry a cold build of every image (about 15 min on 2 cores,
+# more under load), longer than pytest.ini's 900 s per test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE_SQL = ROOT / "include" / "estate" / "erp_sample.sql"

@@ -41,7 +41,9 @@ from tests.fixtures.docker_engine import DockerEngine
 from tests.fixtures.factories import make_backup_context, make_manifest
 from tests.integration.test_gitlab_local import StandinHost
 
-pytestmark = pytest.mark.integration
+# The first test to use `docker_images` may carry a cold build of every image (about 15 min on 2 cores,
+# more under load), longer than pytest.ini's 900 s per test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
 
 NETWORK = "erp-test-services"
 
