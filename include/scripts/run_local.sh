@@ -25,6 +25,9 @@ export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=airflow_sqlite.CONNECT_ARGS
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=airflow_sqlite.CONNECT_ARGS
 export PATH=$ROOT/.venv/bin:$PATH
 set -a; source include/estate/dev.env; set +a
+# A local age keypair (.estate/age/identity.txt, made once): backups are sealed for its public key, and the
+# drill (same machine here) reads the identity. In production workers get the recipients connection only.
+eval "$("$PY" include/scripts/local_keys.py "$ERP_ESTATE_DIR/age")"
 
 stop() {
   if [[ -f $ERP_ESTATE_DIR/airflow.pid ]] && kill -0 "$(cat "$ERP_ESTATE_DIR/airflow.pid")" 2>/dev/null; then

@@ -59,6 +59,14 @@ class OffsitePlan:
 
 
 @dataclass(frozen=True)
+class EncryptionPlan:
+    """Where the age keys come from: recipients for workers, the identity for restores and the drill."""
+
+    recipients_conn_id: str = "backup_age_recipients"
+    identity_conn_id: str = "backup_age_identity"
+
+
+@dataclass(frozen=True)
 class DrillPlan:
     schedule: str
     timezone: str
@@ -81,6 +89,7 @@ class BackupJob:
     enabled: bool
     interval: timedelta | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    encrypt: bool = True  # age-encrypt the set (erp_backup.crypto); the plan's `encrypt`, per service
 
     @property
     def dag_id(self) -> str:
@@ -102,6 +111,7 @@ class Plan:
     jobs: tuple[BackupJob, ...]
     services_enabled: dict[str, bool]
     service_errors: dict[str, str] = field(default_factory=dict)  # service -> why its block was left out
+    encryption: EncryptionPlan = field(default_factory=EncryptionPlan)
 
     def job(self, service: str, backup_type: str) -> BackupJob:
         for job in self.jobs:
@@ -218,6 +228,7 @@ def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -
         enabled=svc.get("enabled", bool) and job.get("enabled", bool) and name not in _disabled_by_env(),
         interval=job.duration("interval", None) if "interval" in job.data else None,
         options={**svc.get("options", dict, {}), **job.get("options", dict, {})},
+        encrypt=svc.get("encrypt", bool, True),
     )
 
 
@@ -227,7 +238,7 @@ def _read_service(top: _Reader, services: _Reader, name: str, tz: str) -> tuple[
     if name not in known:
         services.fail(f"unknown service (known: {', '.join(sorted(known))})", name)
     svc = services.sub(name)
-    svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
+    svc.only("enabled", "rpo", "rto", "connections", "options", "backups", "encrypt")
     enabled = svc.get("enabled", bool) and name not in _disabled_by_env()
     return [_read_job(top, name, svc, type_name, tz) for type_name in svc.sub("backups").data], enabled
 
@@ -277,7 +288,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     service -> message) leaves that service out and is recorded in `Plan.service_errors`.
     """
     top = _Reader(path, "plan", data)
-    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging")
+    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging", "encryption")
     if top.get("version", int) != 1:
         top.fail("only version 1 is supported", "version")
     tz = top.timezone("timezone", "Asia/Seoul")
@@ -295,6 +306,10 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
 
     jobs, enabled, service_errors = _read_services(top, tz, isolate_services, broken or {})
 
+    keys = top.sub("encryption", {})
+    keys.only("recipients_conn_id", "identity_conn_id")
+    encryption = EncryptionPlan(**{name: keys.get(name, str) for name in keys.data})
+
     root = os.environ.get(BACKUP_ROOT_ENV) or top.get("backup_root", str)
     return Plan(
         path=path,
@@ -306,6 +321,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
         jobs=tuple(jobs),
         services_enabled=enabled,
         service_errors=service_errors,
+        encryption=encryption,
     )
 
 

@@ -71,6 +71,7 @@ DRILL_TYPES = frozenset({"definitions"})
 PITR_TYPES: frozenset[str] = frozenset()
 RESTORE_OPTIONS = frozenset({"vhosts"})
 DEFAULT_PORTS = {"source": 5672}
+CLEAR_DETAILS = frozenset({"rabbitmq_version"})
 DEFINITIONS_FILE = "definitions.json"
 MODES = ("rabbitmqctl", "http")
 DEFAULT_MANAGEMENT_PORT = 15672

@@ -88,7 +88,7 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "GitLabBackupError",
+    "CLEAR_DETAILS", "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "GitLabBackupError",
     "GitLabRestoreError", "after_prune", "backup", "check_restored", "plan_point_in_time", "protected_sets",
     "restore", "restore_to_time", "scratch_spec", "scratch_target", "source_size", "target_from_cli", "verify",
     "versions",
@@ -101,6 +101,7 @@ RESTORE_TYPES = frozenset({"full"})
 DRILL_TYPES = frozenset({"full"})
 PITR_TYPES: frozenset[str] = frozenset()
 DEFAULT_PORTS = {"source": 443}
+CLEAR_DETAILS = frozenset({"gitlab_version"})
 
 _INFO_VERSION = re.compile(r"^:?gitlab_version:\s*['\"]?([^'\"\s]+)", re.MULTILINE)
 _VERSION_NUMBER = re.compile(r"\d+\.\d+\.\d+")
@@ -152,7 +153,7 @@ def _copy_into_set(gitlab: GitLabHost, opts: GitLabOptions, set_dir: Path, gitla
             relative = f"{CONFIG_SET_DIR}/{name}.zst"
             copied[relative] = stream_to_file(gitlab.files.chunks(opts.config_path(name)), set_dir, relative)
         if opts.verify_copy:
-            ours, theirs = copied[tar_name].entry.sha256, remote_sha256(gitlab, source_tar)
+            ours, theirs = copied[tar_name].clear_sha256, remote_sha256(gitlab, source_tar)
             if ours != theirs:
                 raise GitLabBackupError(
                     f"the copy of {source_tar} has SHA-256 {ours} but GitLab's file has {theirs}; "

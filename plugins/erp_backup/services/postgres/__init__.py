@@ -86,6 +86,11 @@ DRILL_TYPES = frozenset({FULL_TYPE})
 PITR_TYPES = frozenset({chain.SNAPSHOT_TYPE, chain.WAL_TYPE})
 RESTORE_OPTIONS = frozenset(OPTION_NAMES)
 DEFAULT_PORTS = {"source": SCRATCH_PORT}
+# WAL positions and sizes for the chain's retention, gap detection and PITR planning; no database or table names
+CLEAR_DETAILS = frozenset({
+    "wal_segment_size", "wal", "start_segment", "end_segment", "backup_end_time", "last_segment",
+    "archive_check", "raw_bytes", "tar_bytes", "server_version_num",
+})
 POINT_IN_TIME_HINT = ("they restore together, to a point in time: restore_to_time, or "
                       "include/scripts/pitr_restore.sh --target-time ...")
 

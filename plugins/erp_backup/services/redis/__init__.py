@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
-    "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RDB_FILE", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "after_prune",
+    "CLEAR_DETAILS", "DEFAULT_PORTS", "DRILL_TYPES", "PITR_TYPES", "RDB_FILE", "RESTORE_OPTIONS", "RESTORE_TYPES", "SUPPORTED_TYPES", "after_prune",
     "backup", "check_restored", "plan_point_in_time", "protected_sets", "restore", "restore_to_time",
     "scratch_spec", "scratch_target", "source_size", "target_from_cli", "verify", "versions",
 ]
@@ -50,6 +50,7 @@ RESTORE_TYPES = frozenset({"rdb"})
 DRILL_TYPES = frozenset({"rdb"})
 PITR_TYPES: frozenset[str] = frozenset()
 DEFAULT_PORTS = {"source": 6379}
+CLEAR_DETAILS = frozenset({"redis_version", "rdb_bytes"})
 
 TARGET_HELP = "a directory for a scratch redis-server that loads the RDB (new, or without a dump.rdb)"
 
