@@ -66,7 +66,7 @@ def verify_and_seal(
     (erp_backup.sealing); a sealed set's stored bytes are checked again, nothing more.
     On success write SHA256SUMS; on failure mark the set corrupt and raise.
     """
-    from erp_backup import sealing
+    from erp_backup import crypto, sealing
 
     manifest = backup_set.manifest()
     problems = find_problems(backup_set.path, manifest)
@@ -75,6 +75,7 @@ def verify_and_seal(
     elif not problems and deep_verify is not None and not sealing.is_sealed(manifest):
         problems = list(deep_verify(backup_set, manifest))
     if problems:
+        crypto.forget_staging_keys(backup_set.path)  # a corrupt set is retaken, never read again
         backup_set.mark_corrupt(problems)
         for problem in problems:
             log.error("checksum %s: %s", backup_set.key, problem)

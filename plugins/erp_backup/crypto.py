@@ -23,7 +23,8 @@ import io
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,25 @@ def staging_identity(set_dir: Path) -> x25519.Identity | None:
     if not path.is_file():
         return None
     return parse_identities(path.read_text(encoding="ascii"), str(path))[0]
+
+
+@contextmanager
+def clear_view(set_dir: Path, path: Path) -> Iterator[Path]:
+    """`path` as clear bytes while a backup still runs: itself in a clear set, else a hidden decrypted copy.
+
+    For a service that checks what it just wrote (pg_verifybackup on the base tar); the
+    copy is removed on exit, and after checksum no staging identity is left to make one.
+    """
+    identity = staging_identity(set_dir)
+    if identity is None:
+        yield path
+        return
+    copy = set_dir / f".clear-{path.name}"
+    try:
+        decrypt_file(path, copy, [identity])
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 def forget_staging_keys(set_dir: Path) -> None:

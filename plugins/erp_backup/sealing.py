@@ -217,6 +217,14 @@ class UnsealingOffsite:
             shutil.rmtree(stored, ignore_errors=True)
 
 
+def plan_identities() -> list[x25519.Identity]:
+    """The identities in the plan's identity connection (the drill's keys), read when a sealed set is opened."""
+    from erp_backup.plan import load_plan
+    from erp_backup.services.base import airflow_connection
+
+    return crypto.identities_from_connection(load_plan().encryption.identity_conn_id, airflow_connection)
+
+
 def unsealed_copy(set_dir: Path, manifest: Manifest, dest: Path,
                   identities: Callable[[], Sequence[x25519.Identity]]) -> tuple[Path, Manifest]:
     """A local set to restore from: itself when clear, else decrypted into `dest`."""

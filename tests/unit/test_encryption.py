@@ -131,6 +131,7 @@ def test_a_deep_verify_problem_marks_the_set_corrupt_and_leaves_no_clear_copy(tm
         verify_and_seal(backup_set, deep_verify=lambda *_: ["pg_restore --list failed"])
     assert backup_set.state is SetState.CORRUPT
     assert not (backup_set.path / sealing.WORK_DIR).exists()
+    assert not (backup_set.path / crypto.STAGING_IDENTITY_FILE).exists()  # nothing on the worker opens it any more
     assert not backup_set.manifest().encryption
 
 
