@@ -52,10 +52,11 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class OffsitePlan:
     kind: Literal["s3", "filesystem"]
-    conn_id: str
+    conn_id: str  # uploads, listings, fetches: needs no DeleteObject
     bucket: str
     prefix: str
     path: str
+    prune_conn_id: str = "backup_offsite_prune"  # retention_prune alone deletes, with this connection
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def _read_service(top: _Reader, services: _Reader, name: str, tz: str) -> tuple[
 
 
 def _read_offsite(offsite: _Reader) -> OffsitePlan:
-    offsite.only("kind", "conn_id", "bucket", "prefix", "path")
+    offsite.only("kind", "conn_id", "prune_conn_id", "bucket", "prefix", "path")
     kind = os.environ.get(OFFSITE_KIND_ENV) or offsite.get("kind", str)
     if kind not in ("s3", "filesystem"):
         offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
@@ -257,6 +258,7 @@ def _read_offsite(offsite: _Reader) -> OffsitePlan:
         bucket=offsite.get("bucket", str, ""),
         prefix=offsite.get("prefix", str, "").strip("/"),
         path=os.environ.get(OFFSITE_PATH_ENV) or offsite.get("path", str, ""),
+        prune_conn_id=offsite.get("prune_conn_id", str, "backup_offsite_prune"),
     )
 
 

@@ -162,7 +162,7 @@ def retention_prune(
     from erp_backup.offsite import offsite_from_plan
 
     service = get_service(job.service)
-    store = offsite or offsite_from_plan(plan)
+    store = offsite or offsite_from_plan(plan, prune=True)  # the one connection allowed to delete
     now = now or utcnow()
     protected = service.protected_sets(plan, job, now=now, offsite=store)
     report = retention.prune(
