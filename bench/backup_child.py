@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compress-level", type=int, default=None, help="default: the plan's postgres compress_level")
     parser.add_argument("--no-inventory", action="store_true", help="diagnostic: skip the table hashing")
     parser.add_argument("--no-compress", action="store_true", help="diagnostic: write the dumps uncompressed")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="age-encrypt in the stream, as a set with `encrypt: true` is (a fresh X25519 recipient)")
     return parser.parse_args()
 
 
@@ -89,6 +91,12 @@ def backup_context(args: argparse.Namespace) -> BackupContext:
     )
     backup_set = BackupSet(args.root, "postgres", "full", args.backup_id)
     backup_set.create_dir()
+    if args.encrypt:
+        from pyrage import x25519
+
+        from erp_backup.crypto import prepare_set
+
+        prepare_set(backup_set.path, [str(x25519.Identity.generate().to_public())])
     run = RunInfo(dag_id="backup_postgres_full", run_id=f"bench__{args.backup_id}", run_after=datetime.now(UTC))
     return BackupContext(job=job, backup_set=backup_set, run=run, get_connection=lambda conn_id: connection)
 
