@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-compress", action="store_true", help="diagnostic: write the dumps uncompressed")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=NUMBER",
                         help="a numeric postgres plan option, e.g. dump_jobs=2 or parallel_dump_min_mb=0")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="age-encrypt in the stream, as a set with `encrypt: true` is (a fresh X25519 recipient)")
     return parser.parse_args()
 
 
@@ -95,6 +97,12 @@ def backup_context(args: argparse.Namespace) -> BackupContext:
     )
     backup_set = BackupSet(args.root, "postgres", "full", args.backup_id)
     backup_set.create_dir()
+    if args.encrypt:
+        from pyrage import x25519
+
+        from erp_backup.crypto import prepare_set
+
+        prepare_set(backup_set.path, [str(x25519.Identity.generate().to_public())])
     run = RunInfo(dag_id="backup_postgres_full", run_id=f"bench__{args.backup_id}", run_after=datetime.now(UTC))
     return BackupContext(job=job, backup_set=backup_set, run=run, get_connection=lambda conn_id: connection)
 

@@ -16,6 +16,12 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__API__BASE_URL"] = "http://airflow.test:8080"
 os.environ.setdefault("ERP_BACKUP_ROOT", str(_AIRFLOW_HOME / "backup"))
 
+# Every test runs with encryption on, as the plan says by default: one age keypair per session,
+# the recipient and the identity through the connections the plan names (erp_backup.crypto).
+from tests.fixtures.keys import provision_age_keys  # noqa: E402
+
+AGE_KEYS = provision_age_keys(os.environ)
+
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.slack",

@@ -5,7 +5,7 @@ set -euo pipefail
 
 # docker.io, docker-compose, debootstrap: the tests' private Docker engine and its images
 # (tests/fixtures/docker_engine.py, include/scripts/build_images.sh).
-PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux
+PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux age
           docker.io docker-compose debootstrap)
 
 missing=()

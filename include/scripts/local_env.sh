@@ -20,3 +20,6 @@ export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=airflow_sqlite.CONNECT_ARGS
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=airflow_sqlite.CONNECT_ARGS
 export PATH=$ROOT/include/scripts:$ROOT/.venv/bin:$PATH
 set -a; source "$ROOT/include/estate/dev.env"; set +a
+# A local age keypair ($ERP_ESTATE_DIR/age/identity.txt, made once): backups are sealed for its public key, and the
+# drill (same machine here) reads the identity. In production workers get the recipients connection only.
+eval "$("$ROOT/.venv/bin/python" "$ROOT/include/scripts/local_keys.py" "$ERP_ESTATE_DIR/age")"

@@ -44,7 +44,8 @@ def find_problems(set_dir: Path, manifest: Manifest) -> list[str]:
     listed = {entry.path for entry in manifest.files}
     for path in sorted(p for p in set_dir.rglob("*") if p.is_file()):
         relative = path.relative_to(set_dir).as_posix()
-        if relative not in listed and relative not in MARKER_NAMES and not path.name.startswith("."):
+        hidden = any(part.startswith(".") for part in path.relative_to(set_dir).parts)
+        if relative not in listed and relative not in MARKER_NAMES and not hidden:
             problems.append(f"{relative}: not in the manifest")
     return problems
 
@@ -55,17 +56,26 @@ def sha256sums_text(manifest: Manifest) -> str:
 
 
 def verify_and_seal(
-    backup_set: BackupSet, deep_verify: Callable[[BackupSet, Manifest], list[str]] | None = None
+    backup_set: BackupSet,
+    deep_verify: Callable[[BackupSet, Manifest], list[str]] | None = None,
+    clear_details: frozenset[str] = frozenset(),
 ) -> ChecksumReport:
     """Verify every file, then the service's own checks (`deep_verify`) if the bytes match.
 
+    An encrypted set is checked through its staging identity and sealed
+    (erp_backup.sealing); a sealed set's stored bytes are checked again, nothing more.
     On success write SHA256SUMS; on failure mark the set corrupt and raise.
     """
+    from erp_backup import crypto, sealing
+
     manifest = backup_set.manifest()
     problems = find_problems(backup_set.path, manifest)
-    if not problems and deep_verify is not None:
+    if not problems and sealing.awaits_seal(backup_set.path):
+        problems, manifest = sealing.seal_set(backup_set, manifest, clear_details, deep_verify)
+    elif not problems and deep_verify is not None and not sealing.is_sealed(manifest):
         problems = list(deep_verify(backup_set, manifest))
     if problems:
+        crypto.forget_staging_keys(backup_set.path)  # a corrupt set is retaken, never read again
         backup_set.mark_corrupt(problems)
         for problem in problems:
             log.error("checksum %s: %s", backup_set.key, problem)

@@ -50,6 +50,7 @@ class Manifest:
     files: list[FileEntry]
     details: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    encryption: dict[str, Any] = field(default_factory=dict)  # a sealed set's clear part (erp_backup.sealing)
 
     @property
     def total_size(self) -> int:
@@ -83,6 +84,7 @@ class Manifest:
                 files=[FileEntry(**entry) for entry in data["files"]],
                 details=data.get("details", {}),
                 format=data.get("format", FORMAT_VERSION),
+                encryption=data.get("encryption") or {},
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ManifestError(f"{origin}: not a valid manifest: {exc!r}") from exc

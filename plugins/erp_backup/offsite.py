@@ -6,8 +6,8 @@ is `BackupSet.key`. An offsite set is complete only when its `manifest.json` is
 there, so:
 
 - uploads store the data files, then SHA256SUMS, and the manifest last, and only
-  after every data object was verified; if any object must be (re)written, an
-  existing offsite manifest is removed first;
+  after every data object was verified; if any object must be (re)written, an existing
+  offsite manifest is removed first, or on S3 (which never deletes on upload) refused;
 - deletions remove the manifest first, so a half-deleted set is never complete;
 - fetches refuse a set without a manifest and check each file's SHA-256.
 
@@ -255,13 +255,17 @@ class _SetStore(ABC):
                 report.bytes_skipped += item.size
         manifest_key = f"{base}/{MANIFEST_NAME}"
         if pending or self._stored_problems(manifest_key, manifest_item):
-            # Whatever manifest is offsite must not vouch for objects being rewritten.
-            self._delete(manifest_key)
+            if pending and self._exists(manifest_key):
+                self._invalidate_manifest(base, manifest_key, pending)
             pending.append(manifest_item)
         else:
             report.skipped.append(self._name(manifest_key))
             report.bytes_skipped += manifest_item.size
         return pending
+
+    def _invalidate_manifest(self, base: str, manifest_key: str, pending: list[_Item]) -> None:
+        """The offsite manifest must not vouch for objects being rewritten (S3 refuses instead)."""
+        self._delete(manifest_key)
 
     def upload_set(self, backup_set: BackupSet) -> UploadReport:
         """Upload a verified set, verify every object, then write the local receipt (state OFFSITE).
@@ -568,13 +572,17 @@ class FilesystemOffsite(_SetStore):
         return count
 
 
-def offsite_from_plan(plan: Plan) -> Offsite:
-    """The offsite store the plan names (`offsite.kind`: s3 or filesystem). Connects to nothing."""
+def offsite_from_plan(plan: Plan, *, prune: bool = False) -> Offsite:
+    """The offsite store the plan names (`offsite.kind`: s3 or filesystem). Connects to nothing.
+
+    On S3, `prune=True` gives the store on `offsite.prune_conn_id`, the only connection that may
+    delete; everything else (upload, verify, list, fetch) uses `offsite.conn_id`, which needs no delete.
+    """
     offsite = plan.offsite
     if offsite.kind == "s3":
         from erp_backup.offsite_s3 import S3Offsite
 
-        return S3Offsite(offsite.conn_id, offsite.bucket, offsite.prefix)
+        return S3Offsite(offsite.prune_conn_id if prune else offsite.conn_id, offsite.bucket, offsite.prefix)
     if offsite.kind == "filesystem":
         return FilesystemOffsite(offsite.path)
     raise OffsiteError(f"{plan.path}: offsite.kind: unknown kind {offsite.kind!r} (use s3 or filesystem)")

@@ -51,6 +51,7 @@ class S3Offsite(_SetStore):
     """Backup sets on S3 or any S3-compatible store, through the Amazon provider's S3Hook.
 
     Nothing connects at construction; the connection is resolved on first use.
+    An upload never deletes (its connection needs no DeleteObject; docs/iam/).
     """
 
     def __init__(
@@ -230,6 +231,15 @@ class S3Offsite(_SetStore):
         with self._errors(f"listing {prefix}"):
             found = self.hook.list_prefixes(bucket_name=self.bucket, prefix=prefix, delimiter="/")
         return [entry[len(prefix):].rstrip("/") for entry in found]
+
+    def _invalidate_manifest(self, base: str, manifest_key: str, pending: list[_Item]) -> None:
+        """The upload connection never deletes: a set whose manifest is offsite is not rewritten in place."""
+        raise OffsiteError(
+            f"backup {base} at {self.description} has a manifest offsite but "
+            f"{', '.join(item.relative for item in pending)} must be rewritten; the upload connection never "
+            "deletes: check it (erp-restore verify --from offsite), let retention_prune (connection "
+            "backup_offsite_prune) or an operator remove it, then rerun"
+        )
 
     def _delete(self, key: str) -> None:
         with self._errors(f"deleting {self._object_key(key)}"):

@@ -53,10 +53,19 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class OffsitePlan:
     kind: Literal["s3", "filesystem"]
-    conn_id: str
+    conn_id: str  # uploads, listings, fetches: needs no DeleteObject
     bucket: str
     prefix: str
     path: str
+    prune_conn_id: str = "backup_offsite_prune"  # retention_prune alone deletes, with this connection
+
+
+@dataclass(frozen=True)
+class EncryptionPlan:
+    """Where the age keys come from: recipients for workers, the identity for restores and the drill."""
+
+    recipients_conn_id: str = "backup_age_recipients"
+    identity_conn_id: str = "backup_age_identity"
 
 
 PULL_POLICIES = ("if-missing", "always", "never")
@@ -102,6 +111,7 @@ class BackupJob:
     enabled: bool
     interval: timedelta | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    encrypt: bool = True  # age-encrypt the set (erp_backup.crypto); the plan's `encrypt`, per service
 
     @property
     def dag_id(self) -> str:
@@ -124,6 +134,7 @@ class Plan:
     services_enabled: dict[str, bool]
     service_errors: dict[str, str] = field(default_factory=dict)  # service -> why its block was left out
     estate: EstatePlan | None = None  # whole-estate recovery (erp_backup.estate)
+    encryption: EncryptionPlan = field(default_factory=EncryptionPlan)
 
     def job(self, service: str, backup_type: str) -> BackupJob:
         for job in self.jobs:
@@ -260,6 +271,7 @@ def _read_job(plan: _Reader, name: str, svc: _Reader, type_name: str, tz: str) -
         enabled=svc.get("enabled", bool) and job.get("enabled", bool) and name not in _disabled_by_env(),
         interval=job.duration("interval", None) if "interval" in job.data else None,
         options={**svc.get("options", dict, {}), **job.get("options", dict, {})},
+        encrypt=svc.get("encrypt", bool, True),
     )
 
 
@@ -269,13 +281,13 @@ def _read_service(top: _Reader, services: _Reader, name: str, tz: str) -> tuple[
     if name not in known:
         services.fail(f"unknown service (known: {', '.join(sorted(known))})", name)
     svc = services.sub(name)
-    svc.only("enabled", "rpo", "rto", "connections", "options", "backups")
+    svc.only("enabled", "rpo", "rto", "connections", "options", "backups", "encrypt")
     enabled = svc.get("enabled", bool) and name not in _disabled_by_env()
     return [_read_job(top, name, svc, type_name, tz) for type_name in svc.sub("backups").data], enabled
 
 
 def _read_offsite(offsite: _Reader) -> OffsitePlan:
-    offsite.only("kind", "conn_id", "bucket", "prefix", "path")
+    offsite.only("kind", "conn_id", "prune_conn_id", "bucket", "prefix", "path")
     kind = os.environ.get(OFFSITE_KIND_ENV) or offsite.get("kind", str)
     if kind not in ("s3", "filesystem"):
         offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
@@ -288,6 +300,7 @@ def _read_offsite(offsite: _Reader) -> OffsitePlan:
         bucket=offsite.get("bucket", str, ""),
         prefix=offsite.get("prefix", str, "").strip("/"),
         path=os.environ.get(OFFSITE_PATH_ENV) or offsite.get("path", str, ""),
+        prune_conn_id=offsite.get("prune_conn_id", str, "backup_offsite_prune"),
     )
 
 
@@ -319,7 +332,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
     service -> message) leaves that service out and is recorded in `Plan.service_errors`.
     """
     top = _Reader(path, "plan", data)
-    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging", "estate")
+    top.only("version", "backup_root", "timezone", "alerts", "offsite", "drill", "services", "staging", "estate", "encryption")
     if top.get("version", int) != 1:
         top.fail("only version 1 is supported", "version")
     tz = top.timezone("timezone", "Asia/Seoul")
@@ -338,6 +351,10 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
 
     jobs, enabled, service_errors = _read_services(top, tz, isolate_services, broken or {})
 
+    keys = top.sub("encryption", {})
+    keys.only("recipients_conn_id", "identity_conn_id")
+    encryption = EncryptionPlan(**{name: keys.get(name, str) for name in keys.data})
+
     root = os.environ.get(BACKUP_ROOT_ENV) or top.get("backup_root", str)
     return Plan(
         path=path,
@@ -351,6 +368,7 @@ def parse_plan(path: Path, data: Any, *, isolate_services: bool = False,
         services_enabled=enabled,
         service_errors=service_errors,
         estate=read_estate(top, tz, set(known_services())),
+        encryption=encryption,
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from erp_backup import locks, notify, staging
+from erp_backup import crypto, locks, notify, staging
 from erp_backup.checksum import verify_and_seal
 from erp_backup.diskio import io_context
 from erp_backup.manifest import Manifest, write_manifest
@@ -73,10 +73,13 @@ def _prepare_set(plan: Plan, job: BackupJob, run: RunInfo, backup_set: BackupSet
     staging.prepare(plan, job, backup_set, utcnow())
     if job.backup_type not in get_service(job.service).SUPPORTED_TYPES:
         raise BackupFailed(f"{job.dag_id}: the {job.service} module does not implement {job.backup_type!r} backups")
+    recipients = crypto.recipients_from_connection(plan.encryption.recipients_conn_id, airflow_connection) if job.encrypt else []
     try:
         with io_context(backup_set.path, set_dir=backup_set.path, action="creating"):
             backup_set.create_dir()
         locks.write_marker(backup_set.path, run.run_id)
+        if recipients:
+            crypto.prepare_set(backup_set.path, recipients)
     except OSError as exc:
         _discard_partial(backup_set)
         raise BackupFailed(f"cannot create {backup_set.path}: {exc} (check BACKUP_ROOT / ERP_BACKUP_ROOT)") from exc
@@ -118,7 +121,8 @@ def _discard_partial(backup_set: BackupSet) -> None:
 def checksum(plan: Plan, job: BackupJob, backup_id: str) -> dict[str, Any]:
     """Re-read every file, compare with the manifest, run the service's checks, write SHA256SUMS."""
     backup_set = backup_set_for(plan, job, backup_id)
-    report = verify_and_seal(backup_set, deep_verify=get_service(job.service).verify)
+    service = get_service(job.service)
+    report = verify_and_seal(backup_set, deep_verify=service.verify, clear_details=service.CLEAR_DETAILS)
     return {"backup_id": backup_id, "files": report.files, "bytes": report.bytes}
 
 
@@ -158,7 +162,7 @@ def retention_prune(
     from erp_backup.offsite import offsite_from_plan
 
     service = get_service(job.service)
-    store = offsite or offsite_from_plan(plan)
+    store = offsite or offsite_from_plan(plan, prune=True)  # the one connection allowed to delete
     now = now or utcnow()
     protected = service.protected_sets(plan, job, now=now, offsite=store)
     report = retention.prune(

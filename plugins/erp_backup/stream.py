@@ -1,7 +1,8 @@
-"""Streaming stages: source → compress → hash → file, in one pass.
+"""Streaming stages: source → compress → encrypt → hash → file, in one pass.
 
-Each stage is a writer that passes bytes to the next one, so an encryption
-stage can slot in between compress and hash without touching the rest.
+Each stage is a writer that passes bytes to the next one. A set directory
+prepared for encryption (erp_backup.crypto: it holds `.recipients`) gets the age
+stage in every chain that writes into it, whichever writer opens the chain.
 The SHA-256 is of the bytes that land on disk, computed as they stream.
 """
 
@@ -18,6 +19,7 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 
+from erp_backup.crypto import EncryptStage, set_recipients
 from erp_backup.diskio import io_context
 from erp_backup.manifest import FILE_MODE, FileEntry
 
@@ -128,9 +130,10 @@ class ProgressStage:
 
 @dataclass(frozen=True)
 class StreamResult:
-    entry: FileEntry
+    entry: FileEntry  # the stored bytes
     raw_bytes: int
     seconds: float
+    clear_sha256: str  # of the bytes before encryption (compressed, or the source's own): entry.sha256 in a clear set
 
 
 class Chain:
@@ -142,7 +145,11 @@ class Chain:
         with io_context(path, set_dir=self.set_dir, action="creating"):
             self.sink = FileSink(path)
         self.hasher = HashStage(self.sink)
-        body: Writer = ZstdStage(self.hasher, level=level) if compress else self.hasher
+        recipients = set_recipients(self.set_dir)
+        self.encrypt = EncryptStage(self.hasher, recipients) if recipients else None
+        self.clear_hasher = HashStage(self.encrypt) if self.encrypt else self.hasher
+        sealed: Writer = self.clear_hasher
+        body: Writer = ZstdStage(sealed, level=level) if compress else sealed
         self.progress = ProgressStage(body, label=label)
         self._started = time.monotonic()
 
@@ -159,9 +166,12 @@ class Chain:
             "%s: wrote %s (%d bytes from %d raw, %.1f s)",
             self.progress.label, self.relative, entry.size, self.progress.bytes_in, seconds,
         )
-        return StreamResult(entry=entry, raw_bytes=self.progress.bytes_in, seconds=seconds)
+        return StreamResult(entry=entry, raw_bytes=self.progress.bytes_in, seconds=seconds,
+                            clear_sha256=self.clear_hasher.digest.hexdigest())
 
     def abort(self) -> None:
+        if self.encrypt is not None:
+            self.encrypt.cancel()
         try:
             self.sink.discard()  # a flush error here would hide the error that made us abort
         finally:
@@ -171,7 +181,7 @@ class Chain:
 def open_chain(
     set_dir: Path, relative: str, *, compress: bool = True, level: int = 3, label: str | None = None
 ) -> Chain:
-    """Build dump → [zstd] → sha256 → file for `set_dir/relative`. `label` names it in progress logs."""
+    """Build dump → [zstd] → [age] → sha256 → file for `set_dir/relative`. `label` names it in progress logs."""
     path = set_dir / relative
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return Chain(path, relative, compress=compress, level=level, label=label or relative)

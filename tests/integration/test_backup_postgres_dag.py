@@ -18,11 +18,13 @@ import psycopg
 import pytest
 
 from erp_backup import retention
+from erp_backup.crypto import fingerprint
 from erp_backup.manifest import Manifest
 from erp_backup.plan import load_plan
 from erp_backup.scratch.base import free_port
 from erp_backup.services.postgres.content import TableContent, apply_session_settings, inventory
 from erp_backup.sets import BackupSet, SetState
+from tests.conftest import AGE_KEYS
 from tests.fixtures.s3 import start_s3
 from tests.integration.dagrun import run_dag, write_plan
 
@@ -116,8 +118,13 @@ def staging_state(env) -> dict[str, SetState]:
     return {record.backup_id: record.state for record in retention.staging_records(env.root, "postgres", "full")}
 
 
-def restore_with_standard_tools(client, bucket: str, workdir: Path, target) -> Manifest:
-    """Download the set from S3 and restore it with zstd, psql and pg_restore only."""
+def pipe(command: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """A shell pipeline, as the runbook writes it (pipefail: any stage failing fails it)."""
+    return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, check=True, capture_output=True, **kwargs)
+
+
+def restore_with_standard_tools(client, bucket: str, workdir: Path, target, identity: Path) -> Manifest:
+    """Download the sealed set from S3 and restore it with age, zstd, psql and pg_restore only (docs/runbook.md)."""
     base = f"{PREFIX}/postgres/full/{BACKUP_ID}/"
     for item in client.list_objects_v2(Bucket=bucket, Prefix=base)["Contents"]:
         path = workdir / item["Key"][len(base):]
@@ -125,18 +132,19 @@ def restore_with_standard_tools(client, bucket: str, workdir: Path, target) -> M
         client.download_file(bucket, item["Key"], str(path))
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=workdir, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    manifest = Manifest.read(workdir / "manifest.json")
-    subprocess.run(["zstd", "-q", "-d", "globals.sql.zst", "-o", "globals.sql"], cwd=workdir, check=True)
-    subprocess.run(["zstd", "-q", "-d", "databases/erp.dump.zst", "-o", "erp.dump"], cwd=workdir, check=True)
+    sealed = json.loads(pipe(f"age -d -i {identity} sealed/manifest.age", workdir).stdout)
+    manifest = Manifest.from_json(json.dumps(sealed["manifest"]))
+    stored = sealed["stored"]  # clear path -> stored object
     bindir = target.bindir
     # Globals recreate roles; the bootstrap superuser already exists on a fresh cluster.
     globals_sql = "\n".join(
-        line for line in (workdir / "globals.sql").read_text().splitlines() if line != "CREATE ROLE postgres;"
+        line for line in pipe(f"age -d -i {identity} {stored['globals.sql.zst']} | zstd -d", workdir, text=True)
+        .stdout.splitlines() if line != "CREATE ROLE postgres;"
     )
     subprocess.run([str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.conninfo()],
                    input=globals_sql, text=True, check=True, capture_output=True)
-    subprocess.run([str(bindir / "pg_restore"), "--create", "-j", "2", "-d", target.conninfo(), str(workdir / "erp.dump")],
-                   check=True, capture_output=True)
+    pipe(f"age -d -i {identity} {stored['databases/erp.dump.zst']} | zstd -d | "
+         f"{bindir / 'pg_restore'} --create -d '{target.conninfo()}'", workdir)
     return manifest
 
 
@@ -145,11 +153,11 @@ def test_full_backup_end_to_end_restores_with_standard_tools(env, scratch_pg, da
     assert states == dict.fromkeys(("backup", "checksum", "offsite_upload", "retention_prune"), "success"), states
     assert env.set.state is SetState.OFFSITE
     assert env.slack.messages == []
-    manifest = env.set.manifest()
+    manifest = env.set.manifest()  # the clear part of the sealed manifest: no names, no tools, no source
     assert manifest.run["logical_date"].startswith("2026-03-01T17:00:00")
     assert manifest.captured_finished_at > RUN_DATE  # a backfilled run records the real capture time
-    assert manifest.source["conn_id"] == "erp_postgres"
-    assert manifest.tools and "pg_dump" in json.dumps(manifest.tools)
+    assert manifest.source == {} and manifest.tools == {} and "databases" not in manifest.details
+    assert manifest.encryption["fingerprints"] == [fingerprint(AGE_KEYS.recipient)]
     for path in [env.set.path, *env.set.path.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path
 
@@ -165,7 +173,11 @@ def test_full_backup_end_to_end_restores_with_standard_tools(env, scratch_pg, da
 
     workdir = tmp_path / "download"
     workdir.mkdir()
-    restored_manifest = restore_with_standard_tools(client, env.bucket, workdir, scratch_pg)
+    identity = tmp_path / "key.txt"
+    identity.write_text(AGE_KEYS.identity + "\n")
+    restored_manifest = restore_with_standard_tools(client, env.bucket, workdir, scratch_pg, identity)
+    assert restored_manifest.source["conn_id"] == "erp_postgres"
+    assert restored_manifest.tools and "pg_dump" in json.dumps(restored_manifest.tools)
     expected = [TableContent.from_dict(t) for t in restored_manifest.details["databases"]["erp"]["tables"]]
     assert len(expected) >= 10
     with psycopg.connect(scratch_pg.conninfo("erp")) as conn:

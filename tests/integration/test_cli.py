@@ -94,7 +94,10 @@ def estate(s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory):
         )
         bucket = f"cli-offsite-{uuid.uuid4().hex[:8]}"
         s3_endpoint.client().create_bucket(Bucket=bucket)
-        plan_path = write_plan(base / "plan.yaml", bucket=bucket, prefix=PREFIX)
+        # This module covers the clear layout (`encrypt: false`, a per-service choice the plan allows):
+        # every file under its own name, plain zstd. Sealed sets: tests/integration/test_cli_encrypted.py.
+        plan_path = write_plan(base / "plan.yaml", bucket=bucket, prefix=PREFIX,
+                               edit=lambda d: d["services"]["postgres"].update(encrypt=False))
         with pytest.MonkeyPatch.context() as env:
             env.setenv("ERP_BACKUP_PLAN", str(plan_path))
             env.setenv("ERP_BACKUP_ROOT", str(root))

@@ -20,8 +20,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from pyrage import x25519
 
 from erp_backup import steps
+from erp_backup.crypto import decrypt_bytes, encrypt_bytes, fingerprint
 from erp_backup.drill import ledger, records, runner
 from erp_backup.drill.params import DrillParamError
 from erp_backup.drill.pick import derive_seed
@@ -31,7 +33,10 @@ from erp_backup.plan import Plan, load_plan
 from erp_backup.scratch.local import PG_PREFIX
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services import get_service
+from erp_backup.sealing import SEALED_NAME
 from erp_backup.services.base import RunInfo
+from tests.conftest import AGE_KEYS
+from tests.fixtures.keys import IDENTITY_ENV, AgeKeys
 from tests.fixtures.s3 import S3Endpoint
 from tests.fixtures.slack import SlackReceiver
 from tests.integration.dagrun import run_dag, write_plan
@@ -64,11 +69,21 @@ class PgBackup:
     cluster: ScratchPostgres
     staging: Path
     backup_id: str
-    manifest: Manifest
+    manifest: Manifest  # as stored: the clear part of the sealed manifest
     app_role: str
 
+    @property
+    def sealed(self) -> dict[str, Any]:
+        """The sealed part, decrypted with the test identity: the whole manifest and the stored name of each file."""
+        data = (self.staging / "postgres" / "full" / self.backup_id / SEALED_NAME).read_bytes()
+        return json.loads(decrypt_bytes(data, [x25519.Identity.from_str(AGE_KEYS.identity)]))
+
+    @property
+    def full(self) -> Manifest:
+        return Manifest.from_json(json.dumps(self.sealed["manifest"]))
+
     def table_rows(self) -> int:
-        return sum(t["rows"] for t in self.manifest.details["databases"][DB]["tables"] if t["kind"] == "r")
+        return sum(t["rows"] for t in self.full.details["databases"][DB]["tables"] if t["kind"] == "r")
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +138,17 @@ class Drill:
         self.s3.client().put_object(Bucket=self.bucket, Key=key, Body=data)
 
     def edit_offsite_manifest(self, edit: Callable[[dict], None]) -> None:
-        """Replace the offsite manifest with an edited one, stored as the uploader stores it (with its
-        SHA-256 as metadata), so it passes the offsite trust check and the drill reaches the step under test:
-        a manifest that was wrong at upload, not one changed afterwards (tests/integration/test_offsite_trust_stores.py)."""
+        """Replace the sealed manifest with an edited one, sealed and stored as the uploader stores it (the clear
+        manifest listing its new SHA-256, with its own as metadata), so it passes the offsite trust check and the drill
+        reaches the step under test: a manifest that was wrong at upload, not one changed afterwards
+        (tests/integration/test_offsite_trust_stores.py)."""
+        sealed = self.backup.sealed
+        edit(sealed["manifest"])
+        sealed_body = encrypt_bytes(json.dumps(sealed).encode(), [AGE_KEYS.recipient])
+        self.put_object(self.key(SEALED_NAME), sealed_body)
         data = json.loads(self.read_object(self.key("manifest.json")))
-        edit(data)
+        (entry,) = [entry for entry in data["files"] if entry["path"] == SEALED_NAME]
+        entry.update(size=len(sealed_body), sha256=hashlib.sha256(sealed_body).hexdigest())
         body = json.dumps(data, indent=2).encode()
         self.s3.client().put_object(Bucket=self.bucket, Key=self.key("manifest.json"), Body=body,
                                     Metadata={"sha256": hashlib.sha256(body).hexdigest()})
@@ -284,7 +305,7 @@ def test_drill_restores_the_real_postgres_backup_and_reports_plausible_numbers(d
 
 
 def test_a_flipped_byte_offsite_fails_the_fetch_and_slack_names_the_file(dagbag, airflow_db, drill: Drill, slack_receiver):
-    dump = drill.backup.manifest.details["databases"][DB]["file"]
+    dump = drill.backup.sealed["stored"][drill.backup.full.details["databases"][DB]["file"]]  # its opaque name offsite
     data = bytearray(drill.read_object(drill.key(dump)))
     data[len(data) // 2] ^= 0x01
     drill.put_object(drill.key(dump), bytes(data))
@@ -301,8 +322,24 @@ def test_a_flipped_byte_offsite_fails_the_fetch_and_slack_names_the_file(dagbag,
     assert scratch_left(drill.plan) == []
 
 
+def test_a_wrong_identity_fails_the_fetch_naming_the_set_and_the_recipient(dagbag, airflow_db, drill: Drill,
+                                                                          slack_receiver, monkeypatch):
+    monkeypatch.setenv(IDENTITY_ENV, AgeKeys.generate().identity_conn_json())
+    dag_run, _ = run_dag(dagbag, "dr_drill", soon(6), retries=0, conf=conf())
+    states = task_states(dag_run)
+    assert states["drill.fetch"] == "failed" and states["drill.restore"] == "upstream_failed"
+    assert states["drill.teardown"] == "success" and dag_run.state == "failed"
+    (result,) = drill.report(dag_run.run_id)["services"]
+    assert result["failed_step"] == "fetch" and "EncryptionError" in result["error"]
+    assert f"backup postgres/full/{drill.backup.backup_id}" in result["error"]
+    assert fingerprint(AGE_KEYS.recipient) in result["error"]
+    assert any("DR drill FAILED" in text and fingerprint(AGE_KEYS.recipient) in text for text in slack_receiver.texts())
+    assert scratch_left(drill.plan) == []
+    assert not any(p.is_file() for p in records.work_dir(drill.plan, dag_run.run_id).rglob("*"))
+
+
 def test_a_table_hash_that_no_longer_matches_fails_at_verify(dagbag, airflow_db, drill: Drill):
-    tables = drill.backup.manifest.details["databases"][DB]["tables"]
+    tables = drill.backup.full.details["databases"][DB]["tables"]
     victim = next(t for t in tables if t["kind"] == "r" and t["rows"] > 0)
 
     def tamper(data: dict) -> None:

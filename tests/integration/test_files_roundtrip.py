@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from airflow.sdk import Connection
 
 from erp_backup import steps
-from erp_backup.plan import load_plan
+from erp_backup.plan import BackupJob, Plan, load_plan
 from erp_backup.runs import RunInfo
 from erp_backup.services import files
 from erp_backup.services.base import CheckContext, TargetUsageError
@@ -24,6 +25,14 @@ pytestmark = pytest.mark.integration
 
 RUN = RunInfo("backup_files_full", "scheduled__2026-12-01T15:30:00+00:00", datetime(2026, 12, 1, 15, 30, tzinfo=timezone.utc),
               logical_date=datetime(2026, 12, 1, 15, 30, tzinfo=timezone.utc))
+
+
+def clear_job(plan: Plan) -> BackupJob:
+    """The plan's files job with `encrypt: false`: this module reads the archive as it lies on disk.
+
+    Encrypted files sets are backed up, sealed and drilled in tests/integration/test_drill.py's weekly run.
+    """
+    return replace(plan.job("files", "full"), encrypt=False)
 
 
 def write(path: Path, text: str, mode: int) -> Path:
@@ -62,8 +71,8 @@ def fs_connection(root: Path):
 def backed_up(config_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BackupSet:
     monkeypatch.setenv("ERP_BACKUP_ROOT", str(tmp_path / "backup"))
     plan = load_plan()
-    backup_id = steps.backup(plan, plan.job("files", "full"), RUN, get_connection=fs_connection(config_root))
-    steps.checksum(plan, plan.job("files", "full"), backup_id)
+    backup_id = steps.backup(plan, clear_job(plan), RUN, get_connection=fs_connection(config_root))
+    steps.checksum(plan, clear_job(plan), backup_id)
     return BackupSet(plan.backup_root, "files", "full", backup_id)
 
 
@@ -94,7 +103,7 @@ def test_a_skipped_special_file_is_a_warning(config_root: Path, tmp_path: Path, 
     monkeypatch.setenv("ERP_BACKUP_ROOT", str(tmp_path / "backup"))
     plan = load_plan()
     with caplog.at_level("WARNING"):
-        steps.backup(plan, plan.job("files", "full"), RUN, get_connection=fs_connection(config_root))
+        steps.backup(plan, clear_job(plan), RUN, get_connection=fs_connection(config_root))
     assert "skipped etc/nginx/control.fifo: not a file, directory or symlink" in caplog.text
 
 
@@ -150,7 +159,7 @@ def test_a_missing_path_names_it_and_the_root(config_root: Path, tmp_path: Path,
     (config_root / "opt/erp/.env").unlink()
     plan = load_plan()
     with pytest.raises(files.SourceUnavailable, match=r"/opt/erp/\.env does not exist under .*host"):
-        steps.backup(plan, plan.job("files", "full"), RUN, get_connection=fs_connection(config_root))
+        steps.backup(plan, clear_job(plan), RUN, get_connection=fs_connection(config_root))
     assert not any((tmp_path / "backup" / "files" / "full").glob("*/manifest.json"))
 
 

@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
 from typing import TextIO
 
 from erp_backup.cli.console import Console
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", help="local staging root (default: $ERP_BACKUP_ROOT, else the plan's backup_root)")
     common.add_argument("--plan", help="backup plan file (default: $ERP_BACKUP_PLAN, else include/backup_plan.yaml)")
     common.add_argument("--work-dir", help="where offsite sets are fetched to (default: the system temp dir)")
+    common.add_argument("--identity", type=Path, metavar="FILE",
+                        help="age identity file (age-keygen format) for encrypted sets (default: the plan's "
+                             "identity connection, if defined)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     common.add_argument("-v", "--verbose", action="store_true", help="log each step")
 

@@ -44,6 +44,7 @@ class Source:
     kind: str
     root: Path
     plan: Plan
+    identity: Path | None = None
     _store: Offsite | None = None
 
     @property
@@ -54,9 +55,22 @@ class Source:
     def store(self) -> Offsite:
         if self._store is None:
             from erp_backup.offsite import offsite_from_plan
+            from erp_backup.sealing import UnsealingOffsite
 
-            self._store = offsite_from_plan(self.plan)
+            self._store = UnsealingOffsite(offsite_from_plan(self.plan), self.identities)
         return self._store
+
+    def identities(self) -> list[Any]:
+        """The age identities for sealed sets: --identity FILE, else the plan's identity connection, else none."""
+        from erp_backup import crypto
+        from erp_backup.services.base import ConnectionMissing, airflow_connection
+
+        if self.identity is not None:
+            return crypto.identities_from_file(self.identity)
+        try:
+            return crypto.identities_from_connection(self.plan.encryption.identity_conn_id, airflow_connection)
+        except ConnectionMissing:
+            return []
 
     @property
     def where(self) -> str:
@@ -69,7 +83,7 @@ def open_source(args: argparse.Namespace) -> Source:
     except PlanError as exc:
         raise UsageError(str(exc)) from exc
     root = Path(args.root) if args.root else plan.backup_root
-    source = Source(kind=args.source, root=root, plan=plan)
+    source = Source(kind=args.source, root=root, plan=plan, identity=getattr(args, "identity", None))
     if source.is_local and not root.is_dir():
         raise UsageError(
             f"backup root {root} is not a directory: pass --root, set ERP_BACKUP_ROOT, or use --from offsite"
@@ -195,9 +209,13 @@ def fetch(source: Source, manifest: Manifest, work_root: Path, console: Console)
         )
     console.note(f"fetching {key} ({len(manifest.files)} files, {human_size(manifest.total_size)}) "
                  f"from {source.store.description} into {dest}")
+    from erp_backup.crypto import EncryptionError
+
     try:
         with FetchProgress(console, dest, manifest, key):
             source.store.fetch_set(manifest.service, manifest.backup_type, manifest.backup_id, dest)
+    except EncryptionError as exc:
+        raise Failure(str(exc)) from exc
     except OFFSITE_FAILURES as exc:
         raise Failure(f"fetching {key} from {source.store.description} failed: {exc}") from exc
     return dest
@@ -242,6 +260,17 @@ def read_offsite_manifest(source: Source, service: str, backup_type: str, backup
 
 
 
+def unsealed_local(source: Source, backup_set: BackupSet, manifest: Manifest, work: Path) -> tuple[Path, Manifest]:
+    """A local set as clear files: itself, or (sealed) decrypted into `work`."""
+    from erp_backup.crypto import EncryptionError
+    from erp_backup.sealing import unsealed_copy
+
+    try:
+        return unsealed_copy(backup_set.path, manifest, work / backup_set.key, source.identities)
+    except EncryptionError as exc:
+        raise Failure(str(exc)) from exc
+
+
 @contextmanager
 def staged_set(args: argparse.Namespace, source: Source, console: Console) -> Iterator[tuple[Path, Manifest]]:
     """A verified set directory to restore from: the local set re-hashed, or an offsite set fetched."""
@@ -257,10 +286,11 @@ def staged_set(args: argparse.Namespace, source: Source, console: Console) -> It
             raise Failure(f"backup {backup_set.key} in {source.root} does not match its manifest, nothing was "
                           f"restored: " + "; ".join(problems))
         console.note(f"verified {backup_set.key}: {len(manifest.files)} files, {human_size(manifest.total_size)}")
-        yield backup_set.path, manifest
+        with tempfile.TemporaryDirectory(prefix="erp-restore-", dir=args.work_dir) as work:
+            yield unsealed_local(source, backup_set, manifest, Path(work))
         return
     manifest = read_offsite_manifest(source, args.service, args.type, args.backup_id, "restored")
     with tempfile.TemporaryDirectory(prefix="erp-restore-", dir=args.work_dir) as work:
         set_dir = fetch(source, manifest, Path(work), console)
         console.note(f"fetched and verified {len(manifest.files)} files ({human_size(manifest.total_size)})")
-        yield set_dir, manifest
+        yield set_dir, Manifest.read(set_dir / MANIFEST_NAME)  # a sealed set's whole manifest, once decrypted

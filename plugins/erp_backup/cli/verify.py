@@ -20,8 +20,9 @@ from erp_backup.cli.source import (
     read_local_manifest,
     read_offsite_manifest,
     require_backup,
+    unsealed_local,
 )
-from erp_backup.manifest import Manifest, ManifestError
+from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError
 from erp_backup.sets import FAILED_NAME, BackupSet
 
 
@@ -43,7 +44,8 @@ def _verify_local(args: argparse.Namespace, source: Source, console: Console) ->
 
         console.progress(f"verifying and sealing {backup_set.key} (files and {args.service} checks)")
         try:
-            verify_and_seal(backup_set, deep_verify=get_service(args.service).verify)
+            service = get_service(args.service)
+            verify_and_seal(backup_set, deep_verify=service.verify, clear_details=service.CLEAR_DETAILS)
         except ChecksumMismatch:
             failed = backup_set.path / FAILED_NAME
             return [line for line in failed.read_text().splitlines() if line], manifest, "sealed: marked corrupt"
@@ -54,7 +56,9 @@ def _verify_local(args: argparse.Namespace, source: Source, console: Console) ->
     checked = "sha256 of every file"
     if not problems and args.deep:
         console.progress(f"running the {args.service} checks on {backup_set.key}")
-        problems = _service_checks(args.service, backup_set.path, manifest)
+        with tempfile.TemporaryDirectory(prefix="erp-verify-", dir=args.work_dir) as work:
+            clear_dir, clear_manifest = unsealed_local(source, backup_set, manifest, Path(work))
+            problems = _service_checks(args.service, clear_dir, clear_manifest)
         console.clear()
         checked += f" and the {args.service} checks"
     return problems, manifest, checked
@@ -78,9 +82,10 @@ def _verify_offsite(args: argparse.Namespace, source: Source, console: Console) 
         return problems, reference, checked
     with tempfile.TemporaryDirectory(prefix="erp-verify-", dir=args.work_dir) as work:
         set_dir = fetch(source, manifest, Path(work), console)
-        problems = local_problems(set_dir, manifest, console, "re-hashing")
+        fetched = Manifest.read(set_dir / MANIFEST_NAME)  # a sealed set's whole manifest, once decrypted
+        problems = local_problems(set_dir, fetched, console, "re-hashing")
         if not problems:
-            problems = _service_checks(args.service, set_dir, manifest)
+            problems = _service_checks(args.service, set_dir, fetched)
     return problems, reference, checked + f"; fetched, re-hashed and the {args.service} checks"
 
 

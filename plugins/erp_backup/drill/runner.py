@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from erp_backup import crypto
 from erp_backup.checksum import ChecksumMismatch, entry_problem
 from erp_backup.drill.choose import offsite_store, pick
 from erp_backup.drill.model import DrillFailed, DrillVerificationFailed
@@ -33,6 +34,7 @@ from erp_backup.drill.targets import (
 from erp_backup.manifest import MANIFEST_NAME, Manifest
 from erp_backup.plan import Plan
 from erp_backup.scratch.local import release as release_target
+from erp_backup.sealing import UnsealingOffsite, unsealed_copy
 from erp_backup.services import get_service
 from erp_backup.services.base import CheckContext, RestoreReport, ServiceModule, airflow_connection
 
@@ -108,6 +110,11 @@ def verify_in_place(set_dir: Path, manifest: Manifest) -> int:
     return len(manifest.files)
 
 
+def drill_identities(plan: Plan) -> list[Any]:
+    """The drill's age identities, from the plan's identity connection (read only when a set is sealed)."""
+    return crypto.identities_from_connection(plan.encryption.identity_conn_id, airflow_connection)
+
+
 def _sets_to_fetch(pick: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The picked set, then (for a point-in-time drill) the sets replayed on it."""
     return [(pick["backup_type"], pick["backup_id"]), *((kind, set_id) for kind, set_id in (pick.get("pitr") or {}).get("sets", []))]
@@ -126,13 +133,16 @@ def fetch(plan: Plan, pick: Mapping[str, Any], *, offsite: Any = None) -> dict[s
                 if set_dir.exists():
                     shutil.rmtree(set_dir)  # a retried fetch starts clean
                 mkdirs(set_dir.parent)
-                manifest = offsite_store(plan, offsite).fetch_set(service, kind, set_id, set_dir)
+                store = UnsealingOffsite(offsite_store(plan, offsite), lambda: drill_identities(plan))
+                stored, _ = store.fetch_both(service, kind, set_id, set_dir)
             else:
                 set_dir = Path(plan.backup_root) / service / kind / set_id
-                manifest = Manifest.read(set_dir / MANIFEST_NAME)
-                verify_in_place(set_dir, manifest)
-            fetched_bytes += manifest.total_size
-            files += len(manifest.files)
+                stored = Manifest.read(set_dir / MANIFEST_NAME)
+                verify_in_place(set_dir, stored)
+                set_dir, _ = unsealed_copy(set_dir, stored, root / service / kind / set_id,
+                                           lambda: drill_identities(plan))
+            fetched_bytes += stored.total_size
+            files += len(stored.files)
             if (kind, set_id) == (pick["backup_type"], pick["backup_id"]):
                 record["set_dir"] = str(set_dir)
         record.update(

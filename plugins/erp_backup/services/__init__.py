@@ -15,7 +15,7 @@ from typing import cast
 from erp_backup.services.base import ServiceModule
 
 NOT_SERVICES = frozenset({"base"})
-CONTRACT = ("SUPPORTED_TYPES", "RESTORE_TYPES", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "DEFAULT_PORTS", "backup", "verify", "restore",
+CONTRACT = ("SUPPORTED_TYPES", "RESTORE_TYPES", "DRILL_TYPES", "PITR_TYPES", "RESTORE_OPTIONS", "DEFAULT_PORTS", "CLEAR_DETAILS", "backup", "verify", "restore",
             "check_restored", "target_from_cli", "scratch_spec", "scratch_target", "versions", "source_size",
             "protected_sets", "after_prune", "plan_point_in_time", "restore_to_time", "point_in_time_range", "sets_at", "read_records")
 

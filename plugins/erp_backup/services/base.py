@@ -16,6 +16,9 @@ Module attributes:
 - ``DRILL_TYPES``: the types the weekly drill may pick (a subset of RESTORE_TYPES).
 - ``PITR_TYPES``: the types that together restore to a point in time (empty for most).
 - ``RESTORE_OPTIONS``: the option names ``restore`` accepts (the CLI refuses others).
+- ``CLEAR_DETAILS``: the manifest details that stay readable in an encrypted set's clear
+  manifest (erp_backup.sealing), for retention, the watchdog and the drill's choice:
+  positions, sizes and versions, never names or contents.
 - ``DEFAULT_PORTS``: the port each connection role listens on when its connection names
   none (``{"source": 5432}``), so the drill's production guard can compare addresses.
 
@@ -287,6 +290,7 @@ class ServiceModule(Protocol):
     PITR_TYPES: frozenset[str]
     RESTORE_OPTIONS: frozenset[str]
     DEFAULT_PORTS: Mapping[str, int]
+    CLEAR_DETAILS: frozenset[str]
 
     def backup(self, ctx: BackupContext) -> BackupOutcome: ...
 

@@ -59,7 +59,8 @@ RESTORE_TYPES = frozenset({"full"})
 DRILL_TYPES = frozenset({"full"})
 PITR_TYPES: frozenset[str] = frozenset()
 RESTORE_OPTIONS: frozenset[str] = frozenset()
-DEFAULT_PORTS: Mapping[str, int] = {}  # read from a mounted directory, no network endpoint
+DEFAULT_PORTS: Mapping[str, int] = {}
+CLEAR_DETAILS: frozenset[str] = frozenset({"source_bytes"})  # read from a mounted directory, no network endpoint
 
 ARCHIVE = "files.tar.zst"
 CHUNK = 1 << 20

@@ -74,6 +74,7 @@ DRILL_TYPES = frozenset({"definitions"})
 PITR_TYPES: frozenset[str] = frozenset()
 RESTORE_OPTIONS = frozenset({"vhosts"})
 DEFAULT_PORTS = {"source": 5672}
+CLEAR_DETAILS = frozenset({"rabbitmq_version"})
 DEFINITIONS_FILE = "definitions.json"
 MODES = ("rabbitmqctl", "http")
 DEFAULT_MANAGEMENT_PORT = 15672
@@ -381,10 +382,17 @@ def backup(ctx: BackupContext, executor: Executor | None = None) -> BackupOutcom
     conn_id = ctx.conn_id("source")
     endpoint = RabbitEndpoint.from_connection(ctx.connection("source"), ctx.options)
     broker = _Broker(endpoint, f"connection {conn_id!r}", executor)
-    result = stream_to_file(broker.export_chunks(), ctx.set_dir, DEFINITIONS_FILE, compress=False)
+    exported: list[bytes] = []  # kept as it streams: the file may be encrypted (erp_backup.crypto)
+
+    def keeping(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            exported.append(chunk)
+            yield chunk
+
+    result = stream_to_file(keeping(broker.export_chunks()), ctx.set_dir, DEFINITIONS_FILE, compress=False)
     path = ctx.set_dir / DEFINITIONS_FILE
     try:
-        definitions = parse_definitions(path.read_bytes(), f"{conn_id} export")
+        definitions = parse_definitions(b"".join(exported), f"{conn_id} export")
     except DefinitionsError:
         path.unlink()
         raise

@@ -91,6 +91,7 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
+    "CLEAR_DETAILS",
     "DEFAULT_PORTS",
     "DRILL_TYPES",
     "PITR_TYPES",
@@ -123,6 +124,7 @@ RESTORE_TYPES = frozenset({"full"})
 DRILL_TYPES = frozenset({"full"})
 PITR_TYPES: frozenset[str] = frozenset()
 DEFAULT_PORTS = {"source": 443}
+CLEAR_DETAILS = frozenset({"gitlab_version"})
 
 _INFO_VERSION = re.compile(r"^:?gitlab_version:\s*['\"]?([^'\"\s]+)", re.MULTILINE)
 _VERSION_NUMBER = re.compile(r"\d+\.\d+\.\d+")
@@ -174,7 +176,7 @@ def _copy_into_set(gitlab: GitLabHost, opts: GitLabOptions, set_dir: Path, gitla
             relative = f"{CONFIG_SET_DIR}/{name}.zst"
             copied[relative] = stream_to_file(gitlab.files.chunks(opts.config_path(name)), set_dir, relative)
         if opts.verify_copy:
-            ours, theirs = copied[tar_name].entry.sha256, remote_sha256(gitlab, source_tar)
+            ours, theirs = copied[tar_name].clear_sha256, remote_sha256(gitlab, source_tar)
             if ours != theirs:
                 raise GitLabBackupError(
                     f"the copy of {source_tar} has SHA-256 {ours} but GitLab's file has {theirs}; "

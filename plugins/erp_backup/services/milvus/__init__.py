@@ -232,6 +232,7 @@ PITR_TYPES: frozenset[str] = frozenset()
 # The options restore_full and restore_etcd take (each refuses the other's).
 RESTORE_OPTIONS = frozenset(RestoreSettings.__dataclass_fields__) | ETCD_RESTORE_OPTIONS
 DEFAULT_PORTS = {SOURCE_ROLE: DEFAULT_MILVUS_PORT, ETCD_ROLE: DEFAULT_ETCD_PORT}
+CLEAR_DETAILS = frozenset({"server_version"})
 SCRATCH_MILVUS_VERSION = "2.5.4"  # the scratch image when the manifest records no server version
 SCRATCH_MILVUS_ENV = {"ETCD_USE_EMBED": "true", "ETCD_DATA_DIR": "/var/lib/milvus/etcd", "COMMON_STORAGETYPE": "local"}
 SIZE_KEYS = ("source_bytes", "raw_bytes")  # details keys a manifest may record its source size under

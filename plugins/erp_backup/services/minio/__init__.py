@@ -192,6 +192,7 @@ RESTORE_TYPES = SUPPORTED_TYPES
 DRILL_TYPES = SUPPORTED_TYPES
 RESTORE_OPTIONS = frozenset(_RESTORE_OPTION_NAMES)
 DEFAULT_PORTS = {"source": 9000}
+CLEAR_DETAILS: frozenset[str] = frozenset()  # bucket and object names stay sealed
 PITR_TYPES: frozenset[str] = frozenset()
 SCRATCH_IMAGE = "minio/minio:latest"
 SCRATCH_USER = "drill"  # the scratch server's root user; its password is the target's one-off secret

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from erp_backup.crypto import set_recipients
 from erp_backup.manifest import DIR_MODE, HASH_CHUNK, FileEntry, ManifestError
 from erp_backup.s3 import whole_object_sha256
 from erp_backup.services.base import BackupContext, BackupOutcome
@@ -76,7 +77,13 @@ class _Base:
 
 
 def previous_set(current: BackupSet) -> _Base | None:
-    """The newest verified (or offsite) set of the same type, other than `current`, with its index."""
+    """The newest verified (or offsite) set of the same type, other than `current`, with its index.
+
+    An encrypted set reuses nothing: its files are sealed per set, and a sealed set's object list is not readable.
+    """
+    if set_recipients(current.path):
+        log.info("minio: %s is encrypted; every object is downloaded (sealed sets are not reused)", current.key)
+        return None
     candidates = [
         candidate for candidate in list_sets(current.root, current.service, current.backup_type)
         if candidate.backup_id != current.backup_id and candidate.state.is_good
@@ -229,7 +236,7 @@ class _Mirror:
                 result = stream_to_file(chunks(), self.set_dir, relative, compress=compress, level=self.options.compress_level)
             finally:
                 body.close()
-        sha256 = raw.hexdigest() if compress else result.entry.sha256
+        sha256 = raw.hexdigest() if compress else result.clear_sha256
         expected_size = int(response.get("ContentLength", received))
         source_sha256 = whole_object_sha256(response)
         if received != expected_size or (source_sha256 is not None and source_sha256 != sha256):

@@ -112,6 +112,13 @@ DRILL_TYPES = frozenset({FULL_TYPE})
 PITR_TYPES = frozenset({chain.SNAPSHOT_TYPE, chain.WAL_TYPE})
 RESTORE_OPTIONS = frozenset(OPTION_NAMES)
 DEFAULT_PORTS = {"source": SCRATCH_PORT}
+# WAL positions and sizes for the chain's retention, gap detection and PITR planning; no database or table names
+CLEAR_DETAILS = frozenset({
+    "wal_segment_size", "wal", "first_segment", "last_segment", "segment_count", "timeline", "timelines",
+    "continuity", "first_archived_at", "last_archived_at", "start_segment", "end_segment", "start_time",
+    "start_lsn", "end_lsn", "checkpoint_lsn", "system_identifier", "backup_start_time", "backup_end_time",
+    "archive_check", "raw_bytes", "tar_bytes", "server_version_num",
+})
 POINT_IN_TIME_HINT = ("they restore together, to a point in time: restore_to_time, or "
                       "include/scripts/pitr_restore.sh --target-time ...")
 

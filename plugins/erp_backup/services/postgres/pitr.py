@@ -24,9 +24,10 @@ from typing import Any, Protocol
 import zstandard
 
 from erp_backup.checksum import entry_problem
-from erp_backup.manifest import Manifest, ManifestError
+from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError
 from erp_backup.scratch.base import ScratchError
 from erp_backup.scratch.postgres import ScratchPostgres, chown_to_cluster_user
+from erp_backup.sealing import UnsealingOffsite, plan_identities, unsealed_copy
 from erp_backup.services.base import PointInTimeUnavailable
 from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
 from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn, wal_file_kind
@@ -263,23 +264,33 @@ def _compress_into(source: Path, target: Path) -> None:
 
 
 class SetLocator:
-    """Where a set's files are: staging, or fetched from offsite into a work dir on first use."""
+    """Where a set's clear files are: staging, or fetched from offsite into a work dir on first use.
+
+    A sealed set (erp_backup.sealing) is decrypted into the work dir with the plan's identity.
+    """
 
     def __init__(self, root: Path, offsite: SetFetcher | None, work: Path):
-        self.root, self.offsite, self.work = root, offsite, work
+        self.root, self.work = root, work
+        self.offsite = UnsealingOffsite(offsite, plan_identities) if offsite is not None else None
         self._fetched: dict[tuple[str, str], Path] = {}
 
     def set_dir(self, backup_type: str, backup_id: str) -> Path:
-        if self.offsite is None:
-            return self.root / SERVICE / backup_type / backup_id
         key = (backup_type, backup_id)
         if key not in self._fetched:
             dest = self.work / "fetched" / backup_type / backup_id
-            dest.mkdir(parents=True, exist_ok=True)
-            log.info("fetching %s/%s/%s from offsite", SERVICE, backup_type, backup_id)
-            self.offsite.fetch_set(SERVICE, backup_type, backup_id, dest)
+            if self.offsite is None:
+                staged = self.root / SERVICE / backup_type / backup_id
+                dest, _ = unsealed_copy(staged, Manifest.read(staged / MANIFEST_NAME), dest, plan_identities)
+            else:
+                dest.mkdir(parents=True, exist_ok=True)
+                log.info("fetching %s/%s/%s from offsite", SERVICE, backup_type, backup_id)
+                self.offsite.fetch_set(SERVICE, backup_type, backup_id, dest)
             self._fetched[key] = dest
         return self._fetched[key]
+
+    def manifest(self, backup_type: str, backup_id: str, listed: Manifest) -> Manifest:
+        """The manifest of the clear files in `set_dir`: `listed` itself unless the set was sealed."""
+        return Manifest.read(self.set_dir(backup_type, backup_id) / MANIFEST_NAME) if listed.encryption else listed
 
 
 def stage_wal(plan: RecoveryPlan, inventory: Inventory, locator: SetLocator, archive_dir: Path | None, wal_dir: Path) -> int:
@@ -292,7 +303,8 @@ def stage_wal(plan: RecoveryPlan, inventory: Inventory, locator: SetLocator, arc
     for set_id, files in sorted(by_set.items()):
         if set_id:
             set_dir = locator.set_dir(WAL_TYPE, set_id)
-            verify_set_files(set_dir, inventory.wal_manifests[set_id], [f.path for f in files])
+            verify_set_files(set_dir, locator.manifest(WAL_TYPE, set_id, inventory.wal_manifests[set_id]),
+                             [f.path for f in files])
             for wal_file in files:
                 shutil.copyfile(set_dir / wal_file.path, wal_dir / f"{wal_file.name}.zst")
                 staged += 1
@@ -437,7 +449,8 @@ def restore_to_time(
     cluster.user = superuser
     locator = SetLocator(root, offsite, cluster.base_dir)
     base_dir = locator.set_dir(SNAPSHOT_TYPE, plan.base.backup_id)
-    report["base_files_verified"] = verify_set_files(base_dir, plan.base_manifest)
+    report["base_files_verified"] = verify_set_files(
+        base_dir, locator.manifest(SNAPSHOT_TYPE, plan.base.backup_id, plan.base_manifest))
     wal_dir = cluster.base_dir / WAL_DIR_NAME
     report["wal_files_staged"] = stage_wal(plan, inventory, locator, archive_dir, wal_dir)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import zstandard
 
+from erp_backup.crypto import clear_view
 from erp_backup.manifest import Manifest
 from erp_backup.runner import Command, CommandError, DockerExecutor, Executor, LocalExecutor, docker_api
 from erp_backup.runs import utcnow
@@ -294,7 +295,8 @@ def backup(ctx: BackupContext, *, executor: Executor | None = None) -> BackupOut
         ) from exc
 
     bindir = Path(options["pg_bindir"]) if options.get("pg_bindir") else pg_bindir()
-    info, verification = inspect_base(ctx.set_dir / BASE_FILE, bindir)
+    with clear_view(ctx.set_dir, ctx.set_dir / BASE_FILE) as base:
+        info, verification = inspect_base(base, bindir)
     if verification["status"] != "ok":
         raise SnapshotError(f"pg_verifybackup rejected {ctx.backup_set.key}: {verification['output']}")
     details: dict[str, Any] = {

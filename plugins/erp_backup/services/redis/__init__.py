@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from erp_backup.scratch.base import TargetInfo
 
 __all__ = [
+    "CLEAR_DETAILS",
     "DEFAULT_PORTS",
     "DRILL_TYPES",
     "PITR_TYPES",
@@ -72,6 +73,7 @@ RESTORE_TYPES = frozenset({"rdb"})
 DRILL_TYPES = frozenset({"rdb"})
 PITR_TYPES: frozenset[str] = frozenset()
 DEFAULT_PORTS = {"source": 6379}
+CLEAR_DETAILS = frozenset({"redis_version", "rdb_bytes"})
 
 TARGET_HELP = "a directory for a scratch redis-server that loads the RDB (new, or without a dump.rdb)"
 
