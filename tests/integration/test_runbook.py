@@ -25,12 +25,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from erp_backup import crypto
 from erp_backup.checksum import verify_and_seal
 from erp_backup.manifest import MANIFEST_NAME, write_manifest
 from erp_backup.offsite import FilesystemOffsite
 from erp_backup.plan import BackupJob
 from erp_backup.services import postgres
 from erp_backup.services.base import RunInfo
+from tests.conftest import AGE_KEYS
 from tests.fixtures.factories import make_backup_context, make_manifest
 
 pytestmark = pytest.mark.integration
@@ -47,6 +49,7 @@ class OffsiteSet:
     nas: Path
     databases: tuple[str, str]
     reader: str
+    sealed_nas: Path  # the same databases in an encrypted, sealed set
 
 
 def runbook_block() -> str:
@@ -78,7 +81,7 @@ def _threshold_between(main: str, other: str) -> float:
     return sum(sizes) / 2 / 2**20
 
 
-def _backup_to_nas(root: Path, databases: tuple[str, str]) -> Path:
+def _backup_to_nas(root: Path, databases: tuple[str, str], recipients: tuple[str, ...] = ()) -> Path:
     from airflow.sdk import Connection
 
     job = BackupJob(
@@ -92,6 +95,8 @@ def _backup_to_nas(root: Path, databases: tuple[str, str]) -> Path:
                             login=SHARED["user"], schema="postgres")
     run = RunInfo(dag_id="backup_postgres_full", run_id=f"manual__{BACKUP_ID}", run_after=datetime.now(timezone.utc))
     ctx = make_backup_context(root / "staging", job=job, run=run, backup_id=BACKUP_ID, connection=connection)
+    if recipients:  # an encrypted set, as the backup step makes it when the plan says `encrypt: true`
+        crypto.prepare_set(ctx.set_dir, recipients)
     started = datetime.now(timezone.utc)
     outcome = postgres.backup(ctx)
     write_manifest(ctx.set_dir, make_manifest(context=ctx, outcome=outcome, captured_started_at=started,
@@ -113,7 +118,8 @@ def offsite_set(tmp_path_factory) -> Iterator[OffsiteSet]:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         _fill(*databases, reader)
-        yield OffsiteSet(_backup_to_nas(tmp_path_factory.mktemp("runbook"), databases), databases, reader)
+        yield OffsiteSet(_backup_to_nas(tmp_path_factory.mktemp("runbook"), databases), databases, reader,
+                         _backup_to_nas(tmp_path_factory.mktemp("runbook-sealed"), databases, (AGE_KEYS.recipient,)))
     finally:
         with psycopg.connect(**SHARED, dbname="postgres", autocommit=True) as conn:
             for name in databases:
@@ -126,9 +132,10 @@ def run_runbook(offsite: OffsiteSet, cluster, tmp: Path, **env: str) -> subproce
     tmp.mkdir(exist_ok=True)
     script = tmp.parent / f"{tmp.name}.sh"
     script.write_text(runbook_block())
-    environment = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "TMPDIR": str(tmp),
+    environment: dict[str, str] = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "TMPDIR": str(tmp),
                    "PGHOST": "127.0.0.1", "PGPORT": str(cluster.port), "PGUSER": "postgres",
-                   "BACKUP_ID": BACKUP_ID, "OFFSITE": str(offsite.nas), "JOBS": "2", **env}
+                   "BACKUP_ID": BACKUP_ID, "OFFSITE": str(offsite.nas), "JOBS": "2"}
+    environment.update(env)
     return subprocess.run(["bash", str(script)], env=environment, capture_output=True, text=True, timeout=300)
 
 
@@ -182,3 +189,25 @@ def test_the_one_tenant_variant_on_a_fresh_server_and_its_check(offsite_set: Off
                                                 '"tenant_acme"."orders": 80 rows, manifest 81']
     assert count(scratch_pg, main, "SELECT count(*) FROM tenant_acme.orders") == [(80,)]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_an_encrypted_set_is_unsealed_with_the_age_identity_then_restored(offsite_set: OffsiteSet, scratch_pg, tmp_path):
+    main, other = offsite_set.databases
+    stored = offsite_set.sealed_nas / f"postgres/full/{BACKUP_ID}"
+    assert (stored / "sealed/manifest.age").is_file()
+    assert TENANT.encode() not in b"".join(path.read_bytes() for path in stored.rglob("*") if path.is_file())
+    identity = tmp_path / "identity.txt"
+    identity.write_text(AGE_KEYS.identity + "\n")
+    identity.chmod(0o600)
+
+    without = run_runbook(offsite_set, scratch_pg, tmp_path / "tmp", OFFSITE=str(offsite_set.sealed_nas))
+    assert without.returncode != 0 and "set AGE_IDENTITY" in without.stderr
+
+    done = run_runbook(offsite_set, scratch_pg, tmp_path / "tmp", OFFSITE=str(offsite_set.sealed_nas),
+                       AGE_IDENTITY=str(identity))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{other}: 1 tables: row counts match the manifest",
+                                        f"{main}: 2 tables: row counts match the manifest"]
+    assert count(scratch_pg, main, f'SELECT count(*) FROM "{TENANT}".orders') == [(120,)]
+    assert list((tmp_path / "tmp").iterdir()) == []  # the decrypted dumps went with the private temp directory
