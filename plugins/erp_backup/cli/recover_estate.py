@@ -35,6 +35,7 @@ def _dry_run_text(plan: dict) -> str:
 
 
 def cmd_recover_estate(args: argparse.Namespace, console: Console) -> int:
+    from erp_backup import crypto
     from erp_backup.estate.choose import EstateRefused
     from erp_backup.estate.report import render_markdown
     from erp_backup.estate.run import recover_estate
@@ -43,8 +44,10 @@ def cmd_recover_estate(args: argparse.Namespace, console: Console) -> int:
     plan = load_plan(args.plan)
     run_id = args.run_id or f"manual__{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
     try:
+        identity = getattr(args, "identity", None)
         report = recover_estate(plan, at, run_id=run_id, allow_partial=args.allow_partial, dry_run=args.dry_run,
-                                keep_scratch=args.keep_scratch)
+                                keep_scratch=args.keep_scratch,
+                                identities=(lambda: crypto.identities_from_file(identity)) if identity else None)
     except EstateRefused as exc:
         raise UsageError(str(exc)) from None
     if args.json:

@@ -17,13 +17,14 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from erp_backup import crypto
 from erp_backup.drill.targets import LocalBackend, ProductionGuard, slug
 from erp_backup.estate.choose import ChosenSet, EstatePlanOfSets, ServicePlan, layers
 from erp_backup.manifest import Manifest
@@ -31,6 +32,7 @@ from erp_backup.notify import one_line
 from erp_backup.plan import Plan
 from erp_backup.scratch import local as scratch_local
 from erp_backup.scratch.base import TargetInfo, scratch_root
+from erp_backup.sealing import UnsealingOffsite
 from erp_backup.services import get_service
 from erp_backup.services.base import RestoreReport, airflow_connection
 
@@ -78,8 +80,13 @@ class ServiceRun:
 class EstateRecovery:
     """One recovery run: its work dir, its scratch targets, and what each service's recovery did."""
 
-    def __init__(self, plan: Plan, run_id: str, store: Any, *, get_connection: Callable[[str], Any] = airflow_connection):
-        self.plan, self.run_id, self.store = plan, run_id, store
+    def __init__(self, plan: Plan, run_id: str, store: Any, *, get_connection: Callable[[str], Any] = airflow_connection,
+                 identities: Callable[[], Sequence[Any]] | None = None):
+        self.plan, self.run_id = plan, run_id
+        # Sealed sets are decrypted on fetch with the drill's identity (--identity FILE from the CLI).
+        self.store = store if isinstance(store, UnsealingOffsite) else UnsealingOffsite(
+            store, identities or (lambda: crypto.identities_from_connection(plan.encryption.identity_conn_id,
+                                                                             get_connection)))
         self.owner = f"{OWNER_PREFIX}{run_id}"
         self.work = work_root(plan, run_id)
         self.root = estate_scratch_root(plan)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,12 @@ def read_report(plan: Plan, run_id: str) -> dict[str, Any] | None:
 
 
 def recover_phase(plan: Plan, sets: EstatePlanOfSets, *, run_id: str, store: Any,
-                  get_connection: Callable[[str], Any] = airflow_connection) -> dict[str, Any]:
-    """Restore the planned sets and check references; targets stay up (see teardown_phase). Writes the report."""
-    recovery = EstateRecovery(plan, run_id, store, get_connection=get_connection)
+                  get_connection: Callable[[str], Any] = airflow_connection,
+                  identities: Callable[[], Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Restore the planned sets and check references; targets stay up (see teardown_phase). Writes the report.
+
+    Sealed sets are decrypted with `identities`, by default the plan's identity connection."""
+    recovery = EstateRecovery(plan, run_id, store, get_connection=get_connection, identities=identities)
     recovery.clean_leftovers()
     try:
         recovery.recover(sets)
@@ -126,7 +129,8 @@ def teardown_phase(plan: Plan, run_id: str, *, keep_scratch: bool = False,
 
 def recover_estate(plan: Plan, at: datetime, *, run_id: str, allow_partial: bool = False, dry_run: bool = False,
                    keep_scratch: bool = False, offsite: Any = None,
-                   get_connection: Callable[[str], Any] = airflow_connection) -> dict[str, Any]:
+                   get_connection: Callable[[str], Any] = airflow_connection,
+                   identities: Callable[[], Sequence[Any]] | None = None) -> dict[str, Any]:
     """Recover every enabled service to `at` into scratch targets, check references, always tear down, report.
 
     Raises EstateRefused (before anything is started) for a time outside the PITR range, or a
@@ -137,7 +141,7 @@ def recover_estate(plan: Plan, at: datetime, *, run_id: str, allow_partial: bool
     if dry_run:
         return {"dry_run": True, **plan_of_sets(plan, sets)}
     try:
-        recover_phase(plan, sets, run_id=run_id, store=store, get_connection=get_connection)
+        recover_phase(plan, sets, run_id=run_id, store=store, get_connection=get_connection, identities=identities)
     finally:
         teardown_phase(plan, run_id, keep_scratch=keep_scratch, get_connection=get_connection)
     report = read_report(plan, run_id)
