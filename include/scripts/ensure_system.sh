@@ -3,7 +3,8 @@
 # Idempotent: packages already present are not reinstalled, running services are left alone.
 set -euo pipefail
 
-PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux)
+PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux
+          chromium fonts-liberation)  # chromium: the browser tests (Playwright drives it; never `playwright install`)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
