@@ -6,7 +6,8 @@ set -euo pipefail
 # docker.io, docker-compose, debootstrap: the tests' private Docker engine and its images
 # (tests/fixtures/docker_engine.py, include/scripts/build_images.sh).
 PACKAGES=(postgresql-15 postgresql-client-15 zstd etcd-server etcd-client redis-server redis-tools rabbitmq-server coreutils util-linux age
-          docker.io docker-compose debootstrap)
+          docker.io docker-compose debootstrap
+          chromium fonts-liberation)  # chromium: the browser tests (Playwright drives it; never `playwright install`)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -120,3 +120,9 @@ def test_the_plugin_route_refuses_a_request_without_airflows_login() -> None:
     response = TestClient(erp_backups_plugin.app).get("/")
     assert response.status_code == 401 and response.json() == {"detail": "Not authenticated"}
     assert erp_backups_plugin.ErpBackupsPlugin.external_views[0]["href"] == "/erp-backups/"
+
+
+def test_short_rtos_are_shown_in_seconds() -> None:
+    from erp_backup.backups_page.render import seconds_text
+
+    assert (seconds_text(3.24), seconds_text(7200), seconds_text(None)) == ("3.2 s", "2h", "–")

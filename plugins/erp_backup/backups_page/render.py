@@ -31,7 +31,9 @@ def size_text(value: int | None) -> str:
 
 
 def seconds_text(value: float | None) -> str:
-    return "–" if value is None else format_duration(timedelta(seconds=round(value)))
+    if value is None:
+        return "–"
+    return f"{value:.1f} s" if value < 120 else format_duration(timedelta(seconds=round(value)))
 
 
 def when(moment: datetime | None, tz: str) -> str:
