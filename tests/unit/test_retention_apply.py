@@ -78,6 +78,9 @@ class DirectoryOffsite:
         self._record(service, backup_type, backup_id).unlink(missing_ok=True)
         return count
 
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None:
+        return None  # a directory has no Object Lock
+
     def upload(self, backup_set: BackupSet, *, with_manifest: bool = True) -> None:
         target = self._dir(backup_set.service, backup_set.backup_type, backup_set.backup_id)
         ignore = shutil.ignore_patterns("offsite.json", *(() if with_manifest else (MANIFEST_NAME,)))
