@@ -307,22 +307,21 @@ class S3Offsite(_SetStore):
     # --- Object Lock ----------------------------------------------------------------
     def upload_set(self, backup_set: BackupSet) -> UploadReport:
         """The set upload of `_SetStore`, each object it writes locked until the set's retain-until."""
-        self._lock_args = self._set_lock_args(backup_set.manifest())
+        if self.object_lock is not None and backup_set.state.is_good:  # the base refuses any other set
+            self._lock_args = self._set_lock_args(self.object_lock, backup_set.manifest())
         try:
             return super().upload_set(backup_set)
         finally:
             self._lock_args = {}
 
-    def _set_lock_args(self, manifest: Manifest) -> dict[str, Any]:
-        if self.object_lock is None:
-            return {}
-        until = self.object_lock.retain_until(manifest)
+    def _set_lock_args(self, lock: ObjectLock, manifest: Manifest) -> dict[str, Any]:
+        until = lock.retain_until(manifest)
         where = f"offsite {self.description}: {set_key(manifest.service, manifest.backup_type, manifest.backup_id)}"
         if until <= utcnow():
             log.warning("%s: retain-until %s is already past; uploaded without Object Lock", where, until.isoformat())
             return {}
-        log.info("%s: Object Lock %s until %s", where, self.object_lock.mode, until.isoformat())
-        return {"ObjectLockMode": self.object_lock.mode, "ObjectLockRetainUntilDate": until}
+        log.info("%s: Object Lock %s until %s", where, lock.mode, until.isoformat())
+        return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": until}
 
     def _versions(self, key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(object versions, delete markers) under `key/`."""
