@@ -11,25 +11,21 @@ there, so:
 - deletions remove the manifest first, so a half-deleted set is never complete;
 - fetches refuse a set without a manifest and check each file's SHA-256.
 
-The local-only markers (CHECKSUM_FAILED, offsite.json) are never uploaded: only
-the files the manifest lists, SHA256SUMS and the manifest itself are.
+Local-only markers (CHECKSUM_FAILED, offsite.json) never leave: only listed files, SHA256SUMS, the manifest.
 
-S3 (`S3Offsite`, in `erp_backup.offsite_s3`, importable from here) goes through
-the Amazon provider's `S3Hook` and an Airflow `aws` connection; its client
-settings (bounded timeouts, `config_kwargs` from the connection extra) and
-SHA-256 checksums are `erp_backup.s3`'s. Objects are verified against the
-manifest by size and SHA-256 (the composite SHA-256 for multipart objects).
+S3 (`S3Offsite`, in `erp_backup.offsite_s3`, importable from here) goes through the Amazon
+provider's `S3Hook` on an Airflow `aws` connection (settings and SHA-256 checksums: `erp_backup.s3`),
+verifies objects by size and SHA-256 (composite for multipart) and can set S3 Object Lock.
 
-A filesystem store (`FilesystemOffsite`) copies each file to a temp name, fsyncs
-it, renames it into place and fsyncs the directory (files 0600, directories
-0700), then drops it from the page cache and hashes it again to verify it.
-Its root must already exist, so an unmounted NAS is an error, not a local copy.
+A filesystem store (`FilesystemOffsite`) copies each file to a temp name, fsyncs it, renames it
+into place and fsyncs the directory (files 0600, directories 0700), then drops it from the page
+cache and hashes it again. Its root must exist: an unmounted NAS is an error, not a local copy.
 It records a manifest's SHA-256 in `<root>/.sha256/<set key>/manifest.json` before
 writing the manifest itself (S3 keeps it as metadata). `manifest_object` returns the manifest's
 bytes with that record and the object's timestamp, so erp_backup.offsite_trust can
 check an offsite manifest instead of trusting it.
 
-Transfers run one file at a time; S3 multipart parts run `max_concurrency` at a time.
+Transfers run one file at a time (S3 multipart parts `max_concurrency` at a time).
 """
 
 from __future__ import annotations
@@ -117,6 +113,8 @@ class Offsite(Protocol):
     def fetch_set(self, service: str, backup_type: str, backup_id: str, dest: Path) -> Manifest: ...
 
     def delete_set(self, service: str, backup_type: str, backup_id: str) -> int: ...
+
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None: ...
 
     def put_file(self, key: str, path: Path) -> None: ...
 
@@ -428,6 +426,10 @@ class _SetStore(ABC):
         log.info("offsite %s: deleted %s (%d objects)", self.description, base, deleted)
         return deleted
 
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None:
+        """Until when the store refuses to delete the set (S3 Object Lock); None when nothing holds it."""
+        return None
+
     def put_file(self, key: str, path: Path) -> None:
         """Store one local file at `key` (relative to the offsite root), e.g. the drill ledger."""
         self._check_ready()
@@ -580,9 +582,10 @@ def offsite_from_plan(plan: Plan, *, prune: bool = False) -> Offsite:
     """
     offsite = plan.offsite
     if offsite.kind == "s3":
-        from erp_backup.offsite_s3 import S3Offsite
+        from erp_backup.offsite_s3 import S3Offsite, object_lock_from_plan
 
-        return S3Offsite(offsite.prune_conn_id if prune else offsite.conn_id, offsite.bucket, offsite.prefix)
+        return S3Offsite(offsite.prune_conn_id if prune else offsite.conn_id, offsite.bucket, offsite.prefix,
+                         object_lock=object_lock_from_plan(plan))
     if offsite.kind == "filesystem":
         return FilesystemOffsite(offsite.path)
     raise OffsiteError(f"{plan.path}: offsite.kind: unknown kind {offsite.kind!r} (use s3 or filesystem)")

@@ -14,21 +14,31 @@ multipart), and verified with `head_object(ChecksumMode="ENABLED")`:
   the part count must be ceil(size / part size), and during `upload_set` the local file is
   re-read once to compute the composite (and its whole-file SHA-256), which must match what S3
   computed from the bytes it got.
+
+Object Lock (the plan's `offsite.object_lock`, on a bucket created with Object Lock, docs/object-lock.md):
+every object of a set is uploaded with `ObjectLockMode` and `ObjectLockRetainUntilDate` = the set's
+capture time + its job's retention + the margin (not when that is already past: S3 refuses a past
+date). The bucket is versioned, so a delete without a version id would only add a delete marker:
+`delete_set` removes every version, manifest first, and refuses before deleting anything while any
+version is still retained (`locked_until`, read from each version's `ObjectLockRetainUntilDate`).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from erp_backup.checksum import ChecksumMismatch
-from erp_backup.manifest import HASH_CHUNK
-from erp_backup.offsite import OffsiteError, _Item, _SetStore
+from erp_backup.manifest import HASH_CHUNK, Manifest
+from erp_backup.offsite import OffsiteError, UploadReport, _Item, _SetStore, set_key
+from erp_backup.runs import utcnow
 from erp_backup.s3 import (
     MIB,
     TransferSettings,
@@ -42,9 +52,41 @@ from erp_backup.s3 import (
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    from erp_backup.plan import Plan
+    from erp_backup.sets import BackupSet
+
+log = logging.getLogger(__name__)
+
 SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
 PART_SIZE_METADATA = "part-size"  # stored as x-amz-meta-part-size (multipart only)
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
+_DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class ObjectLock:
+    """Object Lock retention for uploads: `mode` until capture + the job's retention + `margin`."""
+
+    mode: str  # GOVERNANCE or COMPLIANCE
+    margin: timedelta
+    retention: Mapping[tuple[str, str], timedelta]  # (service, backup type) -> the job's retention
+
+    def retain_until(self, manifest: Manifest) -> datetime:
+        key = (manifest.service, manifest.backup_type)
+        if key not in self.retention:
+            raise OffsiteError(f"backup {'/'.join(key)}/{manifest.backup_id}: the plan has no such job, so no "
+                               "retention to set its Object Lock from")
+        captured = manifest.captured_finished_at
+        captured = captured if captured.tzinfo is not None else captured.replace(tzinfo=UTC)
+        return captured + self.retention[key] + self.margin
+
+
+def object_lock_from_plan(plan: Plan) -> ObjectLock | None:
+    """The plan's `offsite.object_lock` with every job's retention; None when the plan turns it off."""
+    lock = plan.offsite.object_lock
+    if lock is None:
+        return None
+    return ObjectLock(lock.mode, lock.margin, {(job.service, job.backup_type): job.retention for job in plan.jobs})
 
 
 class S3Offsite(_SetStore):
@@ -63,8 +105,11 @@ class S3Offsite(_SetStore):
         multipart_threshold: int = 64 * MIB,
         chunksize: int = 64 * MIB,
         max_concurrency: int = 4,
+        object_lock: ObjectLock | None = None,
     ) -> None:
         self.conn_id = conn_id
+        self.object_lock = object_lock
+        self._lock_args: dict[str, Any] = {}  # Object Lock arguments for the set being uploaded
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.transfer = TransferSettings(multipart_threshold, chunksize, max_concurrency)
@@ -197,7 +242,7 @@ class S3Offsite(_SetStore):
                 str(item.local),
                 self.bucket,
                 self._object_key(key),
-                ExtraArgs={**self.hook.extra_args, "Metadata": metadata},
+                ExtraArgs={**self.hook.extra_args, "Metadata": metadata, **self._lock_args},
                 Config=self.hook.transfer_config,
             )
 
@@ -246,6 +291,8 @@ class S3Offsite(_SetStore):
             self.hook.delete_objects(self.bucket, [self._object_key(key)])
 
     def _delete_set_objects(self, key: str, manifest_key: str) -> int:
+        if self.object_lock is not None:
+            return self._delete_set_versions(key, manifest_key)
         prefix = self._object_key(key) + "/"
         with self._errors(f"listing {prefix}"):
             keys = self.hook.list_keys(bucket_name=self.bucket, prefix=prefix)
@@ -256,3 +303,73 @@ class S3Offsite(_SetStore):
                 if batch:
                     self.hook.delete_objects(self.bucket, batch)  # the hook sends batches of <= 1000
         return len(keys)
+
+    # --- Object Lock ----------------------------------------------------------------
+    def upload_set(self, backup_set: BackupSet) -> UploadReport:
+        """The set upload of `_SetStore`, each object it writes locked until the set's retain-until."""
+        if self.object_lock is not None and backup_set.state.is_good:  # the base refuses any other set
+            self._lock_args = self._set_lock_args(self.object_lock, backup_set.manifest())
+        try:
+            return super().upload_set(backup_set)
+        finally:
+            self._lock_args = {}
+
+    def _set_lock_args(self, lock: ObjectLock, manifest: Manifest) -> dict[str, Any]:
+        until = lock.retain_until(manifest)
+        where = f"offsite {self.description}: {set_key(manifest.service, manifest.backup_type, manifest.backup_id)}"
+        if until <= utcnow():
+            log.warning("%s: retain-until %s is already past; uploaded without Object Lock", where, until.isoformat())
+            return {}
+        log.info("%s: Object Lock %s until %s", where, lock.mode, until.isoformat())
+        return {"ObjectLockMode": lock.mode, "ObjectLockRetainUntilDate": until}
+
+    def _versions(self, key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(object versions, delete markers) under `key/`."""
+        prefix = self._object_key(key) + "/"
+        versions: list[dict[str, Any]] = []
+        markers: list[dict[str, Any]] = []
+        with self._errors(f"listing the versions under {prefix}"):
+            for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=prefix):
+                versions.extend(page.get("Versions", []))
+                markers.extend(page.get("DeleteMarkers", []))
+        return versions, markers
+
+    def _retained_until(self, versions: list[dict[str, Any]]) -> datetime | None:
+        latest = None
+        for version in versions:
+            with self._errors(f"reading the retention of {version['Key']}"):
+                head = self.client.head_object(Bucket=self.bucket, Key=version["Key"], VersionId=version["VersionId"])
+            until = head.get("ObjectLockRetainUntilDate")
+            if until is not None and (latest is None or until > latest):
+                latest = until.astimezone(UTC)
+        return latest
+
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None:
+        """The latest ObjectLockRetainUntilDate of any version of the set's objects; None if none is set."""
+        if self.object_lock is None:
+            return None
+        return self._retained_until(self._versions(set_key(service, backup_type, backup_id))[0])
+
+    def _delete_set_versions(self, key: str, manifest_key: str) -> int:
+        """Delete every version and delete marker under `key/`, the manifest's first; none while one is retained."""
+        versions, markers = self._versions(key)
+        until = self._retained_until(versions)
+        if until is not None and until > utcnow():
+            raise OffsiteError(f"offsite {self.description}: {key} is under Object Lock until {until.isoformat()}; "
+                               "nothing deleted")
+        manifest = self._object_key(manifest_key)
+        first = [v for v in versions + markers if v["Key"] == manifest]
+        rest = [v for v in versions + markers if v["Key"] != manifest]
+        for batch in (first, rest):
+            for start in range(0, len(batch), _DELETE_BATCH):
+                self._delete_versions(batch[start:start + _DELETE_BATCH])
+        return len({v["Key"] for v in versions})
+
+    def _delete_versions(self, versions: list[dict[str, Any]]) -> None:
+        objects = [{"Key": v["Key"], "VersionId": v["VersionId"]} for v in versions]
+        with self._errors(f"deleting {len(objects)} object versions"):
+            response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+        errors = response.get("Errors") or []
+        if errors:
+            raise OffsiteError(f"offsite {self.description}: could not delete " + "; ".join(
+                f"{e.get('Key')} version {e.get('VersionId')}: {e.get('Code')} {e.get('Message')}" for e in errors))

@@ -50,6 +50,17 @@ class PlanError(ValueError):
     """The plan file is malformed. The message names the file, service and field."""
 
 
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+
+
+@dataclass(frozen=True)
+class ObjectLockPlan:
+    """S3 Object Lock on uploads: each object is retained until capture + the job's retention + `margin`."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    margin: timedelta
+
+
 @dataclass(frozen=True)
 class OffsitePlan:
     kind: Literal["s3", "filesystem"]
@@ -58,6 +69,7 @@ class OffsitePlan:
     prefix: str
     path: str
     prune_conn_id: str = "backup_offsite_prune"  # retention_prune alone deletes, with this connection
+    object_lock: ObjectLockPlan | None = None  # s3 only; off when the plan has no offsite.object_lock
 
 
 @dataclass(frozen=True)
@@ -287,7 +299,7 @@ def _read_service(top: _Reader, services: _Reader, name: str, tz: str) -> tuple[
 
 
 def _read_offsite(offsite: _Reader) -> OffsitePlan:
-    offsite.only("kind", "conn_id", "prune_conn_id", "bucket", "prefix", "path")
+    offsite.only("kind", "conn_id", "prune_conn_id", "bucket", "prefix", "path", "object_lock")
     kind = os.environ.get(OFFSITE_KIND_ENV) or offsite.get("kind", str)
     if kind not in ("s3", "filesystem"):
         offsite.fail(f"must be 's3' or 'filesystem', got {kind!r}", "kind")
@@ -301,7 +313,22 @@ def _read_offsite(offsite: _Reader) -> OffsitePlan:
         prefix=offsite.get("prefix", str, "").strip("/"),
         path=os.environ.get(OFFSITE_PATH_ENV) or offsite.get("path", str, ""),
         prune_conn_id=offsite.get("prune_conn_id", str, "backup_offsite_prune"),
+        object_lock=_read_object_lock(offsite, kind),
     )
+
+
+def _read_object_lock(offsite: _Reader, kind: str) -> ObjectLockPlan | None:
+    """`offsite.object_lock`: {mode: GOVERNANCE|COMPLIANCE, margin: 1d}; None when absent."""
+    if "object_lock" not in offsite.data:
+        return None
+    if kind != "s3":
+        offsite.fail(f"S3 Object Lock needs kind 's3', not {kind!r}", "object_lock")
+    lock = offsite.sub("object_lock")
+    lock.only("mode", "margin")
+    mode = lock.get("mode", str)
+    if mode not in LOCK_MODES:
+        lock.fail(f"must be one of {', '.join(LOCK_MODES)}, got {mode!r}", "mode")
+    return ObjectLockPlan(mode=cast(Literal["GOVERNANCE", "COMPLIANCE"], mode), margin=lock.duration("margin"))
 
 
 def _read_services(top: _Reader, tz: str, isolate_services: bool,

@@ -20,6 +20,9 @@ The policy, checked in this order for each set:
    exists and was verified. Incomplete and corrupt sets hold nothing
    restorable, so they are deleted once past the window.
 7. Anything else is past the window and is deleted.
+
+Offsite, a set the policy would delete is kept while the store still retains it (S3 Object
+Lock, `Offsite.locked_until`, compared with the real clock): prune never asks to delete early.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from erp_backup import staging
 from erp_backup.manifest import Manifest, ManifestError
 from erp_backup.offsite_trust import check_offsite_sets
+from erp_backup.runs import utcnow
 from erp_backup.sets import BACKUP_ID_FORMAT, BackupSet, SetState, is_backup_id, list_sets
 
 if TYPE_CHECKING:
@@ -56,6 +60,8 @@ class Offsite(Protocol):
     def manifest_object(self, service: str, backup_type: str, backup_id: str) -> Any: ...
 
     def delete_set(self, service: str, backup_type: str, backup_id: str) -> int: ...
+
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None: ...
 
 
 class PruneError(RuntimeError):
@@ -275,10 +281,10 @@ def prune(
 
     if offsite is not None and remote is not None:
         log.info("retention %s: offsite is %s", job.dag_id, offsite.description)
-        report.offsite = decide(
+        report.offsite = _respect_locks(offsite, job, decide(
             remote, job.retention, now, require_offsite=False, protected={**protected, **_uploads_pending(local, remote)},
             current_id=current_id,
-        )
+        ))
         for decision in _log_decisions(job, "offsite", report.offsite, dry_run):
             try:
                 report.offsite_objects_deleted += offsite.delete_set(job.service, job.backup_type, decision.backup_id)
@@ -290,6 +296,24 @@ def prune(
     if failures:
         raise PruneError(f"retention {job.dag_id}: could not delete {len(failures)} set(s): " + "; ".join(failures))
     return report
+
+
+def _respect_locks(offsite: Offsite, job: BackupJob, decisions: list[Decision]) -> list[Decision]:
+    """Turn each deletion of a set the store still retains (Object Lock) into a keep, naming the date."""
+    clock = utcnow()
+    result = []
+    for decision in decisions:
+        if decision.delete:
+            try:
+                until = offsite.locked_until(job.service, job.backup_type, decision.backup_id)
+            except Exception as exc:  # an unreadable lock is no licence to delete
+                until, why = None, f"its Object Lock could not be read ({exc}); kept"
+                decision = Decision(decision.backup_id, False, f"{decision.reason}, but {why}")
+            if until is not None and until > clock:
+                decision = Decision(decision.backup_id, False, f"{decision.reason}, but under Object Lock until "
+                                                                f"{until.isoformat()}: kept until then")
+        result.append(decision)
+    return result
 
 
 def _uploads_pending(local: list[SetRecord], remote: list[SetRecord]) -> dict[str, str]:

@@ -119,3 +119,12 @@ def test_the_shipped_policies_give_delete_to_the_prune_role_only():
     assert "s3:DeleteObject" in actions(prune) and "s3:PutObject" not in actions(prune)
     denied = [s for s in upload["Statement"] if s["Effect"] == "Deny"]
     assert denied and any("s3:DeleteObject" in s["Action"] for s in denied)
+    # Object Lock: uploads set retention; prune reads it and deletes versions, never bypassing governance.
+    minio_prune = json.loads((DOCS / "minio-offsite-prune-policy.json").read_text())
+    for policy in (upload, minio_upload):
+        assert {"s3:PutObjectRetention", "s3:GetObjectRetention"} <= actions(policy)
+    for policy in (prune, minio_prune):
+        assert {"s3:GetObjectRetention", "s3:ListBucketVersions", "s3:GetObjectVersion",
+                "s3:DeleteObjectVersion"} <= actions(policy)
+        assert not {"s3:BypassGovernanceRetention", "s3:PutObjectRetention"} & actions(policy)
+        assert any("s3:BypassGovernanceRetention" in s["Action"] for s in policy["Statement"] if s["Effect"] == "Deny")

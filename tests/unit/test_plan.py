@@ -76,6 +76,16 @@ def mutate(edit) -> dict:
          "plan.services.postgres.connections: must map 'source'"),
         (lambda d: d["offsite"].update(kind="tape"), "plan.offsite.kind: must be 's3' or 'filesystem'"),
         (lambda d: d["offsite"].update(kind="filesystem", path=""), "plan.offsite.path: required when kind is 'filesystem'"),
+        (lambda d: d["offsite"].update(object_lock={"mode": "LEGAL_HOLD", "margin": "1d"}),
+         "plan.offsite.object_lock.mode: must be one of GOVERNANCE, COMPLIANCE, got 'LEGAL_HOLD'"),
+        (lambda d: d["offsite"].update(object_lock={"mode": "COMPLIANCE", "margin": "a week"}),
+         "plan.offsite.object_lock.margin: invalid duration 'a week'"),
+        (lambda d: d["offsite"].update(object_lock={"mode": "COMPLIANCE"}),
+         "plan.offsite.object_lock.margin: missing required field"),
+        (lambda d: d["offsite"].update(object_lock={"mode": "GOVERNANCE", "margin": "1d", "until": "2030"}),
+         "plan.offsite.object_lock.until: unknown key 'until'"),
+        (lambda d: d["offsite"].update(kind="filesystem", path="/nas", object_lock={"mode": "GOVERNANCE", "margin": "1d"}),
+         "plan.offsite.object_lock: S3 Object Lock needs kind 's3'"),
         (lambda d: d["services"]["postgres"]["backups"]["full"].update(enabled="yes"),
          "plan.services.postgres.backups.full.enabled: must be bool, got 'yes'"),
     ],
@@ -87,6 +97,13 @@ def test_malformed_plan_names_file_service_and_field(edit, expected):
     message = str(caught.value)
     assert message.startswith(f"{path}: "), message
     assert expected in message, message
+
+
+def test_object_lock_is_off_unless_the_plan_sets_it():
+    assert parse_plan(Path("plan.yaml"), mutate(lambda d: None)).offsite.object_lock is None
+    lock = parse_plan(Path("plan.yaml"), mutate(
+        lambda d: d["offsite"].update(object_lock={"mode": "COMPLIANCE", "margin": "36h"}))).offsite.object_lock
+    assert (lock.mode, lock.margin) == ("COMPLIANCE", timedelta(hours=36))
 
 
 def test_unreadable_and_invalid_yaml_files(tmp_path):

@@ -78,6 +78,9 @@ class DirectoryOffsite:
         self._record(service, backup_type, backup_id).unlink(missing_ok=True)
         return count
 
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None:
+        return None  # a directory has no Object Lock
+
     def upload(self, backup_set: BackupSet, *, with_manifest: bool = True) -> None:
         target = self._dir(backup_set.service, backup_set.backup_type, backup_set.backup_id)
         ignore = shutil.ignore_patterns("offsite.json", *(() if with_manifest else (MANIFEST_NAME,)))
@@ -259,6 +262,44 @@ def test_failed_deletion_is_raised_after_the_rest_is_pruned(history):
     assert flaky.list_backup_ids(JOB.service, JOB.backup_type) == sorted(
         [ids["offsite_only_incomplete"], ids["uploaded_newest"]])
     assert not BackupSet(staging, JOB.service, JOB.backup_type, ids["uploaded_old"]).path.exists()
+
+
+class LockedOffsite(DirectoryOffsite):
+    """The directory store, with the retain-until dates (or read errors) an Object Lock store reports."""
+
+    def __init__(self, root: Path, locks: dict[str, datetime | Exception]):
+        super().__init__(root)
+        self.locks = locks
+
+    def locked_until(self, service: str, backup_type: str, backup_id: str) -> datetime | None:
+        lock = self.locks.get(backup_id)
+        if isinstance(lock, Exception):
+            raise lock
+        return lock
+
+
+def test_prune_keeps_offsite_sets_still_under_object_lock_and_says_until_when(history, caplog):
+    staging, offsite, ids = history
+    caplog.set_level(logging.INFO, logger="erp_backup.retention")
+    until = datetime.now(timezone.utc) + timedelta(days=3)
+    locked = LockedOffsite(offsite.root, {ids["uploaded_old"]: until,
+                                          ids["offsite_only_incomplete"]: datetime.now(timezone.utc) - timedelta(days=1)})
+
+    report = prune(JOB, staging, locked, NOW, dry_run=True)
+    assert [d.backup_id for d in report.offsite if d.delete] == [ids["offsite_only_incomplete"]]
+    report = prune(JOB, staging, locked, NOW, dry_run=False)
+
+    assert report.offsite_deleted == [ids["offsite_only_incomplete"]]
+    kept = {d.backup_id: d for d in report.offsite}[ids["uploaded_old"]]
+    assert not kept.delete and kept.reason.endswith(f"but under Object Lock until {until.isoformat()}: kept until then")
+    assert ids["uploaded_old"] in locked.list_backup_ids(JOB.service, JOB.backup_type)
+    assert f"keep {ids['uploaded_old']}" in caplog.text
+
+    locked.locks[ids["uploaded_old"]] = PermissionError("AccessDenied on GetObjectRetention")
+    report = prune(JOB, staging, locked, NOW, dry_run=False)
+    assert report.offsite_deleted == []
+    unreadable = {d.backup_id: d for d in report.offsite}[ids["uploaded_old"]]
+    assert "its Object Lock could not be read (AccessDenied on GetObjectRetention); kept" in unreadable.reason
 
 
 # ---- property: random histories on disk ---------------------------------------------------------
