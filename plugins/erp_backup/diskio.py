@@ -52,14 +52,15 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
-def describe(cause: OSError, path: Path, *, set_dir: Path, action: str) -> str:
+def describe(cause: OSError, path: Path, *, set_dir: Path, action: str, free: int | None = None) -> str:
+    """The message; `free` is the free space read once by the caller (else read here)."""
     try:
         relative = path.relative_to(set_dir).as_posix()
     except ValueError:
         relative = str(path)
     relative = "the set directory" if relative == "." else relative
     root = set_dir.parents[2] if len(set_dir.parts) > 3 else set_dir
-    free = free_bytes(set_dir)
+    free = free_bytes(set_dir) if free is None else free
     free_text = f"{free} bytes free" if free is not None else "free space unknown"
     reason = os.strerror(cause.errno) if cause.errno else str(cause)
     where = f"{action} {relative} of set {set_key_of(set_dir)} under {root}"
@@ -77,7 +78,6 @@ def io_context(path: Path, *, set_dir: Path, action: str = "writing") -> Iterato
         raise
     except OSError as exc:
         failed = Path(exc.filename) if isinstance(exc.filename, str) and exc.filename else path
-        message = describe(exc, failed, set_dir=set_dir, action=action)
-        raise StagingIOError(
-            exc, message, set_key=set_key_of(set_dir), path=failed, free=free_bytes(set_dir)
-        ) from exc
+        free = free_bytes(set_dir)  # once: the message and the attribute agree on a disk others write to
+        message = describe(exc, failed, set_dir=set_dir, action=action, free=free)
+        raise StagingIOError(exc, message, set_key=set_key_of(set_dir), path=failed, free=free) from exc
