@@ -23,7 +23,10 @@ PLAN = load_plan()
     doc_md=render_doc(PLAN),
     default_args=default_args(PLAN),
     params={"at": Param("", type="string", description="Recover to this ISO time with offset "
-                                                        "(2026-11-26T10:15:00+09:00); empty: random in the window")},
+                                                        "(2026-11-26T10:15:00+09:00); empty: random in the window"),
+            "backend": Param(PLAN.drill.backend, type="string", enum=["local", "docker"],
+                             description="Where the scratch targets run. Default from the plan (drill.backend); with "
+                                         "docker, services that cannot run in a container stay local (the report says why).")},
 )
 def dr_estate_drill():
     from erp_backup.drill.tasks import fail_fast, run_info
@@ -36,13 +39,15 @@ def dr_estate_drill():
 
     @task(task_id="recover")
     def recover(chosen: dict) -> dict:
-        return drill.recover(load_plan(), get_current_context()["dag_run"].run_id, chosen["at"])
+        context = get_current_context()
+        return drill.recover(load_plan(), context["dag_run"].run_id, chosen["at"], backend=context["params"]["backend"])
 
     @task(task_id="teardown")
     def teardown() -> list[str]:
         from erp_backup.estate.run import teardown_phase
 
-        return teardown_phase(load_plan(), get_current_context()["dag_run"].run_id)
+        context = get_current_context()
+        return teardown_phase(load_plan(), context["dag_run"].run_id, backend=context["params"]["backend"])
 
     @task(task_id="report", trigger_rule=TriggerRule.ALL_DONE)
     def report() -> dict:

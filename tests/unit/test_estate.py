@@ -71,3 +71,23 @@ def test_the_plan_estate_block_is_validated_naming_the_field(tmp_path) -> None:
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(PlanError, match=r"plan\.estate\.references\.objects\.service: unknown service 'nosuch'"):
         load_plan(path)
+
+
+def test_a_docker_recovery_keeps_pitr_and_kinds_without_a_container_local_and_says_why(tmp_path, monkeypatch) -> None:
+    from erp_backup.estate.recover import PITR_STAYS_LOCAL, EstateRecovery
+    from erp_backup.services import get_service
+
+    monkeypatch.setenv("ERP_BACKUP_ROOT", str(tmp_path / "backup"))
+    plan = load_plan(DEFAULT_PLAN_PATH)
+    no_connection = lambda conn_id: (_ for _ in ()).throw(LookupError(conn_id))  # noqa: E731
+    recovery = EstateRecovery(plan, "manual__unit", object(), get_connection=no_connection, backend="docker",
+                              identities=list)
+    pitr_spec = get_service("postgres").scratch_spec("snapshot", {}, pitr=True)
+    assert recovery.backend_for(pitr_spec, pitr=True) == (recovery.local, PITR_STAYS_LOCAL)
+    redis_spec = get_service("redis").scratch_spec("rdb", {})
+    assert redis_spec.container is None
+    assert recovery.backend_for(redis_spec, pitr=False) == (recovery.local, "scratch kind 'redis' has no container target")
+    local = EstateRecovery(plan, "manual__unit", object(), get_connection=no_connection, backend="local", identities=list)
+    assert local.backend_for(get_service("postgres").scratch_spec("full", {}), pitr=False) == (local.local, None)
+    with pytest.raises(ValueError, match="backend 'podman' is not valid; valid: local, docker"):
+        EstateRecovery(plan, "manual__unit", object(), get_connection=no_connection, backend="podman", identities=list)

@@ -46,7 +46,7 @@ def cmd_recover_estate(args: argparse.Namespace, console: Console) -> int:
     try:
         identity = getattr(args, "identity", None)
         report = recover_estate(plan, at, run_id=run_id, allow_partial=args.allow_partial, dry_run=args.dry_run,
-                                keep_scratch=args.keep_scratch,
+                                keep_scratch=args.keep_scratch, backend=args.backend,
                                 identities=(lambda: crypto.identities_from_file(identity)) if identity else None)
     except EstateRefused as exc:
         raise UsageError(str(exc)) from None
@@ -66,5 +66,8 @@ def add_recover_estate(commands: Any, common: argparse.ArgumentParser) -> None:
     estate.add_argument("--allow-partial", action="store_true",
                         help="recover the other services when one has no set at or before --at (the report says so)")
     estate.add_argument("--keep-scratch", action="store_true", help="leave the scratch targets running")
+    estate.add_argument("--backend", choices=("local", "docker"),
+                        help="where the scratch targets run (default: the plan's drill.backend); with docker, a service "
+                             "that cannot run in a container (PITR, no image) stays local and the report says why")
     estate.add_argument("--run-id", help="name of this recovery (default: manual__<now>)")
     estate.set_defaults(handler=cmd_recover_estate)

@@ -76,14 +76,14 @@ def choose(plan: Plan, run: RunInfo, at: str | None, *, offsite: Any = None) -> 
     return chosen
 
 
-def recover(plan: Plan, run_id: str, at: str, *, offsite: Any = None) -> dict[str, Any]:
+def recover(plan: Plan, run_id: str, at: str, *, offsite: Any = None, backend: str | None = None) -> dict[str, Any]:
     """Restore every service to `at` and check references; an error is recorded for the report, then raised."""
     from erp_backup.drill.choose import offsite_store
 
     try:
         store = offsite_store(plan, offsite)
         sets = plan_estate(plan, datetime.fromisoformat(at), store, allow_partial=True)
-        report = recover_phase(plan, sets, run_id=run_id, store=store)
+        report = recover_phase(plan, sets, run_id=run_id, store=store, backend=backend)
     except Exception as exc:
         write_atomic(runs_dir(plan, run_id) / "error.txt", one_line(exc).encode())
         raise

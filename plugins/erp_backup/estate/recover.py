@@ -4,8 +4,14 @@ Services go in dependency order (`estate.depends_on`); the services of one layer
 parallel in a thread pool. Everything service-specific comes from the service modules:
 the scratch target (`scratch_spec`/`scratch_target`), the restore (`restore`, or
 `restore_to_time` for PITR). Scratch targets are local processes on 127.0.0.1 under an
-estate scratch root, labelled `estate:<run>`; the production guard refuses any target
-equal to a production endpoint of the plan. `teardown` always removes what was started.
+estate scratch root, labelled `estate:<run>`, or, with the Docker backend (`backend`, by
+default the plan's `drill.backend`), containers of the drill's `DockerBackend` labelled
+`erp-backup.drill=<run>`. A service stays on the local backend, with the reason in its
+`backend_note`, when its target cannot be a container: a PITR restore (it writes the base
+and WAL into a data directory on this worker and replays them there), a scratch kind with no
+container target, or an image missing from the engine under `drill.docker.pull: never`.
+The production guard refuses any target equal to a production endpoint of the plan.
+`teardown` always removes what was started, and every container and network labelled with the run.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from erp_backup import crypto
-from erp_backup.drill.targets import LocalBackend, ProductionGuard, slug
+from erp_backup.drill.targets import DRILL_LABEL, DockerBackend, LocalBackend, ProductionGuard, slug
 from erp_backup.estate.choose import ChosenSet, EstatePlanOfSets, ServicePlan, layers
 from erp_backup.manifest import Manifest
 from erp_backup.notify import one_line
@@ -34,11 +40,14 @@ from erp_backup.scratch import local as scratch_local
 from erp_backup.scratch.base import TargetInfo, scratch_root
 from erp_backup.sealing import UnsealingOffsite
 from erp_backup.services import get_service
-from erp_backup.services.base import RestoreReport, airflow_connection
+from erp_backup.services.base import RestoreReport, ScratchSpec, airflow_connection
 
 log = logging.getLogger(__name__)
 
 OWNER_PREFIX = "estate:"
+BACKENDS = ("local", "docker")
+PITR_STAYS_LOCAL = ("PITR stays on the local backend: restore_to_time writes the base and WAL into a data directory "
+                    "on this worker and replays them there; a container target has no such directory")
 
 
 def estate_scratch_root(plan: Plan) -> Path:
@@ -60,6 +69,8 @@ class ServiceRun:
 
     chosen: ServicePlan
     status: str = "pending"  # restored | failed | skipped
+    backend: str = "local"  # where its targets ran: local | docker
+    backend_note: str | None = None  # why a Docker recovery kept this service on the local backend
     targets: dict[str, TargetInfo] = field(default_factory=dict)  # backup type -> target
     seconds: dict[str, float] = field(default_factory=dict)  # fetch, start, restore, total
     fetched_bytes: int = 0
@@ -72,7 +83,8 @@ class ServiceRun:
         return self.chosen.service
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.chosen.as_dict(), "status": self.status, "seconds": dict(self.seconds),
+        return {**self.chosen.as_dict(), "status": self.status, "backend": self.backend,
+                "backend_note": self.backend_note, "seconds": dict(self.seconds),
                 "fetched_bytes": self.fetched_bytes, "targets": {t: i.describe() for t, i in self.targets.items()},
                 "restore": self.reports, "problems": list(self.problems), "error": self.error}
 
@@ -81,8 +93,12 @@ class EstateRecovery:
     """One recovery run: its work dir, its scratch targets, and what each service's recovery did."""
 
     def __init__(self, plan: Plan, run_id: str, store: Any, *, get_connection: Callable[[str], Any] = airflow_connection,
-                 identities: Callable[[], Sequence[Any]] | None = None):
+                 identities: Callable[[], Sequence[Any]] | None = None, backend: str | None = None,
+                 docker_api: Any = None):
         self.plan, self.run_id = plan, run_id
+        self.backend_name = backend or plan.drill.backend
+        if self.backend_name not in BACKENDS:
+            raise ValueError(f"backend {self.backend_name!r} is not valid; valid: {', '.join(BACKENDS)}")
         # Sealed sets are decrypted on fetch with the drill's identity (--identity FILE from the CLI).
         self.store = store if isinstance(store, UnsealingOffsite) else UnsealingOffsite(
             store, identities or (lambda: crypto.identities_from_connection(plan.encryption.identity_conn_id,
@@ -90,11 +106,46 @@ class EstateRecovery:
         self.owner = f"{OWNER_PREFIX}{run_id}"
         self.work = work_root(plan, run_id)
         self.root = estate_scratch_root(plan)
-        self.backend = LocalBackend(self.root, ProductionGuard.from_plan(plan, get_connection))
+        self.local = LocalBackend(self.root, ProductionGuard.from_plan(plan, get_connection))
+        self._docker_api = docker_api
+        self._docker: DockerBackend | None = None
         self.runs: dict[str, ServiceRun] = {}
         self.layers: list[list[str]] = []
         self.wall_seconds = 0.0
         self._lock = threading.Lock()
+
+    @property
+    def docker(self) -> DockerBackend:
+        """The drill's Docker backend (made on first use: a local recovery needs no engine)."""
+        if self._docker is None:
+            if self._docker_api is not None:
+                self._docker = DockerBackend(self._docker_api, self.local.guard, self.local,
+                                             docker_plan=self.plan.drill.docker)
+            else:
+                self._docker = DockerBackend.from_env(self.local.guard, self.local, self.plan.drill.docker)
+        return self._docker
+
+    def backend_for(self, spec: ScratchSpec, pitr: bool) -> tuple[LocalBackend | DockerBackend, str | None]:
+        """The backend for one target, and why it is the local one when Docker was asked for."""
+        if self.backend_name != "docker":
+            return self.local, None
+        if pitr:
+            return self.local, PITR_STAYS_LOCAL
+        if spec.container is None:
+            return self.local, f"scratch kind {spec.kind!r} has no container target"
+        image = self.plan.drill.docker.image_for(spec.kind, spec.container.image)
+        if self.plan.drill.docker.pull == "never" and not self._image_present(image):
+            return self.local, f"image {image} (scratch kind {spec.kind!r}) is not on the Docker engine (drill.docker.pull: never)"
+        return self.docker, None
+
+    def _image_present(self, image: str) -> bool:
+        from docker.errors import ImageNotFound
+
+        try:
+            self.docker.api.inspect_image(image)
+            return True
+        except ImageNotFound:
+            return False
 
     def clean_leftovers(self) -> list[str]:
         """Targets and work dirs of earlier (crashed) estate recoveries under this backup root."""
@@ -160,10 +211,14 @@ class EstateRecovery:
     def _start(self, run: ServiceRun, backup_type: str, manifest: Manifest, pitr: bool) -> TargetInfo:
         module = get_service(run.service)
         spec = module.scratch_spec(backup_type, module.versions(manifest), pitr=pitr)
-        info = self._timed(run, "start", lambda: self.backend.start(spec, run.service, backup_type, self.owner,
-                                                                    run_id=self.run_id))
+        backend, note = self.backend_for(spec, pitr)
+        info = self._timed(run, "start", lambda: backend.start(spec, run.service, backup_type, self.owner,
+                                                               run_id=self.run_id))
         with self._lock:
             run.targets[backup_type] = info
+            if info.backend == "docker":
+                run.backend = "docker"
+            run.backend_note = note or run.backend_note
         return info
 
     def _record(self, run: ServiceRun, backup_type: str, report: RestoreReport) -> None:
@@ -228,12 +283,25 @@ class EstateRecovery:
                 done.append(f"kept {info.describe()}; the next recovery removes it")
                 continue
             try:
-                done += self.backend.stop(info)
+                done += (self.docker if info.backend == "docker" else self.local).stop(info)
             except Exception as exc:
                 done.append(f"could not stop {info.describe()}: {one_line(exc)}")
         for leftover in scratch_local.cleanup_leftovers(self.root, self.owner, None) if not keep else []:
             done.append(f"removed {leftover}")
+        if self.backend_name == "docker" and not keep:
+            done += self._remove_labelled()
         if self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
             done.append(f"removed fetched files {self.work}")
+        return done
+
+    def _remove_labelled(self) -> list[str]:
+        """Containers (with their anonymous volumes) and networks labelled with this run that a crashed setup left."""
+        api, label, done = self.docker.api, {"label": [f"{DRILL_LABEL}={self.run_id}"]}, []
+        for container in api.containers(all=True, filters=label):
+            api.remove_container(container["Id"], force=True, v=True)
+            done.append(f"removed container {(container.get('Names') or [container['Id']])[0]}")
+        for network in api.networks(filters=label):
+            api.remove_network(network["Id"])
+            done.append(f"removed network {network.get('Name', network['Id'])}")
         return done

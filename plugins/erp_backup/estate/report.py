@@ -91,14 +91,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"- RTO: measured {_duration(rto['measured_s'])}, extrapolated {_duration(rto['extrapolated_s'])}, "
              f"tightest target {_duration(rto['target_s'])}: {'within' if rto['within_target'] else 'NOT within'}"]
     lines += [f"- Not recovered: {name}: {why}" for name, why in report["missing"].items()]
-    lines += ["", "| Service | Sets | Captured | Behind T | Status | Fetch | Start | Restore | Total | Extrapolated | RTO target |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| Service | Sets | Captured | Behind T | Status | Backend | Fetch | Start | Restore | Total | Extrapolated "
+              "| RTO target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["services"].items():
         sec = s["seconds"]
         captured = s["captured_at"] + (f" (last commit {s['last_replayed_commit']})" if s["last_replayed_commit"] else "")
-        lines.append(f"| {name} | {_set_names(s)} | {captured} | {_duration(s['lag_behind_at_s'])} | {s['status']} | "
+        lines.append(f"| {name} | {_set_names(s)} | {captured} | {_duration(s['lag_behind_at_s'])} | {s['status']} | {s.get('backend', 'local')} | "
                      f"{_duration(sec.get('fetch'))} | {_duration(sec.get('start'))} | {_duration(sec.get('restore'))} | "
                      f"{_duration(sec.get('total'))} | {_duration(s['extrapolated_s'])} | {_duration(s['rto_target_s'])} |")
+    notes = [f"- {name}: {s['backend_note']}" for name, s in report["services"].items() if s.get("backend_note")]
+    if notes:
+        lines += ["", "Kept on the local backend:", *notes]
     problems = [f"- {name}: {s['error'] or '; '.join(s['problems'][:5])}" for name, s in report["services"].items()
                 if s["error"] or s["problems"]]
     if problems:

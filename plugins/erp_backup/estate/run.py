@@ -96,11 +96,12 @@ def read_report(plan: Plan, run_id: str) -> dict[str, Any] | None:
 
 def recover_phase(plan: Plan, sets: EstatePlanOfSets, *, run_id: str, store: Any,
                   get_connection: Callable[[str], Any] = airflow_connection,
-                  identities: Callable[[], Sequence[Any]] | None = None) -> dict[str, Any]:
+                  identities: Callable[[], Sequence[Any]] | None = None, backend: str | None = None) -> dict[str, Any]:
     """Restore the planned sets and check references; targets stay up (see teardown_phase). Writes the report.
 
-    Sealed sets are decrypted with `identities`, by default the plan's identity connection."""
-    recovery = EstateRecovery(plan, run_id, store, get_connection=get_connection, identities=identities)
+    Sealed sets are decrypted with `identities`, by default the plan's identity connection. `backend`
+    (local | docker) defaults to the plan's drill.backend."""
+    recovery = EstateRecovery(plan, run_id, store, get_connection=get_connection, identities=identities, backend=backend)
     recovery.clean_leftovers()
     try:
         recovery.recover(sets)
@@ -115,9 +116,9 @@ def recover_phase(plan: Plan, sets: EstatePlanOfSets, *, run_id: str, store: Any
 
 
 def teardown_phase(plan: Plan, run_id: str, *, keep_scratch: bool = False,
-                   get_connection: Callable[[str], Any] = airflow_connection) -> list[str]:
+                   get_connection: Callable[[str], Any] = airflow_connection, backend: str | None = None) -> list[str]:
     """Stop and remove the run's targets and fetched files; record what was done in its report."""
-    recovery = EstateRecovery(plan, run_id, None, get_connection=get_connection)
+    recovery = EstateRecovery(plan, run_id, None, get_connection=get_connection, backend=backend)
     done = recovery.teardown(keep=keep_scratch, saved=runs_dir(plan, run_id) / "targets.json")
     report = read_report(plan, run_id)
     if report is not None:
@@ -130,8 +131,10 @@ def teardown_phase(plan: Plan, run_id: str, *, keep_scratch: bool = False,
 def recover_estate(plan: Plan, at: datetime, *, run_id: str, allow_partial: bool = False, dry_run: bool = False,
                    keep_scratch: bool = False, offsite: Any = None,
                    get_connection: Callable[[str], Any] = airflow_connection,
-                   identities: Callable[[], Sequence[Any]] | None = None) -> dict[str, Any]:
+                   identities: Callable[[], Sequence[Any]] | None = None, backend: str | None = None) -> dict[str, Any]:
     """Recover every enabled service to `at` into scratch targets, check references, always tear down, report.
+
+    `backend` (local | docker, default the plan's drill.backend) is where the scratch targets run.
 
     Raises EstateRefused (before anything is started) for a time outside the PITR range, or a
     service without a set at or before `at` unless `allow_partial`.
@@ -141,9 +144,10 @@ def recover_estate(plan: Plan, at: datetime, *, run_id: str, allow_partial: bool
     if dry_run:
         return {"dry_run": True, **plan_of_sets(plan, sets)}
     try:
-        recover_phase(plan, sets, run_id=run_id, store=store, get_connection=get_connection, identities=identities)
+        recover_phase(plan, sets, run_id=run_id, store=store, get_connection=get_connection, identities=identities,
+                      backend=backend)
     finally:
-        teardown_phase(plan, run_id, keep_scratch=keep_scratch, get_connection=get_connection)
+        teardown_phase(plan, run_id, keep_scratch=keep_scratch, get_connection=get_connection, backend=backend)
     report = read_report(plan, run_id)
     assert report is not None
     return report
