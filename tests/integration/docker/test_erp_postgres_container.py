@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from erp_backup.services.postgres.content import TableContent, apply_session_settings, inventory
+from tests.conftest import AGE_KEYS
 from tests.fixtures.docker_engine import DockerEngine
 from tests.integration.dagrun import run_dag, write_plan
 from tests.integration.test_backup_postgres_dag import DAG_ID, PREFIX, RUN_DATE, restore_with_standard_tools
@@ -123,7 +124,10 @@ def test_backup_postgres_full_in_docker_exec_mode_restores_with_matching_rows_an
     assert states == dict.fromkeys(("backup", "checksum", "offsite_upload", "retention_prune"), "success"), states
     workdir = tmp_path / "download"
     workdir.mkdir()
-    manifest = restore_with_standard_tools(s3_endpoint.client(), bucket, workdir, scratch_pg)
+    identity = tmp_path / "key.txt"  # the set is sealed (encrypt: true by default): restore needs the age identity
+    identity.write_text(AGE_KEYS.identity + "\n")
+    identity.chmod(0o600)
+    manifest = restore_with_standard_tools(s3_endpoint.client(), bucket, workdir, scratch_pg, identity)
     assert (manifest.source["exec_mode"], manifest.source["container"]) == ("docker", NAME)
     tables = [TableContent.from_dict(t) for t in manifest.details["databases"]["erp"]["tables"]]
     expected = {t.qualified: (t.rows, t.content_hash) for t in tables}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from airflow.sdk import Connection
+from pyrage import x25519
 
 from erp_backup import steps
 from erp_backup.drill.targets import DRILL_LABEL, DockerBackend, LocalBackend, ProductionGuard
@@ -35,8 +36,10 @@ from erp_backup.services import get_service
 from erp_backup.scratch.redis import ScratchRedis
 from erp_backup.services import rabbitmq as svc
 from erp_backup.services import redis as redis_svc
+from erp_backup.sealing import unsealed_copy
 from erp_backup.services.base import CheckContext, RunInfo
 from erp_backup.sets import SetState
+from tests.conftest import AGE_KEYS
 from tests.fixtures.docker_engine import DockerEngine
 from tests.fixtures.factories import make_backup_context, make_manifest
 from tests.integration.test_gitlab_local import StandinHost
@@ -212,13 +215,15 @@ def test_gitlab_backup_runs_through_the_docker_api_and_its_archive_is_copied_out
     steps.checksum(plan, job, backup_id)
     assert backup_set.state is SetState.VERIFIED
 
-    manifest = backup_set.manifest()
+    # The set is sealed (encrypt: true by default): read it as a restore does, decrypted with the identity.
+    clear_dir, manifest = unsealed_copy(backup_set.path, backup_set.manifest(), tmp_path / "clear",
+                                        lambda: [x25519.Identity.from_str(AGE_KEYS.identity)])
     gitlab_id = manifest.details["gitlab_backup_id"]
     assert manifest.source["exec_mode"] == "docker" and manifest.source["container"] == "ops-gitlab"
     assert list(ops_gitlab.backups.iterdir()) == []  # GitLab's tar is removed once our copy is safe
     create = next(line for line in ops_gitlab.log_lines() if line.startswith("gitlab-backup create"))
     assert create.startswith("gitlab-backup create STRATEGY=copy CRON=1 ")
-    with tarfile.open(backup_set.path / f"{gitlab_id}_gitlab_backup.tar") as archive:
+    with tarfile.open(clear_dir / f"{gitlab_id}_gitlab_backup.tar") as archive:
         dump = archive.extractfile("db/database.sql.gz")
         assert dump is not None
         assert gzip.decompress(dump.read()) == (ops_gitlab.data / "db" / "database.sql").read_bytes()
