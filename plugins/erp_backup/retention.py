@@ -263,16 +263,20 @@ def prune(
     Failed deletions are collected and raised at the end, naming each set.
     """
     report = PruneReport(dag_id=job.dag_id, dry_run=dry_run)
-    protected = {**staging.writer_protection(root, job.service, job.backup_type), **(protected or {})}
     remote = offsite_records(offsite, job.service, job.backup_type, root) if offsite is not None else None
     remote_good = {r.backup_id for r in remote or [] if r.state.is_good}
     local = staging_records(root, job.service, job.backup_type, offsite_ids=remote_good if remote is not None else None)
+    # After the listing: a set a backup started while offsite was listed is in `local`, and its writer holds the lock.
+    protected = {**staging.writer_protection(root, job.service, job.backup_type), **(protected or {})}
     failures: list[str] = []
 
     report.staging = decide(
         local, job.retention, now, require_offsite=True, protected=protected, current_id=current_id
     )
+    listed = {record.backup_id: record.state for record in local}
     for decision in _log_decisions(job, "staging", report.staging, dry_run):
+        if _incomplete_now_written(root, job, decision.backup_id, listed):
+            continue
         try:
             BackupSet(root, job.service, job.backup_type, decision.backup_id).remove(decision.reason)
             report.staging_deleted.append(decision.backup_id)
@@ -327,6 +331,19 @@ def _uploads_pending(local: list[SetRecord], remote: list[SetRecord]) -> dict[st
     staged = {record.backup_id for record in local if record.state in _HOLDS_DATA}
     return {record.backup_id: "its set is still staged and its upload may be in flight; kept until it has a manifest"
             for record in remote if record.state is SetState.INCOMPLETE and record.backup_id in staged}
+
+
+def _incomplete_now_written(root: Path, job: BackupJob, backup_id: str, listed: Mapping[str, SetState]) -> bool:
+    """Whether a set listed as incomplete has since gained a manifest or a live writer: then it is kept."""
+    if listed.get(backup_id) is not SetState.INCOMPLETE:
+        return False
+    state = BackupSet(root, job.service, job.backup_type, backup_id).state
+    writer = staging.writer_protection(root, job.service, job.backup_type).get(backup_id)
+    if state is SetState.INCOMPLETE and writer is None:
+        return False
+    log.info("retention %s staging: keep %s after all (%s since it was listed)", job.dag_id, backup_id,
+             writer or f"now {state.value}")
+    return True
 
 
 def _log_decisions(job: BackupJob, where: str, decisions: list[Decision], dry_run: bool) -> list[Decision]:

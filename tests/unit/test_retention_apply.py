@@ -370,3 +370,46 @@ def test_an_upload_in_flight_is_never_pruned_offsite(tmp_path):
     assert finished.backup_id in kept
     assert offsite.list_backup_ids(JOB.service, JOB.backup_type) == sorted(
         [uploading.backup_id, finished.backup_id, days_ago(1)])
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from erp_backup import locks
+root = Path(sys.argv[1])
+with locks.job_lock(root, "postgres", "full", "backfill__writer"):
+    (root / "postgres" / "full" / sys.argv[2]).mkdir(parents=True)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_backup_that_starts_while_offsite_is_listed_is_not_pruned(tmp_path):
+    """A backfill: another window's backup takes the job lock and creates its (old-id, incomplete) set while this
+    prune lists offsite. Its writer protection is read after the staging listing, so the set is kept."""
+    import subprocess
+    import sys
+
+    staging = tmp_path / "staging"
+    starting = days_ago(270)
+    writers: list[subprocess.Popen[str]] = []
+
+    class StartsABackupWhileListed(DirectoryOffsite):
+        def list_backup_ids(self, service: str, backup_type: str) -> list[str]:
+            if not writers:
+                plugins = str(Path(__file__).resolve().parents[2] / "plugins")
+                writers.append(subprocess.Popen([sys.executable, "-c", WRITER, str(staging), starting], text=True,
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                env={**os.environ, "PYTHONPATH": plugins}))
+                assert writers[0].stdout is not None and writers[0].stdout.readline() == "ready\n"
+            return super().list_backup_ids(service, backup_type)
+
+    make_set(staging, days_ago(1), SetState.OFFSITE)
+    try:
+        report = prune(JOB, staging, StartsABackupWhileListed(tmp_path / "offsite"), NOW, dry_run=False)
+        kept = {d.backup_id: d.reason for d in report.staging if not d.delete}
+        assert "job is locked" in kept[starting], report.staging
+        assert (staging / "postgres" / "full" / starting).is_dir()
+    finally:
+        for writer in writers:
+            writer.communicate("", timeout=30)
