@@ -35,6 +35,27 @@ EXPECTED_IDS = [f"202603{day:02d}T170000Z" for day in range(1, 10)]
 TASK_IDS = ("backup", "checksum", "offsite_upload", "retention_prune")
 
 
+def standalone_env(home: Path, port: int, metadata_db: str, plan: Path, backup_root: Path) -> dict[str, str]:
+    """The environment of an `airflow standalone` over this checkout's DAGs and plugins, on 127.0.0.1:`port`."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "PYTHONPATH": str(ROOT / "plugins"),
+        "ERP_BACKUP_PLAN": str(plan),
+        "ERP_BACKUP_ROOT": str(backup_root),
+    }
+
+
 class Standalone:
     def __init__(self, env: dict[str, str], home: Path, port: int):
         self.env, self.home, self.port = env, home, port
@@ -135,21 +156,7 @@ def standalone(tmp_path, source, s3_endpoint, s3_bucket, metadata_db):  # noqa: 
     plan = write_plan(tmp_path / "plan.yaml", bucket=bucket, prefix=PREFIX,
                       edit=lambda d: d["services"]["postgres"]["options"].update(databases=["erp"]))
     env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "PYTHONPATH": str(ROOT / "plugins"),
-        "ERP_BACKUP_PLAN": str(plan),
-        "ERP_BACKUP_ROOT": str(tmp_path / "backup"),
+        **standalone_env(home, port, metadata_db, plan, tmp_path / "backup"),
         "ERP_BACKUP_DISABLE": "gitlab,redis,rabbitmq,minio,milvus",
         "AIRFLOW_CONN_ERP_POSTGRES": pg_conn_json(source.port),
         "AIRFLOW_CONN_BACKUP_OFFSITE": s3_endpoint.conn_json(),

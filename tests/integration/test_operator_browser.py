@@ -38,7 +38,7 @@ from erp_backup.sets import backup_id_for
 from tests.fixtures.factories import make_backup_context, make_manifest
 from tests.fixtures.slack import SlackReceiver, start_receiver
 from tests.integration.dagrun import write_plan
-from tests.integration.test_backfill import BIN, ROOT, Standalone
+from tests.integration.test_backfill import ROOT, Standalone, standalone_env
 
 pytestmark = pytest.mark.integration
 
@@ -82,21 +82,7 @@ def start_standalone(work: Path, slack: SlackReceiver, metadata_db: str) -> Stan
     passwords.write_text(json.dumps({"admin": secrets.token_urlsafe(16)}))
     passwords.chmod(0o600)
     env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "PYTHONPATH": str(ROOT / "plugins"),
-        "ERP_BACKUP_PLAN": str(plan_path),
-        "ERP_BACKUP_ROOT": str(work / "backup"),
+        **standalone_env(home, port, metadata_db, plan_path, work / "backup"),
         "ERP_BACKUP_DISABLE": DISABLED,
         "AIRFLOW_CONN_ERP_POSTGRES": json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 9,
                                                  "login": "postgres", "schema": "postgres"}),
