@@ -224,11 +224,17 @@ class QuerySampler:
         self.seen += len(rows)
 
 
+# The widest probe of each approximate index (IVF nprobe, HNSW ef): the sample searches and the restore check then
+# both see (close to) exact neighbours, so an index rebuilt from the same rows answers the same ids.
+EXHAUSTIVE_SEARCH = {"nprobe": 65536, "ef": 32768}
+
+
 def search_ids(client: Any, collection: str, field_name: str, metric: str, queries: list[list[float]],
                 top_k: int, pk_name: str) -> list[list[Any]]:
     results = client.search(
         collection, data=queries, anns_field=field_name, limit=top_k,
-        search_params={"metric_type": metric}, output_fields=[pk_name], consistency_level="Strong",
+        search_params={"metric_type": metric, "params": EXHAUSTIVE_SEARCH}, output_fields=[pk_name],
+        consistency_level="Strong",
     )
     return [[hit.id for hit in hits] for hits in results]
 
