@@ -15,11 +15,13 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from croniter import croniter
 
 from erp_backup import cli, retention
 from erp_backup.drill import runner
@@ -133,7 +135,12 @@ TAMPERINGS: dict[str, Callable[[Offsite, BackupSet], None]] = {
 
 @pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
 def test_a_tampered_offsite_manifest_is_suspect_everywhere(offsite: Offsite, tampering: str) -> None:
-    plan, now = offsite.plan, datetime.now(UTC)
+    plan = offsite.plan
+    job = plan.job("postgres", "full")
+    # Ten minutes after the job's last fire: its next set is not due yet, so only the tampering is reported,
+    # whatever the time of day the test runs at (a wall-clock now made it overdue between 18:00 and 20:00 UTC).
+    last_fire = croniter(job.schedule, datetime.now(ZoneInfo(job.timezone))).get_prev(datetime)
+    now = last_fire.astimezone(UTC) + timedelta(minutes=10)
     good = make_offsite_set(plan.backup_root, offsite.store, now - timedelta(hours=3))
     victim = make_offsite_set(plan.backup_root, offsite.store, now - timedelta(hours=2))
     announce(plan, check(plan, now, offsite.store), send=lambda conn, text: True)  # all fine: nothing to say
