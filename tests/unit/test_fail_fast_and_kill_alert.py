@@ -72,8 +72,8 @@ def test_callers_can_add_their_own_unfixable_classes():
 def test_webhook_url_is_built_as_the_slack_provider_builds_it():
     conn = SimpleNamespace(conn_id="s", password="http://127.0.0.1:1/services/x", host=None, schema=None)
     assert webhook_url(conn) == "http://127.0.0.1:1/services/x"
-    conn = SimpleNamespace(conn_id="s", password="T0/B0/XYZ", host=None, schema=None)
-    assert webhook_url(conn) == "https://hooks.slack.com/services/T0/B0/XYZ"
+    conn = SimpleNamespace(conn_id="s", password="EXAMPLE-TEAM/EXAMPLE-BOT/not-a-token", host=None, schema=None)
+    assert webhook_url(conn) == "https://hooks.slack.com/services/EXAMPLE-TEAM/EXAMPLE-BOT/not-a-token"
     with pytest.raises(ValueError, match="no webhook URL"):
         webhook_url(SimpleNamespace(conn_id="s", password="", host=None, schema=None))
 
