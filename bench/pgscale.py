@@ -247,7 +247,8 @@ def write_section(path: Path, text: str) -> None:
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     if SECTION in current:
         head, _, rest = current.partition(SECTION)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        ends = [i for i in (rest.find("\n## "), rest.find("\n<!-- ")) if i >= 0]  # the next section or marker
+        tail = rest[min(ends):] if ends else ""
         current = head + text + tail.lstrip("\n")
     else:
         current = current.rstrip("\n") + "\n\n" + text

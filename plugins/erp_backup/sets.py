@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -89,15 +90,7 @@ class BackupSet:
 
     @property
     def state(self) -> SetState:
-        if not self.manifest_path.is_file():
-            return SetState.INCOMPLETE
-        if (self.path / FAILED_NAME).exists():
-            return SetState.CORRUPT
-        if not (self.path / SUMS_NAME).is_file():
-            return SetState.UNVERIFIED
-        if (self.path / OFFSITE_RECEIPT_NAME).is_file():
-            return SetState.OFFSITE
-        return SetState.VERIFIED
+        return state_from_markers(lambda name: (self.path / name).is_file())
 
     def manifest(self) -> Manifest:
         if not self.manifest_path.is_file():
@@ -132,6 +125,30 @@ class BackupSet:
     def remove(self, reason: str) -> None:
         log.info("removing %s from staging: %s", self.key, reason)
         shutil.rmtree(self.path, ignore_errors=False)
+
+
+def state_from_markers(has: Callable[[str], bool]) -> SetState:
+    """A set's state from which of its marker files exist (`has(name)`)."""
+    if not has(MANIFEST_NAME):
+        return SetState.INCOMPLETE
+    if has(FAILED_NAME):
+        return SetState.CORRUPT
+    if not has(SUMS_NAME):
+        return SetState.UNVERIFIED
+    return SetState.OFFSITE if has(OFFSITE_RECEIPT_NAME) else SetState.VERIFIED
+
+
+def staging_states(root: Path, service: str, backup_type: str) -> dict[str, SetState]:
+    """Every set's state by backup id, with one directory listing per set (the Backups page's counts)."""
+    states = {}
+    for backup_set in list_sets(root, service, backup_type):
+        try:
+            with os.scandir(backup_set.path) as entries:
+                markers = {entry.name for entry in entries if entry.name in MARKER_NAMES and entry.is_file()}
+        except FileNotFoundError:  # removed since the listing
+            continue
+        states[backup_set.backup_id] = state_from_markers(markers.__contains__)
+    return states
 
 
 def list_sets(root: Path, service: str, backup_type: str) -> list[BackupSet]:

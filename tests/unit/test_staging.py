@@ -155,3 +155,25 @@ def test_the_watchdog_flags_sets_that_did_not_reach_offsite_after_n_days(tmp_pat
     unshipped = [r for r in job_row.reasons if r.code == "unshipped"]
     assert len(unshipped) == 1 and f"never reached offsite 2 day(s) after capture: {late.backup_id} " in unshipped[0].text
     assert staging.unshipped_alerts(plan, plan.job("postgres", "full"), days_ago(2)) == []
+
+
+def test_the_one_listing_states_agree_with_each_sets_own_state(tmp_path: Path):
+    from erp_backup.sets import FAILED_NAME, OFFSITE_RECEIPT_NAME, SUMS_NAME, staging_states
+
+    markers = {
+        SetState.INCOMPLETE: [], SetState.UNVERIFIED: ["manifest.json"],
+        SetState.CORRUPT: ["manifest.json", FAILED_NAME], SetState.VERIFIED: ["manifest.json", SUMS_NAME],
+        SetState.OFFSITE: ["manifest.json", SUMS_NAME, OFFSITE_RECEIPT_NAME],
+    }
+    for hour, (expected, names) in enumerate(markers.items()):
+        backup_set = BackupSet(tmp_path, "postgres", "full", backup_id_for(NOW + timedelta(hours=hour)))
+        backup_set.create_dir()
+        (backup_set.path / "data.bin").write_bytes(b"x")
+        for name in names:
+            (backup_set.path / name).write_text("{}")
+        assert backup_set.state is expected
+    (tmp_path / "postgres" / "full" / "not-a-set").mkdir()
+    states = staging_states(tmp_path, "postgres", "full")
+    assert sorted(states.values(), key=list(markers).index) == list(markers)
+    assert all(BackupSet(tmp_path, "postgres", "full", bid).state is state for bid, state in states.items())
+    assert staging_states(tmp_path, "redis", "rdb") == {}

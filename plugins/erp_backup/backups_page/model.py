@@ -20,7 +20,7 @@ from erp_backup.notify import one_line
 from erp_backup.offsite_trust import check_offsite_sets
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.schedules import next_fire
-from erp_backup.sets import SetState, list_sets
+from erp_backup.sets import SetState, staging_states
 from erp_backup.watchdog import SetCounts, evaluate, rpo_carriers
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ def freshness(codes: Sequence[str], has_set: bool) -> str:
 
 def staging_counts(plan: Plan, job: BackupJob) -> dict[SetState, int]:
     counts = dict.fromkeys(SetState, 0)
-    for backup_set in list_sets(plan.backup_root, job.service, job.backup_type):
-        counts[backup_set.state] += 1
+    for state in staging_states(plan.backup_root, job.service, job.backup_type).values():
+        counts[state] += 1
     return counts
 
 
