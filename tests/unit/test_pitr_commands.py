@@ -476,3 +476,43 @@ def test_point_in_time_outside_the_archive_is_unavailable_with_the_covered_range
         postgres.plan_point_in_time(manifests[1:], T0 + timedelta(hours=3))
     with pytest.raises(PointInTimeUnavailable, match="has no timezone"):
         postgres.plan_point_in_time(manifests, datetime(2026, 1, 10, 3))
+
+
+@pytest.mark.parametrize(("encrypt", "left"), [(True, 0), (False, 1)])
+def test_an_encrypted_plan_keeps_no_shipped_wal_in_clear(tmp_path: Path, encrypt: bool, left: int) -> None:
+    """The local archive is clear text: with encryption on, a file goes once a sealed offsite set holds it."""
+    from dataclasses import replace
+
+    import yaml
+
+    from erp_backup.checksum import verify_and_seal
+    from erp_backup.manifest import sha256_file, write_manifest
+    from erp_backup.plan import DEFAULT_PLAN_PATH, parse_plan
+    from erp_backup.sets import BackupSet, SetState, backup_id_for
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    name = "000000010000000000000007"
+    archived_at = datetime(2026, 3, 20, 1, 0, tzinfo=timezone.utc)
+    (archive / name).write_bytes(b"w" * 64)
+    (archive / "archive.log").write_text(f"{archived_at.isoformat().replace('+00:00', 'Z')} {name} {'0' * 64} 64\n")
+    data = yaml.safe_load(DEFAULT_PLAN_PATH.read_text())
+    data["services"]["postgres"]["encrypt"] = encrypt
+    data["services"]["postgres"]["options"]["wal_archive_dir"] = str(archive)
+    plan = replace(parse_plan(tmp_path / "plan.yaml", data), backup_root=tmp_path / "staging")
+    shipped = BackupSet(plan.backup_root, "postgres", "wal", backup_id_for(archived_at + timedelta(hours=5)))
+    shipped.create_dir()
+    (shipped.path / "wal.tar.zst").write_bytes(b"sealed")
+    size, sha256 = sha256_file(shipped.path / "wal.tar.zst")
+    write_manifest(shipped.path, make_manifest(service="postgres", backup_type="wal", backup_id=shipped.backup_id,
+                                               files=[FileEntry("wal.tar.zst", size, sha256)],
+                                               details={"wal": [{"name": name}]}))
+    verify_and_seal(shipped)
+    shipped.write_offsite_receipt({"description": "file:///nas", "verified_at": "2026-03-20T06:01:00+00:00"})
+    assert shipped.state is SetState.OFFSITE
+
+    six_hours_later = archived_at + timedelta(hours=6)
+    report = postgres.after_prune(plan, plan.job("postgres", "wal"), now=six_hours_later, dry_run=False)
+
+    assert report["archive_files_removed"] == 1 - left
+    assert (archive / name).exists() is bool(left)
