@@ -355,7 +355,21 @@ def test_a_drill_runs_report_is_its_note_linking_the_backups_page(ui, airflow) -
 
     ui.goto(f"http://127.0.0.1:{airflow.port}/dags/dr_drill/runs/{run['run_id']}")
     ui.get_by_text("DR drill: FAILED").first.wait_for()  # the run header shows the note's first line
+    ui.get_by_role("button", name="Edit note").first.click()  # the header's pencil opens the whole note, rendered
+    note_dialog = ui.get_by_role("dialog")
+    link = note_dialog.get_by_role("link", name="Backups page")
+    link.wait_for()
+    shown = note_dialog.inner_text()
+    assert "Dag Run Note" in shown and "DR drill: FAILED" in shown and "**" not in shown  # rendered, not raw
+    assert link.get_attribute("href") == f"http://127.0.0.1:{airflow.port}/plugin/backups"
     ui.screenshot(path=str(SCREENSHOTS / "drill-run-note.png"), full_page=True)
+    with ui.context.expect_page() as opened:  # the UI opens Markdown links in a new tab
+        link.click()
+    backups = opened.value
+    backups.wait_for_url(f"http://127.0.0.1:{airflow.port}/plugin/backups")
+    backups.frame_locator("iframe").first.locator('tr[data-job="redis/rdb"]').wait_for()
+    backups.close()
+    ui.keyboard.press("Escape")
     ((note,),) = query(airflow, "SELECT n.content FROM dag_run_note n JOIN dag_run r ON r.id = n.dag_run_id "
                                 "WHERE r.dag_id = 'dr_drill' AND r.run_id = %s", run["run_id"])
     assert note.startswith("**DR drill: FAILED**\nError: DrillParamError: no backup redis/20200102T000000Z")
