@@ -219,15 +219,11 @@ def protected_sets(plan: Plan, job: BackupJob, *, now: datetime, offsite: Any = 
 
 
 def after_prune(plan: Plan, job: BackupJob, *, now: datetime, dry_run: bool) -> dict[str, Any]:
-    """For the WAL job: drop raw archive files already held in offsite-verified WAL sets.
-
-    The archive holds WAL in clear. With encryption on, a file goes as soon as a sealed,
-    offsite-verified set holds it (`archive_keep` 0); without, a day later by default.
-    """
+    """For the WAL job: drop raw archive files already held in offsite-verified WAL sets."""
     if job.backup_type != chain.WAL_TYPE:
         return {}
     archive_dir = wal.archive_dir_for(plan.backup_root, job.options)
-    keep = wal.duration_option(job.options, "archive_keep", timedelta(0) if job.encrypt else timedelta(days=1))
+    keep = wal.duration_option(job.options, "archive_keep", timedelta(days=1))
     removed = wal.prune_local_archive(plan.backup_root, archive_dir, now, keep, dry_run=dry_run)
     return {"archive_dir": str(archive_dir), "archive_files_removed": len(removed), "dry_run": dry_run}
 
