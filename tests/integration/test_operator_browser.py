@@ -372,5 +372,5 @@ def test_a_drill_runs_report_is_its_note_linking_the_backups_page(ui, airflow) -
     ui.keyboard.press("Escape")
     ((note,),) = query(airflow, "SELECT n.content FROM dag_run_note n JOIN dag_run r ON r.id = n.dag_run_id "
                                 "WHERE r.dag_id = 'dr_drill' AND r.run_id = %s", run["run_id"])
-    assert note.startswith("**DR drill: FAILED**\nError: DrillParamError: no backup redis/20200102T000000Z")
+    assert note.startswith("**DR drill: FAILED**\n\nError: DrillParamError: no backup redis/20200102T000000Z")
     assert f"[Backups page](http://127.0.0.1:{airflow.port}/plugin/backups)" in note and len(note) <= 1000

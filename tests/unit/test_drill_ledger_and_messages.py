@@ -150,6 +150,18 @@ def test_the_run_note_fits_airflows_limit_and_keeps_its_links(tmp_path: Path) ->
     assert not NONE_WORD.search(note)
 
 
+def test_a_failed_drills_note_gives_its_error_its_own_paragraph() -> None:
+    from erp_backup.drill.run_note import note_markdown
+
+    report = {"run_id": "manual__7", "status": "failed", "error": "DrillParamError: no backup redis/20200102T000000Z",
+              "services": []}
+
+    note = note_markdown(report, "FAILED")
+
+    assert [part.strip() for part in note.split("\n\n")] == [
+        "**DR drill: FAILED**", "Error: DrillParamError: no backup redis/20200102T000000Z"]
+
+
 def test_the_slack_summary_links_the_run_and_the_backups_page() -> None:
     from erp_backup.drill.run_note import links
 

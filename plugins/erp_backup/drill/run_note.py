@@ -63,10 +63,11 @@ def note_markdown(report: Mapping[str, Any], headline: str) -> str:
     head = [f"**DR drill: {headline}**"] + ([f"Error: {report['error']}"] if report.get("error") else [])
     body = [service_line(result) for result in report.get("services") or []]
     tail = ["", " · ".join(link_lines)] if link_lines else []
-    text = "\n".join([*head, "", *body, *tail])
+    verdict = "\n\n".join(head)  # paragraphs: Markdown joins single-newline lines into one
+    text = "\n".join([verdict, "", *body, *tail])
     while len(text) > NOTE_LIMIT and body:
         body.pop()
-        text = "\n".join([*head, "", *body, "- …(more in the full report)", *tail])
+        text = "\n".join([verdict, "", *body, "- …(more in the full report)", *tail])
     return text[:NOTE_LIMIT]
 
 
