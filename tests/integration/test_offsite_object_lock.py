@@ -18,14 +18,13 @@ import pytest
 from botocore.exceptions import ClientError
 
 from erp_backup import retention, steps
-from erp_backup.manifest import FileEntry, sha256_file, write_atomic, write_manifest
 from erp_backup.offsite import OffsiteError, offsite_from_plan
 from erp_backup.plan import load_plan
 from erp_backup.runs import utcnow
-from erp_backup.sets import BACKUP_ID_FORMAT, SUMS_NAME, BackupSet, SetState
-from tests.fixtures.factories import make_manifest
+from erp_backup.sets import BACKUP_ID_FORMAT, SUMS_NAME, BackupSet
 from tests.fixtures.s3 import PRUNE_ACCESS_KEY, PRUNE_CONN_ENV, S3Endpoint
 from tests.integration.dagrun import write_plan
+from tests.unit.test_offsite_fs import make_verified_set
 
 pytestmark = pytest.mark.integration
 
@@ -37,22 +36,8 @@ FILES = {"globals.sql.zst": b"globals", "databases/erp.dump.zst": b"dump"}
 
 def staged_set(root: Path, captured: datetime) -> BackupSet:
     """A verified postgres/full set captured at `captured` (its id is that instant)."""
-    backup_set = BackupSet(root, "postgres", "full", captured.strftime(BACKUP_ID_FORMAT))
-    backup_set.create_dir()
-    entries = []
-    for relative, data in FILES.items():
-        path = backup_set.path / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        entries.append(FileEntry(relative, *sha256_file(path)))
-    write_manifest(backup_set.path, make_manifest(
-        service="postgres", backup_type="full", backup_id=backup_set.backup_id,
-        captured_started_at=captured - timedelta(minutes=1), captured_finished_at=captured,
-        source={"host": "db.test"}, tools={"pg_dump": "15"}, files=entries,
-    ))
-    write_atomic(backup_set.path / SUMS_NAME, "".join(f"{e.sha256}  {e.path}\n" for e in entries).encode())
-    assert backup_set.state is SetState.VERIFIED
-    return backup_set
+    return make_verified_set(root, FILES, backup_id=captured.strftime(BACKUP_ID_FORMAT),
+                             captured=(captured - timedelta(minutes=1), captured))
 
 
 @pytest.fixture

@@ -34,8 +34,12 @@ def make_verified_set(
     service: str = "postgres",
     backup_type: str = "full",
     backup_id: str = BACKUP_ID,
+    captured: tuple[datetime, datetime] | None = None,
 ) -> BackupSet:
-    """A real local set: data files, manifest and SHA256SUMS, so its state is VERIFIED."""
+    """A real local set: data files, manifest and SHA256SUMS, so its state is VERIFIED.
+
+    `captured` is (start, end) of the capture; by default 2026-01-01 02:00 to 02:03 UTC.
+    """
     backup_set = BackupSet(root, service, backup_type, backup_id)
     backup_set.create_dir()
     entries = []
@@ -45,10 +49,11 @@ def make_verified_set(
         path.write_bytes(data)
         size, sha256 = sha256_file(path)
         entries.append(FileEntry(relative, size, sha256))
-    captured = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
+    default_start = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
+    started, finished = captured or (default_start, default_start + timedelta(minutes=3))
     write_manifest(backup_set.path, make_manifest(
         service=service, backup_type=backup_type, backup_id=backup_id,
-        captured_started_at=captured, captured_finished_at=captured + timedelta(minutes=3),
+        captured_started_at=started, captured_finished_at=finished,
         source={"host": "db.test"}, tools={"pg_dump": "15"}, files=entries,
     ))
     write_atomic(backup_set.path / SUMS_NAME, "".join(f"{e.sha256}  {e.path}\n" for e in entries).encode())
