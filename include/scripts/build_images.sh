@@ -6,6 +6,7 @@
 #   erp-local/redis:7                  redis-server
 #   erp-local/rabbitmq:3.10-management RabbitMQ with the management plugin
 #   erp-local/etcd:3.4                 etcd
+#   erp-local/socat:1                  socat, the drill's port forwarder (drill.docker.images.proxy)
 #   erp-local/airflow-base:3.3.2       a stand-in for apache/airflow (the tests' Python 3.11, user airflow 50000:0)
 #   all-erp/airflow-backup:3.3.2       the project's Dockerfile, FROM the stand-in
 #
@@ -122,7 +123,7 @@ build_airflow() {  # the project's Dockerfile on the local stand-in base, wheels
 }
 
 main() {
-    local base pg redis rabbit etcd airflow_base
+    local base pg redis rabbit etcd socat airflow_base
     exec 9>"${ERP_BUILD_LOCK:-/run/erp-build-images.lock}"
     flock 9  # one build at a time per machine; a second run waits, then finds everything up to date
     base=$(build_base)
@@ -130,9 +131,10 @@ main() {
     redis=$(build_dir erp-local/redis:7 redis "$base")
     rabbit=$(build_dir erp-local/rabbitmq:3.10-management rabbitmq "$base")
     etcd=$(build_dir erp-local/etcd:3.4 etcd "$base")
+    socat=$(build_dir erp-local/socat:1 socat "$base")
     airflow_base=$(build_airflow_base "$base")
     build_airflow "$airflow_base"
-    : "$pg" "$redis" "$rabbit" "$etcd"
+    : "$pg" "$redis" "$rabbit" "$etcd" "$socat"
     log "all images up to date"
 }
 

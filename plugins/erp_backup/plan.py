@@ -235,17 +235,19 @@ class _Reader:
 
 
 def _read_drill_docker(docker: _Reader) -> DrillDockerPlan:
-    """`drill.docker`: the pull policy and an image per scratch kind (`erp_backup.scratch.local.KINDS`)."""
+    """`drill.docker`: the pull policy and an image per scratch kind (`erp_backup.scratch.local.KINDS`),
+    and `proxy`, the port forwarder's image (socat as its entrypoint)."""
     from erp_backup.scratch.local import KINDS
 
+    known = {*KINDS, "proxy"}
     docker.only("pull", "images")
     pull = docker.get("pull", str, "if-missing")
     if pull not in PULL_POLICIES:
         docker.fail(f"must be one of {', '.join(PULL_POLICIES)}, got {pull!r}", "pull")
     images = docker.sub("images", {})
     for kind in images.data:
-        if kind not in KINDS:
-            images.fail(f"unknown scratch kind {kind!r} (known: {', '.join(sorted(KINDS))})", kind)
+        if kind not in known:
+            images.fail(f"unknown scratch kind {kind!r} (known: {', '.join(sorted(known))})", kind)
         template = images.get(kind, str)
         try:
             template.format(image="postgres:15", tag="15")

@@ -108,49 +108,84 @@ def backend(tmp_path: Path, api: FakeAPIClient, guard: ProductionGuard | None = 
     return docker
 
 
-def test_postgres_target_is_the_backed_up_major_on_its_own_network_bound_to_loopback(tmp_path):
+def test_postgres_target_is_the_backed_up_major_on_an_internal_network_forwarded_from_loopback(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
     info = docker.start(spec("postgres", "full", {"postgres_major": 16}), "postgres", "full", OWNER, run_id=RUN_ID)
 
     name = info.container
     assert name and name.startswith("erp-drill-scheduled-2026-11-29t21-00") and name.endswith("-postgres")
+    proxy = f"{name}-proxy"
+    assert (info.network, info.proxy) == (name, proxy)
     labels = {DRILL_LABEL: RUN_ID, SERVICE_LABEL: "postgres"}
-    # Not internal: Docker publishes no port from an internal network.
-    assert api.named("create_network") == [((name,), {"driver": "bridge", "internal": False, "labels": labels,
-                                                      "check_duplicate": True})]
-    assert api.named("inspect_image") == [(("postgres:16",), {})] and api.named("pull") == []
-    assert api.named("create_host_config") == [((), {"port_bindings": {5432: ("127.0.0.1", None)}, "network_mode": name})]
-    (_, created), = api.named("create_container")
+    # The target's network is internal (no route out); only the forwarder's own network publishes a port.
+    assert api.named("create_network") == [
+        ((name,), {"driver": "bridge", "internal": True, "labels": labels, "check_duplicate": True}),
+        ((proxy,), {"driver": "bridge", "internal": False, "labels": labels, "check_duplicate": True})]
+    assert api.named("inspect_image") == [(("postgres:16",), {}), (("alpine/socat:1.8.0.0",), {})]
+    assert api.named("pull") == []
+    assert api.named("create_host_config") == [
+        ((), {"port_bindings": {}, "network_mode": name}),
+        ((), {"port_bindings": {5432: ("127.0.0.1", None)}, "network_mode": proxy})]
+    (_, created), (_, forwarder) = api.named("create_container")
     assert created["image"] == "postgres:16" and created["name"] == name and created["labels"] == labels
-    assert created["ports"] == [5432]
-    assert created["host_config"]["PortBindings"] == {"5432/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+    assert created["ports"] == [5432] and not created["host_config"].get("PortBindings")
     assert created["host_config"]["NetworkMode"] == name
     password = created["environment"]["POSTGRES_PASSWORD"]
     assert len(password) == 32 and password not in json.dumps(created["command"] or [])
-    assert api.named("start") == [((name,), {})]
+    assert forwarder["image"] == "alpine/socat:1.8.0.0" and forwarder["name"] == proxy and forwarder["labels"] == labels
+    assert forwarder["command"] == ["TCP-LISTEN:5432,fork,reuseaddr", f"TCP:{name}:5432"]
+    assert forwarder["host_config"]["PortBindings"] == {"5432/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+    assert forwarder["host_config"]["NetworkMode"] == proxy and "environment" not in forwarder
+    assert password not in json.dumps(forwarder)
+    assert api.named("connect_container_to_network") == [((proxy, name), {})]
+    assert api.named("start") == [((name,), {}), ((proxy,), {})]
+    assert api.named("port") == [((proxy, 5432), {})]
     assert (info.host, info.port, info.backend, info.kind) == ("127.0.0.1", 49153, "docker", "postgres")
     assert info.pg_conninfo == f"host=127.0.0.1 port=49153 user=postgres dbname=postgres password={password}"
     assert password not in info.describe() and password not in repr(info)
     assert docker.ready_calls == [info]
     assert [call for call, _, _ in api.calls] == [
-        "create_network", "inspect_image", "create_host_config", "create_container", "start", "port",
+        "create_network", "inspect_image", "create_host_config", "create_container", "start",
+        "inspect_image", "create_network", "create_host_config", "create_container", "connect_container_to_network",
+        "start", "port",
     ]
+
+
+def test_the_plan_names_the_forwarders_image(tmp_path):
+    api = FakeAPIClient(images={"postgres:15", "mirror.example/socat:1"})
+    docker = backend(tmp_path, api, docker_plan=DrillDockerPlan(pull="never", images={"proxy": "mirror.example/socat:1"}))
+    info = docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
+    assert [kwargs["image"] for _, kwargs in api.named("create_container")] == ["postgres:15", "mirror.example/socat:1"]
+    assert info.port == 49153
+
+
+def test_a_missing_forwarder_image_with_pull_never_leaves_nothing(tmp_path):
+    api = FakeAPIClient(images={"postgres:15"})
+    docker = backend(tmp_path, api, docker_plan=DrillDockerPlan(pull="never"))
+    with pytest.raises(TargetError, match=r"image alpine/socat:1.8.0.0 is not on the Docker engine"):
+        docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
+    (target,), = [args for args, _ in api.named("create_network")]  # the forwarder's is not made without its image
+    assert [kwargs["name"] for _, kwargs in api.named("create_container")] == [target]
+    assert [args[0] for args, _ in api.named("remove_container")] == [target]
+    assert [args[0] for args, _ in api.named("remove_network")] == [target]
+    assert docker.ready_calls == []
 
 
 def test_a_missing_image_is_pulled_by_default(tmp_path):
     api = FakeAPIClient(images=set())
     backend(tmp_path, api).start(spec("postgres", "full", {"postgres_major": 16}), "postgres", "full", OWNER,
                                  run_id=RUN_ID)
-    assert api.named("inspect_image") == [(("postgres:16",), {})]
-    assert api.named("pull") == [(("postgres",), {"tag": "16"})]
+    assert api.named("inspect_image") == [(("postgres:16",), {}), (("alpine/socat:1.8.0.0",), {})]
+    assert api.named("pull") == [(("postgres",), {"tag": "16"}), (("alpine/socat",), {"tag": "1.8.0.0"})]
 
 
 def test_pull_always_pulls_even_a_present_image(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api, docker_plan=DrillDockerPlan(pull="always"))
     docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
-    assert api.named("inspect_image") == [] and api.named("pull") == [(("postgres",), {"tag": "15"})]
+    assert api.named("inspect_image") == []
+    assert api.named("pull") == [(("postgres",), {"tag": "15"}), (("alpine/socat",), {"tag": "1.8.0.0"})]
 
 
 def test_pull_never_refuses_a_missing_image_and_leaves_nothing(tmp_path):
@@ -173,29 +208,34 @@ def test_the_plan_names_the_image_per_target_kind(tmp_path):
         ("milvus", "full", {"milvus": "v2.4.15"}), ("minio", "full", {}))]
     assert images == ["mirror.example/erp/postgres:16", "erp-local/rabbitmq:3.10-management",
                       "mirror.example/milvusdb/milvus:v2.4.15", "minio/minio:latest"]
-    assert [kwargs["image"] for _, kwargs in api.named("create_container")] == images
+    assert [kwargs["image"] for _, kwargs in api.named("create_container")] == [
+        image for target in images for image in (target, "alpine/socat:1.8.0.0")]  # each with its forwarder
 
 
-def test_teardown_removes_the_container_and_its_network(tmp_path):
+def test_teardown_removes_the_containers_and_their_networks(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api)
     info = docker.start(spec("rabbitmq", "definitions", {"rabbitmq": "3.10.8"}), "rabbitmq", "definitions", OWNER, run_id=RUN_ID)
-    assert api.named("inspect_image") == [(("rabbitmq:3.10-management",), {})]
-    assert api.named("create_host_config")[0][1]["port_bindings"] == {15672: ("127.0.0.1", None)}
+    assert api.named("inspect_image")[0] == (("rabbitmq:3.10-management",), {})
+    assert api.named("create_host_config")[1][1]["port_bindings"] == {15672: ("127.0.0.1", None)}
     endpoint = get_service("rabbitmq").scratch_target(info)
     assert (endpoint.mode, endpoint.management_url, endpoint.login) == ("http", "http://127.0.0.1:49153", "drill")
     api.calls.clear()
     done = docker.stop(info)
-    assert api.named("remove_container") == [((info.container,), {"force": True, "v": True})]
-    assert api.named("remove_network") == [((info.network,), {})]
-    assert done == [f"removed container {info.container}", f"removed network {info.network}"]
+    assert api.named("remove_container") == [((info.proxy,), {"force": True, "v": True}),
+                                             ((info.container,), {"force": True, "v": True})]
+    assert api.named("remove_network") == [((info.network,), {}), ((info.proxy,), {})]
+    assert done == [f"removed container {info.proxy}", f"removed container {info.container}",
+                    f"removed network {info.network}", f"removed network {info.proxy}"]
 
 
 def test_worker_in_a_container_joins_an_internal_drill_network_and_uses_the_container_name(tmp_path):
     api = FakeAPIClient()
     docker = backend(tmp_path, api, worker_container="airflow-worker-1")
     info = docker.start(spec("milvus", "full", {}), "milvus", "full", OWNER, run_id=RUN_ID)
-    assert api.named("create_network")[0][1]["internal"] is True  # nothing is published, so nothing routes out
+    assert api.named("create_network") == [((info.network,), {"driver": "bridge", "internal": True, "labels": {
+        DRILL_LABEL: RUN_ID, SERVICE_LABEL: "milvus"}, "check_duplicate": True})]  # no forwarder: nothing is published
+    assert info.proxy is None
     assert api.named("create_host_config") == [((), {"port_bindings": {}, "network_mode": info.network})]
     assert api.named("connect_container_to_network") == [(("airflow-worker-1", info.network), {})]
     assert api.named("port") == []
@@ -225,7 +265,7 @@ def test_a_port_published_beyond_loopback_is_refused_and_cleaned_up(tmp_path):
     docker = backend(tmp_path, api)
     with pytest.raises(TargetError, match="published on '0.0.0.0', not 127.0.0.1"):
         docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
-    assert len(api.named("remove_container")) == 1 and len(api.named("remove_network")) == 1
+    assert len(api.named("remove_container")) == 2 and len(api.named("remove_network")) == 2  # target and forwarder
     assert docker.ready_calls == []
 
 
@@ -235,7 +275,8 @@ def test_a_target_on_a_production_endpoint_is_refused_and_cleaned_up(tmp_path):
     docker = backend(tmp_path, api, guard)
     with pytest.raises(ProductionTargetRefused, match="production endpoint of connection 'erp_postgres'"):
         docker.start(spec("postgres", "full", {}), "postgres", "full", OWNER, run_id=RUN_ID)
-    assert [args[0] for args, _ in api.named("remove_container")] == [api.named("create_container")[0][1]["name"]]
+    assert [args[0] for args, _ in api.named("remove_container")] == [
+        kwargs["name"] for _, kwargs in reversed(api.named("create_container"))]  # forwarder, then target
 
 
 def test_services_without_a_container_target_use_the_local_backend(tmp_path):

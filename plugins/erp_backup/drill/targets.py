@@ -6,11 +6,11 @@ Two backends build a throwaway target for a (service, backup type):
   kind of `erp_backup.scratch` server per target (the kind registry `scratch.local`
   says how each is made, stopped and removed).
 - `DockerBackend`: a container of the matching image and major version (the image
-  per kind and the pull policy from the plan's `drill.docker`) on a network created
-  per drill, its port published on 127.0.0.1 only, labelled
-  `erp-backup.drill=<run_id>`. Redis, etcd and GitLab have no container target
-  (their restores start a local server or only prepare files); they fall back to
-  the local backend.
+  per kind and the pull policy from the plan's `drill.docker`) on an `internal`
+  network created per drill (no route out of it), reached through a port forwarder
+  published on 127.0.0.1 only, labelled `erp-backup.drill=<run_id>`. Redis, etcd
+  and GitLab have no container target (their restores start a local server or
+  only prepare files); they fall back to the local backend.
 
 Every target is described by a `TargetInfo` (JSON, kept in the drill's state), so
 the teardown task, in another process, can stop it. Every target is labelled with
@@ -50,6 +50,8 @@ OWNER_PREFIX = "drill:"
 DOCKER_CONN_ENV = "ERP_DRILL_DOCKER_CONN_ID"
 DOCKER_URL_ENV = "ERP_DRILL_DOCKER_URL"
 WORKER_CONTAINER_ENV = "ERP_DRILL_WORKER_CONTAINER"
+PROXY_KIND = "proxy"  # drill.docker.images key of the port forwarder (socat as its entrypoint)
+DEFAULT_PROXY_IMAGE = "alpine/socat:1.8.0.0"
 
 _LOOPBACK_NAMES = frozenset({"", "localhost", "ip6-localhost", "ip6-loopback", "0.0.0.0", "::"})
 
@@ -252,6 +254,11 @@ def _ready(info: TargetInfo) -> None:
     wait_ready(info, START_TIMEOUT_S)
 
 
+def forward_command(port: int, target: str) -> list[str]:
+    """socat's arguments: accept on `port` (a child per connection) and connect each to target:port."""
+    return [f"TCP-LISTEN:{port},fork,reuseaddr", f"TCP:{target}:{port}"]
+
+
 def _worker_container(value: str | None) -> str | None:
     """`$ERP_DRILL_WORKER_CONTAINER`: a container name or id; `auto` is this container (Docker sets its hostname to its id)."""
     if value == "auto":
@@ -262,14 +269,16 @@ def _worker_container(value: str | None) -> str | None:
 class DockerBackend:
     """Scratch containers through the Docker API (`docker.APIClient`, e.g. from the Docker provider's hook).
 
-    Each drill target gets its own user-defined bridge network and container, both
-    labelled `erp-backup.drill=<run_id>`, so the next run's `cleanup_leftovers` finds
-    what a killed worker left. A worker on the host reaches the target through its
-    port, published on 127.0.0.1 only (Docker publishes no port from an `internal`
-    network). A worker in a container (`$ERP_DRILL_WORKER_CONTAINER`) joins the drill
-    network instead, which is then `internal` (no route out of it at all), and
-    reaches the target by container name. The image per scratch kind and the pull
-    policy come from the plan (`drill.docker`).
+    Each drill target gets its own `internal` bridge network (no route out of it, so
+    the target cannot reach production, the host's other networks or the internet
+    by any address) and container, both labelled `erp-backup.drill=<run_id>`, so the
+    next run's `cleanup_leftovers` finds what a killed worker left. Docker publishes
+    no port from an internal network, so a worker on the host reaches the target
+    through a forwarder container (`<target>-proxy`, socat) that sits on that network
+    and on a network of its own, its port published on 127.0.0.1 only. A worker in a
+    container (`$ERP_DRILL_WORKER_CONTAINER`) joins the drill network instead and
+    reaches the target by container name. The image per scratch kind (and `proxy`)
+    and the pull policy come from the plan (`drill.docker`).
     """
 
     name = "docker"
@@ -302,10 +311,8 @@ class DockerBackend:
         info = TargetInfo(service=service, backup_type=backup_type, kind=spec.kind, backend=self.name, owner=owner,
                           image=image, container=name, network=name,
                           docker_conn_id=self.docker_conn_id, secret=secrets.token_hex(16))
-        internal = self.worker_container is not None
-        log.info("drill %s: creating %snetwork %s and container %s (%s)", run_id, "internal " if internal else "", name,
-                 name, image)
-        self.api.create_network(name, driver="bridge", internal=internal, labels=labels, check_duplicate=True)
+        log.info("drill %s: creating internal network %s and container %s (%s)", run_id, name, name, image)
+        self.api.create_network(name, driver="bridge", internal=True, labels=labels, check_duplicate=True)
         try:
             self._ensure_image(image)
             self._run_container(info, spec.container, labels)
@@ -337,8 +344,7 @@ class DockerBackend:
     def _run_container(self, info: TargetInfo, spec: ContainerSpec, labels: dict[str, str]) -> None:
         name = info.container
         assert name and info.image
-        ports = {} if self.worker_container else {spec.port: ("127.0.0.1", None)}
-        host_config = self.api.create_host_config(port_bindings=ports, network_mode=name)
+        host_config = self.api.create_host_config(port_bindings={}, network_mode=name)
         environment = {**spec.environment, **dict.fromkeys(spec.secret_env, info.secret)}
         self.api.create_container(
             image=info.image, name=name, labels=labels, environment=environment,
@@ -350,9 +356,29 @@ class DockerBackend:
             info.worker_container = self.worker_container
             info.host, info.port = name, spec.port
         else:
-            info.host, info.port = "127.0.0.1", self._published_port(name, spec.port)
+            info.host, info.port = "127.0.0.1", self._run_proxy(info, spec.port, labels)
         if spec.uri_scheme:
             info.uri = f"{spec.uri_scheme}://{info.host}:{info.port}"
+
+    def _run_proxy(self, info: TargetInfo, port: int, labels: dict[str, str]) -> int:
+        """Start `info.proxy`: socat from 127.0.0.1:<published> to the target's port; returns the published port.
+
+        The forwarder has a network of its own (the only one a port is published from)
+        and joins the target's internal network, where it finds the target by name.
+        """
+        target = info.container
+        assert target
+        image = self.docker_plan.image_for(PROXY_KIND, DEFAULT_PROXY_IMAGE)
+        self._ensure_image(image)
+        proxy = info.proxy = f"{target}-proxy"  # set before it is made, so a failed start removes it
+        log.info("drill: forwarding 127.0.0.1 to %s:%d through %s (%s)", target, port, proxy, image)
+        self.api.create_network(proxy, driver="bridge", internal=False, labels=labels, check_duplicate=True)
+        host_config = self.api.create_host_config(port_bindings={port: ("127.0.0.1", None)}, network_mode=proxy)
+        self.api.create_container(image=image, name=proxy, labels=labels, ports=[port], host_config=host_config,
+                                  command=forward_command(port, target), detach=True)
+        self.api.connect_container_to_network(proxy, target)
+        self.api.start(proxy)
+        return self._published_port(proxy, port)
 
     def _published_port(self, name: str, port: int) -> int:
         bindings = self.api.port(name, port) or []
@@ -368,11 +394,14 @@ class DockerBackend:
             return self.local.stop(info)
         done = []
         for action, call in (
+            (f"removed container {info.proxy}", (lambda: self.api.remove_container(info.proxy, force=True, v=True))
+             if info.proxy else None),
             (f"removed container {info.container}", lambda: self.api.remove_container(info.container, force=True, v=True)),
             (f"disconnected {info.worker_container} from {info.network}",
              (lambda: self.api.disconnect_container_from_network(info.worker_container, info.network, force=True))
              if info.worker_container else None),
             (f"removed network {info.network}", lambda: self.api.remove_network(info.network)),
+            (f"removed network {info.proxy}", (lambda: self.api.remove_network(info.proxy)) if info.proxy else None),
         ):
             if call is None:
                 continue

@@ -198,6 +198,7 @@ class TargetInfo:
     container: str | None = None
     network: str | None = None
     worker_container: str | None = None
+    proxy: str | None = None  # the docker backend's port forwarder: container and network of that name
     docker_conn_id: str | None = None
     secret: str | None = field(default=None, repr=False)  # scratch-only password
 

@@ -41,7 +41,8 @@ from tests.integration.test_drill import (  # noqa: F401  (fixtures)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
 
 ROOT = Path(__file__).resolve().parents[3]
-DOCKER_IMAGES = {"postgres": "erp-local/postgres:{tag}", "rabbitmq": "erp-local/rabbitmq:{tag}"}
+DOCKER_IMAGES = {"postgres": "erp-local/postgres:{tag}", "rabbitmq": "erp-local/rabbitmq:{tag}",
+                 "proxy": "erp-local/socat:1"}
 
 
 def labelled(engine: DockerEngine, run_id: str | None = None) -> list[str]:
@@ -84,6 +85,7 @@ def test_a_docker_drill_restores_into_the_local_image_and_leaves_nothing(dagbag,
     target = records.ServiceState(docker_drill.plan, dag_run.run_id, "postgres").target()
     assert target is not None and (target.backend, target.image) == ("docker", "erp-local/postgres:15")
     assert target.host == "127.0.0.1" and target.container and target.network == target.container
+    assert target.proxy == f"{target.container}-proxy"
     assert scratch_left(docker_drill.plan) == []
 
 
@@ -129,11 +131,14 @@ def test_a_sigkilled_workers_target_is_removed_by_the_next_runs_clean_leftovers(
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
     assert docker_engine.api.inspect_container(target["container"])["State"]["Running"] is True
-    assert sorted(labelled(docker_engine)) == sorted([f"/{target['container']}", target["network"]])
+    proxy = target["proxy"]
+    assert proxy and docker_engine.api.inspect_container(proxy)["State"]["Running"] is True
+    assert sorted(labelled(docker_engine)) == sorted([f"/{target['container']}", f"/{proxy}", target["network"], proxy])
 
     removed = runner.clean_leftovers(docker_drill.plan, "scheduled__next", "docker")
     assert f"container /{target['container']} (drill scheduled__killed)" in removed
     assert f"network {target['network']} (drill scheduled__killed)" in removed
+    assert {f"container /{proxy} (drill scheduled__killed)", f"network {proxy} (drill scheduled__killed)"} <= set(removed)
     assert labelled(docker_engine) == []
 
 
@@ -173,20 +178,25 @@ def docker_target(docker_engine: DockerEngine, docker_images: dict[str, str], tm
     assert labelled(docker_engine) == []
 
 
-def test_the_target_publishes_on_loopback_only_and_cannot_resolve_production(docker_engine: DockerEngine, docker_target,
-                                                                             production: dict[str, str]):
-    ports = docker_engine.api.inspect_container(docker_target.container)["NetworkSettings"]["Ports"]
+def test_the_forwarder_publishes_on_loopback_only_and_the_target_cannot_resolve_production(
+        docker_engine: DockerEngine, docker_target, production: dict[str, str]):
+    api = docker_engine.api
+    assert not any(api.inspect_container(docker_target.container)["NetworkSettings"]["Ports"].values())
+    ports = api.inspect_container(docker_target.proxy)["NetworkSettings"]["Ports"]
     assert ports == {"5432/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(docker_target.port)}]}
+    assert api.inspect_network(docker_target.network)["Internal"] is True
     assert connects(docker_engine, docker_target.container, "127.0.0.1", 5432)  # the probe itself works
     assert connects(docker_engine, production["name"], production["name"], 6379)  # production listens
     assert not connects(docker_engine, docker_target.container, production["name"], 6379)
 
 
-@pytest.mark.xfail(strict=True, reason="between user-defined networks, isolation by address is Docker's iptables "
-                   "rules; the tests' daemon runs with --iptables=false (docs/deployment.md), so the host routes")
 def test_the_target_cannot_reach_production_by_address(docker_engine: DockerEngine, docker_target,
                                                        production: dict[str, str]):
+    """Its only network is internal: Docker's iptables rules drop whatever leaves its subnet."""
+    assert connects(docker_engine, production["name"], production["address"], 6379)  # the address is right
     assert not connects(docker_engine, docker_target.container, production["address"], 6379)
+    proxy_gateway = docker_engine.api.inspect_network(docker_target.proxy)["IPAM"]["Config"][0]["Gateway"]
+    assert not connects(docker_engine, docker_target.container, proxy_gateway, docker_target.port)  # nor the host
 
 
 IN_CONTAINER_WORKER = """
@@ -196,7 +206,8 @@ from erp_backup.plan import DrillDockerPlan
 from erp_backup.services import get_service
 guard = ProductionGuard([])
 backend = DockerBackend.from_env(guard, LocalBackend("/tmp", guard),
-                                 DrillDockerPlan(pull="never", images={"postgres": "erp-local/postgres:{tag}"}))
+                                 DrillDockerPlan(pull="never", images={"postgres": "erp-local/postgres:{tag}",
+                                                                       "proxy": "erp-local/socat:1"}))
 info = backend.start(get_service("postgres").scratch_spec("full", {}), "postgres", "full", "drill:manual__in",
                      run_id="manual__in")
 network = backend.api.inspect_network(info.network)

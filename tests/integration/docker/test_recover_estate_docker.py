@@ -36,7 +36,7 @@ from tests.integration.test_recover_estate import SERVICES, Estate, _store, esta
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]  # a cold image build may come first
 
 REPORT_COPY = Path("/tmp/erp-recover-estate-docker-report.md")
-IMAGES = {"postgres": "erp-local/postgres:{tag}", "rabbitmq": "erp-local/rabbitmq:{tag}"}
+IMAGES = {"postgres": "erp-local/postgres:{tag}", "rabbitmq": "erp-local/rabbitmq:{tag}", "proxy": "erp-local/socat:1"}
 
 
 def _docker_plan(estate: Estate, name: str, *, without_pitr: bool = False) -> Plan:

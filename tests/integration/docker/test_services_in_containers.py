@@ -164,7 +164,8 @@ def test_rabbitmq_definitions_by_docker_exec_restore_into_a_scratch_container(
 
     guard = ProductionGuard([])
     backend = DockerBackend(docker_engine.api, guard, LocalBackend(tmp_path / "scratch", guard),
-                            docker_plan=DrillDockerPlan(pull="never", images={"rabbitmq": "erp-local/rabbitmq:{tag}"}))
+                            docker_plan=DrillDockerPlan(pull="never", images={"rabbitmq": "erp-local/rabbitmq:{tag}",
+                                                                             "proxy": "erp-local/socat:1"}))
     spec = get_service("rabbitmq").scratch_spec("definitions", {"rabbitmq": manifest.source["version"]})
     info = backend.start(spec, "rabbitmq", "definitions", "drill:manual__mq", run_id="manual__mq")
     try:
