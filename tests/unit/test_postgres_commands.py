@@ -295,3 +295,19 @@ def test_database_selection_skips_templates_and_closed_databases():
     assert names({"exclude_databases": ["postgres"]}) == ["erp"]
     with pytest.raises(PostgresBackupError, match="options.databases names 'archived', 'nope'"):
         names({"databases": ["erp", "archived", "nope"]})
+
+
+def test_applying_globals_keeps_the_restoring_roles_own_password():
+    """Found by the compose drill: the backed-up superuser password locked the restore out of its target."""
+    from erp_backup.services.postgres.commands import keep_own_password
+
+    script = ("CREATE ROLE postgres;\n"
+              "ALTER ROLE postgres WITH SUPERUSER INHERIT LOGIN PASSWORD 'SCRAM-SHA-256$4096:abc=$x=:y=';\n"
+              "CREATE ROLE erp_app;\n"
+              "ALTER ROLE erp_app WITH NOSUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:o''k';\n"
+              'ALTER ROLE "Odd ""one""" WITH LOGIN PASSWORD \'md5abc\';\n')
+    kept = keep_own_password(script, "postgres")
+    assert "ALTER ROLE postgres WITH SUPERUSER INHERIT LOGIN;\n" in kept
+    assert "ALTER ROLE erp_app WITH NOSUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:o''k';\n" in kept
+    assert keep_own_password(script, 'Odd "one"').endswith('ALTER ROLE "Odd ""one""" WITH LOGIN;\n')
+    assert keep_own_password(script, "nobody") == script

@@ -9,6 +9,7 @@ variable (tools) or as a psycopg keyword, never in argv.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -75,6 +76,11 @@ class PgEndpoint:
 
     def env(self) -> dict[str, str]:
         return {"PGPASSWORD": self.password} if self.password else {}
+
+    @property
+    def user(self) -> str:
+        """The role it connects as (libpq's default: the OS user)."""
+        return self.params.get("user") or getpass.getuser()
 
     def describe(self) -> str:
         return make_conninfo("", **{k: v for k, v in self.params.items() if k != "dbname"})
@@ -267,6 +273,25 @@ def skip_existing_roles(globals_sql: str, existing: Iterable[str]) -> str:
             lines.append(f"-- {line.rstrip()} skipped: the role exists on the target\n")
         else:
             lines.append(line)
+    return "".join(lines)
+
+
+_ALTER_ROLE = re.compile(r'^ALTER ROLE ("(?:[^"]|"")+"|[^\s";]+) WITH ')
+_PASSWORD_CLAUSE = re.compile(r" PASSWORD '(?:[^']|'')*'")
+
+
+def keep_own_password(globals_sql: str, role: str) -> str:
+    """The globals script without the PASSWORD of `role`, the role the restore connects as.
+
+    Otherwise the backed-up password replaces the target's, and every later connection
+    of the restore (and of anyone else using that role there) fails to authenticate.
+    """
+    lines = []
+    for line in globals_sql.splitlines(keepends=True):
+        match = _ALTER_ROLE.match(line)
+        if match and _unquote_identifier(match.group(1)) == role:
+            line = _PASSWORD_CLAUSE.sub("", line)
+        lines.append(line)
     return "".join(lines)
 
 

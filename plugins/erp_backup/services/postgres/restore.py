@@ -36,6 +36,7 @@ from erp_backup.services.postgres.commands import (
     PgEndpoint,
     RestoreConflict,
     RestoreError,
+    keep_own_password,
     pg_restore_command,
     pg_restore_list_command,
     psql_script_command,
@@ -195,7 +196,8 @@ def _restore_globals(
     _run(
         executor, psql_script_command(server, server.maintenance_db, bindir=bindir),
         f"applying the globals of backup {manifest.backup_id} to {server.describe()}",
-        stdin=skip_existing_roles(script, existing_roles).encode("utf-8", errors="surrogateescape"),
+        stdin=keep_own_password(skip_existing_roles(script, existing_roles), server.user).encode(
+            "utf-8", errors="surrogateescape"),
     )
     with server.connect(server.maintenance_db, autocommit=True) as conn:
         now_present = {row[0] for row in conn.execute("SELECT rolname FROM pg_catalog.pg_roles")}
