@@ -18,7 +18,9 @@ if [ "${1:-}" = postgres ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
     rm -f "$pwfile"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
     echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
-    if [ -n "${POSTGRES_DB:-}" ] && [ "$POSTGRES_DB" != "${POSTGRES_USER:-postgres}" ]; then
+    # As the official image: POSTGRES_DB defaults to POSTGRES_USER, and is created unless it is `postgres`.
+    POSTGRES_DB=${POSTGRES_DB:-${POSTGRES_USER:-postgres}}
+    if [ "$POSTGRES_DB" != postgres ]; then
         postgres --single -D "$PGDATA" postgres <<SQL >/dev/null
 CREATE DATABASE "$POSTGRES_DB";
 SQL
