@@ -23,6 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_PATH = ROOT / "docker-compose.yaml"
 ENV_EXAMPLE_PATH = ROOT / ".env.example"
+COMPOSE_OWN_VARIABLES = {"COMPOSE_PROJECT_NAME"}  # read by Compose itself, not by the file
 DOCKERFILE_PATH = ROOT / "Dockerfile"
 
 AIRFLOW_SERVICES = frozenset(
@@ -486,7 +487,16 @@ def test_env_example_defines_every_variable_the_compose_file_reads(
     referenced = referenced_variables(compose)
     assert referenced, "no ${VAR} found: the parser is broken"
     assert sorted(referenced - env_example.keys()) == [], "add these to .env.example"
-    assert sorted(env_example.keys() - referenced) == [], ".env.example defines variables nothing reads"
+    assert sorted(env_example.keys() - referenced - COMPOSE_OWN_VARIABLES) == [], \
+        ".env.example defines variables nothing reads"
+
+
+def test_the_project_name_comes_from_env_example_not_a_top_level_key(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    """Debian's docker-compose 1.29 rejects a top-level `name:` (and `configs` with `content`)."""
+    assert "name" not in compose and "configs" not in compose
+    assert env_example.get("COMPOSE_PROJECT_NAME") == "erp-backup"
 
 
 def test_variable_parser_follows_compose_escapes() -> None:
