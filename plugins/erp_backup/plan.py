@@ -81,6 +81,7 @@ class EncryptionPlan:
 
 
 PULL_POLICIES = ("if-missing", "always", "never")
+PROXY_KIND = "proxy"  # drill.docker.images key of the port forwarder (socat as its entrypoint)
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def _read_drill_docker(docker: _Reader) -> DrillDockerPlan:
     and `proxy`, the port forwarder's image (socat as its entrypoint)."""
     from erp_backup.scratch.local import KINDS
 
-    known = {*KINDS, "proxy"}
+    known = {*KINDS, PROXY_KIND}
     docker.only("pull", "images")
     pull = docker.get("pull", str, "if-missing")
     if pull not in PULL_POLICIES:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from erp_backup.plan import DrillDockerPlan, Plan
+from erp_backup.plan import PROXY_KIND, DrillDockerPlan, Plan
 from erp_backup.scratch import local as scratch_local
 from erp_backup.scratch.base import ScratchError, TargetInfo, scratch_root, wait_ready
 from erp_backup.scratch.local import START_TIMEOUT_S
@@ -50,7 +50,6 @@ OWNER_PREFIX = "drill:"
 DOCKER_CONN_ENV = "ERP_DRILL_DOCKER_CONN_ID"
 DOCKER_URL_ENV = "ERP_DRILL_DOCKER_URL"
 WORKER_CONTAINER_ENV = "ERP_DRILL_WORKER_CONTAINER"
-PROXY_KIND = "proxy"  # drill.docker.images key of the port forwarder (socat as its entrypoint)
 DEFAULT_PROXY_IMAGE = "alpine/socat:1.8.0.0"
 
 _LOOPBACK_NAMES = frozenset({"", "localhost", "ip6-localhost", "ip6-loopback", "0.0.0.0", "::"})
