@@ -20,6 +20,7 @@ from erp_backup.services.postgres.commands import (
     SourceServer,
     dump_dir_for,
     dump_file_for,
+    globals_for_target,
     pg_dump_command,
     pg_dump_directory_command,
     pg_dumpall_globals_command,
@@ -28,7 +29,6 @@ from erp_backup.services.postgres.commands import (
     psql_script_command,
     roles_created_by,
     schema_header_entries,
-    skip_existing_roles,
     tool_version_command,
 )
 from erp_backup.services.postgres.parallel import layout_for
@@ -209,8 +209,8 @@ def test_roles_created_by_reads_plain_and_quoted_names():
     assert roles_created_by(GLOBALS) == ["erp_app_1", "postgres", 'Report "Reader"']
 
 
-def test_skip_existing_roles_comments_out_only_their_create():
-    script = skip_existing_roles(GLOBALS, {"postgres", 'Report "Reader"', "unrelated"})
+def test_globals_for_target_comments_out_only_the_create_of_existing_roles():
+    script = globals_for_target(GLOBALS, {"postgres", 'Report "Reader"', "unrelated"}, own_role="nobody")
     assert roles_created_by(script) == ["erp_app_1"]
     assert "-- CREATE ROLE postgres; skipped: the role exists on the target\n" in script
     assert "ALTER ROLE postgres WITH SUPERUSER" in script
@@ -299,15 +299,16 @@ def test_database_selection_skips_templates_and_closed_databases():
 
 def test_applying_globals_keeps_the_restoring_roles_own_password():
     """Found by the compose drill: the backed-up superuser password locked the restore out of its target."""
-    from erp_backup.services.postgres.commands import keep_own_password
-
     script = ("CREATE ROLE postgres;\n"
               "ALTER ROLE postgres WITH SUPERUSER INHERIT LOGIN PASSWORD 'SCRAM-SHA-256$4096:abc=$x=:y=';\n"
               "CREATE ROLE erp_app;\n"
               "ALTER ROLE erp_app WITH NOSUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:o''k';\n"
               'ALTER ROLE "Odd ""one""" WITH LOGIN PASSWORD \'md5abc\';\n')
-    kept = keep_own_password(script, "postgres")
+    kept = globals_for_target(script, (), own_role="postgres")
     assert "ALTER ROLE postgres WITH SUPERUSER INHERIT LOGIN;\n" in kept
     assert "ALTER ROLE erp_app WITH NOSUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:o''k';\n" in kept
-    assert keep_own_password(script, 'Odd "one"').endswith('ALTER ROLE "Odd ""one""" WITH LOGIN;\n')
-    assert keep_own_password(script, "nobody") == script
+    assert globals_for_target(script, (), own_role='Odd "one"').endswith('ALTER ROLE "Odd ""one""" WITH LOGIN;\n')
+    assert globals_for_target(script, (), own_role="nobody") == script
+    both = globals_for_target(script, {"postgres"}, own_role="postgres")
+    assert both.startswith("-- CREATE ROLE postgres; skipped: the role exists on the target\n"
+                           "ALTER ROLE postgres WITH SUPERUSER INHERIT LOGIN;\n")

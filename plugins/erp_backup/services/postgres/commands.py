@@ -259,37 +259,28 @@ def roles_created_by(globals_sql: str) -> list[str]:
     ]
 
 
-def skip_existing_roles(globals_sql: str, existing: Iterable[str]) -> str:
-    """The globals script without CREATE ROLE for roles the target already has.
-
-    Their ALTER ROLE lines still apply the backed-up attributes. This is how
-    "role already exists" is tolerated while psql stops on any other error.
-    """
-    present = set(existing)
-    lines = []
-    for line in globals_sql.splitlines(keepends=True):
-        match = _CREATE_ROLE.match(line.rstrip("\n"))
-        if match and _unquote_identifier(match.group(1)) in present:
-            lines.append(f"-- {line.rstrip()} skipped: the role exists on the target\n")
-        else:
-            lines.append(line)
-    return "".join(lines)
-
-
 _ALTER_ROLE = re.compile(r'^ALTER ROLE ("(?:[^"]|"")+"|[^\s";]+) WITH ')
 _PASSWORD_CLAUSE = re.compile(r" PASSWORD '(?:[^']|'')*'")
 
 
-def keep_own_password(globals_sql: str, role: str) -> str:
-    """The globals script without the PASSWORD of `role`, the role the restore connects as.
+def globals_for_target(globals_sql: str, existing: Iterable[str], own_role: str) -> str:
+    """The globals script as applied to a restore target, changed in two ways, line for line.
 
-    Otherwise the backed-up password replaces the target's, and every later connection
-    of the restore (and of anyone else using that role there) fails to authenticate.
+    - No CREATE ROLE for roles the target already has. Their ALTER ROLE lines still apply
+      the backed-up attributes. This is how "role already exists" is tolerated while psql
+      stops on any other error.
+    - No PASSWORD for `own_role`, the role the restore connects as. Otherwise the backed-up
+      password replaces the target's, and every later connection of the restore (and of
+      anyone else using that role there) fails to authenticate.
     """
+    present = set(existing)
     lines = []
     for line in globals_sql.splitlines(keepends=True):
-        match = _ALTER_ROLE.match(line)
-        if match and _unquote_identifier(match.group(1)) == role:
+        created = _CREATE_ROLE.match(line.rstrip("\n"))
+        altered = _ALTER_ROLE.match(line)
+        if created and _unquote_identifier(created.group(1)) in present:
+            line = f"-- {line.rstrip()} skipped: the role exists on the target\n"
+        elif altered and _unquote_identifier(altered.group(1)) == own_role:
             line = _PASSWORD_CLAUSE.sub("", line)
         lines.append(line)
     return "".join(lines)

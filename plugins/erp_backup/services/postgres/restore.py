@@ -36,14 +36,13 @@ from erp_backup.services.postgres.commands import (
     PgEndpoint,
     RestoreConflict,
     RestoreError,
-    keep_own_password,
+    globals_for_target,
     pg_restore_command,
     pg_restore_list_command,
     psql_script_command,
     read_zst_text,
     roles_created_by,
     schema_header_entries,
-    skip_existing_roles,
 )
 from erp_backup.services.postgres.content import TableContent
 from erp_backup.services.postgres.parallel import LAYOUT_CUSTOM, LAYOUT_DIRECTORY, restorable_directory
@@ -196,7 +195,7 @@ def _restore_globals(
     _run(
         executor, psql_script_command(server, server.maintenance_db, bindir=bindir),
         f"applying the globals of backup {manifest.backup_id} to {server.describe()}",
-        stdin=keep_own_password(skip_existing_roles(script, existing_roles), server.user).encode(
+        stdin=globals_for_target(script, existing_roles, server.user).encode(
             "utf-8", errors="surrogateescape"),
     )
     with server.connect(server.maintenance_db, autocommit=True) as conn:
