@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from erp_backup.services import get_service
 from erp_backup.services.base import RunInfo
 from erp_backup.sets import backup_id_for
 from tests.fixtures.factories import make_backup_context, make_manifest
+from tests.fixtures.polling import poll
 from tests.fixtures.slack import SlackReceiver, start_receiver
 from tests.integration.dagrun import write_plan
 from tests.integration.test_backfill import ROOT, Standalone, standalone_env
@@ -146,13 +146,12 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, slack: SlackReceiver) -> I
 
 
 def wait_for_dags(server: Standalone, *dag_ids: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def all_listed() -> bool:
         listed = server.cli("dags", "list", "-o", "plain")
-        if all(dag_id in listed for dag_id in dag_ids):
-            return
-        time.sleep(3)
-    raise AssertionError(f"DAGs {dag_ids} not parsed in {timeout}s:\n{server.tail()}")
+        return all(dag_id in listed for dag_id in dag_ids)
+
+    if not poll(all_listed, timeout, interval=3):
+        raise AssertionError(f"DAGs {dag_ids} not parsed in {timeout}s:\n{server.tail()}")
 
 
 def admin_password(server: Standalone) -> str:
@@ -227,23 +226,22 @@ def submit(dialog, server: Standalone, dag_id: str, timeout: float = 60) -> dict
     button = dialog.get_by_test_id("trigger-dag-submit")
     assert button.is_enabled()
     button.click()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        new = [run for run_id, run in dag_runs(server, dag_id).items() if run_id not in before]
-        if new:
-            return new[0]
-        time.sleep(2)
-    raise AssertionError(f"no {dag_id} run appeared after Trigger\n{server.tail()}")
+    new = poll(lambda: [run for run_id, run in dag_runs(server, dag_id).items() if run_id not in before],
+               timeout, interval=2)
+    if not new:
+        raise AssertionError(f"no {dag_id} run appeared after Trigger\n{server.tail()}")
+    return new[0]
 
 
 def wait_run(server: Standalone, dag_id: str, run_id: str, states: tuple[str, ...], timeout: float = 900) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ended() -> dict | None:
         run = dag_runs(server, dag_id)[run_id]
-        if run["state"] in states:
-            return run
-        time.sleep(3)
-    raise AssertionError(f"{dag_id} {run_id} never reached {states}: {dag_runs(server, dag_id)[run_id]}\n{server.tail()}")
+        return run if run["state"] in states else None
+
+    run = poll(ended, timeout, interval=3)
+    if run is None:
+        raise AssertionError(f"{dag_id} {run_id} never reached {states}: {dag_runs(server, dag_id)[run_id]}\n{server.tail()}")
+    return run
 
 
 def end_run(server: Standalone, dag_id: str, run_id: str) -> None:

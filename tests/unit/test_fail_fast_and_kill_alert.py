@@ -19,6 +19,7 @@ from erp_backup.kill_alert import armed, killed_text, webhook_url
 from erp_backup.offsite import OffsiteError
 from erp_backup.plan import PlanError
 from erp_backup.services.base import ConnectionMissing
+from tests.fixtures.polling import poll
 
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
@@ -123,12 +124,7 @@ def watchers() -> list[tuple[str, str]]:
 
 
 def wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
+    return bool(poll(condition, timeout, interval=0.1))
 
 
 def test_a_task_process_killed_with_sigkill_gets_one_alert(slack_receiver):

@@ -36,6 +36,7 @@ import yaml
 from erp_backup.drill.targets import DRILL_LABEL
 from tests.conftest import AGE_KEYS
 from tests.fixtures.docker_engine import SOCKET, DockerEngine
+from tests.fixtures.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
 
@@ -154,17 +155,10 @@ class Stack:
 
 
 def wait_for(what: str, check, timeout: float, stack: Stack, service: str, interval: float = 2.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-        except (requests.RequestException, OSError):
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s; {service} says:\n{stack.logs(service)}")
-        time.sleep(interval)
+    result = poll(check, timeout, interval, ignore=(requests.RequestException, OSError))
+    if not result:
+        pytest.fail(f"{what}: not within {timeout:.0f} s; {service} says:\n{stack.logs(service)}")
+    return result
 
 
 def project_leftovers(engine: DockerEngine) -> list[str]:
