@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from pyrage import x25519
 
 from erp_backup.scratch.base import scratch_root
 from erp_backup.scratch.postgres import as_cluster_user, chown_to_cluster_user
@@ -172,3 +173,126 @@ def test_a_real_archiver_uses_the_script(archiving_pg_factory) -> None:  # noqa:
     assert pg.sql("SELECT failed_count FROM pg_stat_archiver")[0][0] == 0
     with open(pg.archive_dir / name, "rb") as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == next(e.sha256 for e in entries if e.name == name)
+
+
+# --- the sealed archive (ERP_WAL_RECIPIENTS_FILE) ----------------------------------------------------
+
+
+@pytest.fixture
+def sealing(work: Path) -> tuple[dict[str, str], Path]:
+    """(the environment that makes the script seal, an identity file that opens what it seals)."""
+    identity = x25519.Identity.generate()
+    recipients = work / "wal-recipients"
+    recipients.write_text(f"# the plan's recipients\n{identity.to_public()}\n")
+    recipients.chmod(0o644)
+    identity_file = work / "identity"
+    identity_file.write_text(f"{identity}\n")
+    identity_file.chmod(0o600)
+    return {"ERP_WAL_RECIPIENTS_FILE": str(recipients)}, identity_file
+
+
+def unseal(path: Path, identity_file: Path) -> bytes:
+    """What the runbook does by hand: age -d -i KEY | zstd -d."""
+    decrypted = subprocess.run(["age", "-d", "-i", str(identity_file), str(path)], capture_output=True, check=True)
+    return subprocess.run(["zstd", "-d", "-q", "-c"], input=decrypted.stdout, capture_output=True, check=True).stdout
+
+
+def test_a_sealed_segment_is_compressed_encrypted_and_logged_with_both_hashes(dirs, sealing) -> None:
+    source, archive = dirs
+    env, identity_file = sealing
+    data = b"WAL of tenant_acme.customers " * 20000 + os.urandom(1 << 16)
+    (source / SEGMENT).write_bytes(data)
+    done = run_script(str(source / SEGMENT), SEGMENT, str(archive), env=env)
+    assert done.returncode == 0, done.stderr
+    stored = archive / f"{SEGMENT}.zst.age"
+    assert sorted(p.name for p in archive.iterdir()) == [stored.name, "archive.log"]  # no clear copy, no temp file
+    assert stored.stat().st_mode & 0o777 == 0o640
+    sealed_bytes = stored.read_bytes()
+    assert sealed_bytes.startswith(b"age-encryption.org/v1\n") and b"tenant_acme" not in sealed_bytes
+    assert len(sealed_bytes) < (1 << 16) + 4096  # compressed before it was encrypted: about the random tail
+    assert unseal(stored, identity_file) == data
+    [entry] = parse_archive_log((archive / "archive.log").read_text())
+    assert (entry.name, entry.sealed, entry.stored_name) == (SEGMENT, True, stored.name)
+    assert (entry.sha256, entry.size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert (entry.stored_sha256, entry.stored_size) == (hashlib.sha256(sealed_bytes).hexdigest(), len(sealed_bytes))
+
+
+def test_a_sealed_segment_archived_again_is_judged_by_its_logged_hash(dirs, sealing) -> None:
+    source, archive = dirs
+    env, _ = sealing
+    assert run_script(str(source / SEGMENT), SEGMENT, str(archive), env=env).returncode == 0
+    stored = (archive / f"{SEGMENT}.zst.age").read_bytes()
+    again = run_script(str(source / SEGMENT), SEGMENT, str(archive), env=env)
+    assert again.returncode == 0 and "identical content" in again.stderr
+    (source / SEGMENT).write_bytes(os.urandom(1 << 20))
+    clash = run_script(str(source / SEGMENT), SEGMENT, str(archive), env=env)
+    assert clash.returncode != 0 and "DIFFERENT content" in clash.stderr
+    assert (archive / f"{SEGMENT}.zst.age").read_bytes() == stored
+    assert len((archive / "archive.log").read_text().splitlines()) == 1
+
+
+def test_a_sealed_file_without_its_log_line_is_sealed_again(dirs, sealing) -> None:
+    """A crash between the sealed file and its log line: the retry replaces the unlogged attempt and logs it."""
+    source, archive = dirs
+    env, identity_file = sealing
+    (archive / f"{SEGMENT}.zst.age").write_bytes(b"half-written age file")
+    chown_to_cluster_user(archive)
+    done = run_script(str(source / SEGMENT), SEGMENT, str(archive), env=env)
+    assert done.returncode == 0 and "unfinished earlier attempt" in done.stderr
+    assert unseal(archive / f"{SEGMENT}.zst.age", identity_file) == (source / SEGMENT).read_bytes()
+    assert [e.sealed for e in parse_archive_log((archive / "archive.log").read_text())] == [True]
+
+
+def test_turning_sealing_on_keeps_what_was_archived_in_clear(dirs, sealing) -> None:
+    source, archive = dirs
+    env, _ = sealing
+    assert run_script(str(source / SEGMENT), SEGMENT, str(archive)).returncode == 0
+    again = run_script(str(source / SEGMENT), SEGMENT, str(archive), env=env)
+    assert again.returncode == 0 and "identical content" in again.stderr
+    assert sorted(p.name for p in archive.iterdir()) == [SEGMENT, "archive.log"]
+
+
+def test_history_files_stay_clear_in_a_sealed_archive(dirs, sealing) -> None:
+    """Timeline switches (LSNs, no table data) are read by the WAL job, which holds no key."""
+    source, archive = dirs
+    env, _ = sealing
+    history = "00000002.history"
+    (source / history).write_text("1\t0/3000000\tno recovery target specified\n")
+    assert run_script(str(source / history), history, str(archive), env=env).returncode == 0
+    assert (archive / history).read_text().startswith("1\t0/3000000")
+    assert [e.sealed for e in parse_archive_log((archive / "archive.log").read_text())] == [False]
+
+
+@pytest.mark.parametrize(("recipients", "message"), [
+    ("missing", "is not a readable file"),
+    ("AGE-SECRET-KEY-1 not a recipient\n", "holds no age recipient"),
+])
+def test_a_bad_recipients_file_fails_and_archives_nothing(dirs, work: Path, recipients: str, message: str) -> None:
+    source, archive = dirs
+    path = work / "recipients"
+    if recipients != "missing":
+        path.write_text(recipients)
+        path.chmod(0o644)
+    done = run_script(str(source / SEGMENT), SEGMENT, str(archive), env={"ERP_WAL_RECIPIENTS_FILE": str(path)})
+    assert done.returncode != 0 and message in done.stderr and "archive_wal.sh: ERROR" in done.stderr
+    assert list(archive.iterdir()) == []
+
+
+def test_a_real_archiver_seals_with_the_script(archiving_pg_factory) -> None:
+    pg = archiving_pg_factory(name="archseal", sealed=True)
+    name = pg.switch_wal()
+    entry = next(e for e in parse_archive_log((pg.archive_dir / "archive.log").read_text()) if e.name == name)
+    assert entry.sealed and not (pg.archive_dir / name).exists()
+    assert hashlib.sha256((pg.archive_dir / entry.stored_name).read_bytes()).hexdigest() == entry.stored_sha256
+    assert pg.sql("SELECT failed_count FROM pg_stat_archiver")[0][0] == 0
+
+
+def test_neighbouring_segment_names_are_not_confused(dirs: tuple[Path, Path]) -> None:
+    """awk compares numeric-looking fields as numbers: ...03 and ...04 round to the same double."""
+    source, archive = dirs
+    first, second = "000000010000000000000003", "000000010000000000000004"
+    for name in (first, second):
+        (source / name).write_bytes(os.urandom(1 << 16))
+        done = run_script(str(source / name), name, str(archive))
+        assert done.returncode == 0, done.stderr
+    assert [e.name for e in parse_archive_log((archive / "archive.log").read_text())] == [first, second]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import subprocess
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pyrage
 import pytest
+import zstandard
+from pyrage import x25519
 
 from erp_backup.services.postgres.content import TableContent, apply_session_settings, inventory
 from tests.conftest import AGE_KEYS
@@ -165,3 +169,33 @@ def test_wal_archived_in_the_container_is_readable_by_the_non_root_worker(erp_po
     assert run_as(docker_engine, base, WORKER_USER, erp_postgres.archive, "ls", "/wal").returncode == 0
     stranger = run_as(docker_engine, base, "50001:50001", erp_postgres.archive, "cat", f"/wal/{segment}")
     assert stranger.returncode != 0 and "Permission denied" in stranger.stderr  # the group grants it, nothing else
+
+
+def test_the_container_seals_its_wal_archive_with_its_own_zstd_and_age(erp_postgres: ErpPostgres,
+                                                                       docker_engine: DockerEngine):
+    """archive_wal.sh with ERP_WAL_RECIPIENTS_FILE, run by the server's user inside erp-postgres (docs/pitr.md)."""
+    api = docker_engine.api
+    name = "0000000100000000000000F0"
+    script = f"""set -e
+        d=$(mktemp -d); mkdir "$d/archive"
+        head -c 1048576 /dev/urandom > "$d/{name}"
+        echo '{AGE_KEYS.recipient}' > "$d/recipients"
+        ERP_WAL_RECIPIENTS_FILE="$d/recipients" /bin/sh /opt/erp-scripts/archive_wal.sh "$d/{name}" {name} "$d/archive"
+        ls "$d/archive" >&2
+        cat "$d/{name}" | sha256sum >&2
+        cat "$d/archive/{name}.zst.age"
+        rm -rf "$d"
+    """
+
+    def run(user: str) -> tuple[int, bytes, bytes]:
+        exec_id = api.exec_create(NAME, ["sh", "-c", script], user=user)["Id"]
+        out, err = api.exec_start(exec_id, demux=True)
+        return api.exec_inspect(exec_id)["ExitCode"], out or b"", err or b""
+
+    code, sealed, err = run("postgres")
+    assert code == 0, err.decode()
+    *listing, digest = err.decode().splitlines()
+    assert listing == [f"{name}.zst.age", "archive.log"]  # nothing in clear beside the log
+    assert sealed.startswith(b"age-encryption.org/v1\n")
+    clear = zstandard.ZstdDecompressor().decompressobj().decompress(pyrage.decrypt(sealed, [x25519.Identity.from_str(AGE_KEYS.identity)]))
+    assert len(clear) == 1 << 20 and hashlib.sha256(clear).hexdigest() == digest.split()[0]
