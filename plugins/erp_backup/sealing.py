@@ -189,7 +189,7 @@ class UnsealingOffsite:
     """
 
     def __init__(self, store: Any, identities: Callable[[], Sequence[x25519.Identity]]):
-        self.store, self._identities = store, identities
+        self.store, self.identities = store, identities
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -209,7 +209,7 @@ class UnsealingOffsite:
                 stored.rename(dest)
                 return manifest, manifest
             try:
-                return manifest, unseal_set(stored, dest, self._identities())
+                return manifest, unseal_set(stored, dest, self.identities())
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise

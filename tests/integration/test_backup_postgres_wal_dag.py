@@ -27,8 +27,9 @@ def now_s() -> datetime:
 
 
 @pytest.fixture
-def wal_env(monkeypatch, tmp_path, archiving_pg_factory, s3_endpoint, s3_bucket, slack_receiver, airflow_db):
-    pg = archiving_pg_factory(name="waldag")
+def wal_env(request, monkeypatch, tmp_path, archiving_pg_factory, s3_endpoint, s3_bucket, slack_receiver, airflow_db):
+    """A clear archive, or a sealed one when the test is parametrized with wal_env=["sealed"] (indirect)."""
+    pg = archiving_pg_factory(name="waldag", sealed=getattr(request, "param", "clear") == "sealed")
     bucket = s3_bucket("wal")
     monkeypatch.setenv("ERP_BACKUP_PLAN", str(write_plan(tmp_path / "plan.yaml", bucket=bucket, prefix="erp")))
     monkeypatch.setenv("ERP_BACKUP_ROOT", str(pg.root))
@@ -39,6 +40,10 @@ def wal_env(monkeypatch, tmp_path, archiving_pg_factory, s3_endpoint, s3_bucket,
     return pg
 
 
+MARKER = "tenant-acme-payroll-2026"  # row data: in clear it shows in the WAL bytes
+
+
+@pytest.mark.parametrize("wal_env", ["clear", "sealed"], indirect=True)
 def test_snapshot_and_wal_dags_then_pitr_from_offsite(wal_env, dagbag, slack_receiver, scratch_cluster):
     pg = wal_env
     pg.sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, phase text NOT NULL)")
@@ -46,7 +51,7 @@ def test_snapshot_and_wal_dags_then_pitr_from_offsite(wal_env, dagbag, slack_rec
     assert set(states.values()) == {"success"}, states
 
     window_start = now_s()
-    pg.sql("INSERT INTO ledger (phase) SELECT 't1' FROM generate_series(1, 10)")
+    pg.sql("INSERT INTO ledger (phase) SELECT %s FROM generate_series(1, 10)", (f"t1 {MARKER}",))
     pg.switch_wal()
     target = pg.sql("SELECT clock_timestamp()")[0][0]
     pg.sql("INSERT INTO ledger (phase) SELECT 't2' FROM generate_series(1, 10)")
@@ -62,6 +67,10 @@ def test_snapshot_and_wal_dags_then_pitr_from_offsite(wal_env, dagbag, slack_rec
     assert [s.state for s in wal_sets] == [SetState.OFFSITE]
     manifest = wal_sets[0].manifest()
     assert manifest.details["first_segment"] <= manifest.details["last_segment"]
+    if pg.sealed:  # nothing on the backup disk shows the row, the local archive included
+        assert {bool(r.get("sealed")) for r in manifest.details["wal"] if r["kind"] == "segment"} == {True}
+        holding = [p for p in pg.root.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
+        assert holding == []
     assert manifest.run["data_interval_start"] is not None  # a real 6 h window, not start == end
 
     # Rerunning the window changes nothing offsite.
@@ -75,7 +84,7 @@ def test_snapshot_and_wal_dags_then_pitr_from_offsite(wal_env, dagbag, slack_rec
                              use_local_archive=False)
     with psycopg.connect(cluster.conninfo(), autocommit=True) as db:
         phases = dict(db.execute("SELECT phase, count(*) FROM ledger GROUP BY phase").fetchall())
-    assert phases == {"t1": 10}
+    assert phases == {f"t1 {MARKER}": 10}
     assert report["wal_bytes_replayed"] > 0
 
 

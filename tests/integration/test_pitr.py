@@ -20,8 +20,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from pyrage import x25519
 
 from erp_backup.manifest import Manifest, sha256_file
+from erp_backup.scratch.base import scratch_root
 from erp_backup.scratch.postgres import ScratchPostgres
 from erp_backup.services import postgres
 from erp_backup.services.base import CheckContext, RestoreReport
@@ -33,7 +35,9 @@ from erp_backup.services.postgres.chain import chain_protection
 from erp_backup.services.postgres.pitr import TargetOutsideArchive, restore_to_time
 from erp_backup.services.postgres.segments import Segment
 from erp_backup.services.postgres.wal import ArchiverError, WalGapError
+from erp_backup.services.postgres.wal import read_archive_log
 from erp_backup.sets import BackupSet, list_sets
+from tests.conftest import AGE_KEYS
 from tests.fixtures.pitr import (
     ARCHIVE_SUBDIR,
     ArchivingCluster,
@@ -440,3 +444,40 @@ def test_pitr_refuses_a_base_whose_checksum_does_not_match(history: History, scr
             restore_to_time(history.target, root=root, cluster=scratch_cluster("pitr-bad"), use_local_archive=False)
     finally:
         shutil.rmtree(root)
+
+
+def test_runbook_script_restores_through_a_sealed_archive_with_the_identity_file(archiving_pg_factory, tmp_path: Path) -> None:
+    """archive_wal.sh sealed the segments on the database host; pitr_restore.sh --identity FILE opens them."""
+    pg = archiving_pg_factory(name="pitr-sealed", sealed=True)
+    pg.sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, phase text NOT NULL)")
+    take_backup(postgres_snapshot, postgres_job("snapshot"), pg.root, manual_run("backup_postgres_snapshot"), pg.connection())
+    pg.sql("INSERT INTO ledger (phase) SELECT 't1' FROM generate_series(1, 10)")
+    pg.switch_wal()
+    target = pg.sql("SELECT clock_timestamp()")[0][0]
+    pg.sql("INSERT INTO ledger (phase) VALUES ('t2')")
+    pg.switch_wal()
+    segments = [e for e in read_archive_log(pg.archive_dir) if wal_names.wal_file_kind(e.name) == "segment"]
+    assert segments and all(e.sealed and not (pg.archive_dir / e.name).exists() for e in segments)
+
+    script = Path(__file__).resolve().parents[2] / "include" / "scripts" / "pitr_restore.sh"
+    env = {**os.environ, "ERP_PYTHON": sys.executable}
+    where = ["--root", str(pg.root), "--archive-dir", str(pg.archive_dir), "--target-time", target.isoformat()]
+    stranger = tmp_path / "stranger.key"
+    stranger.write_text(f"{x25519.Identity.generate()}\n")
+    before = set(scratch_root().glob("erp-scratch-pitr-*"))
+    refused = subprocess.run([str(script), *where, "--identity", str(stranger)], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "in the local WAL archive was sealed on the database host" in refused.stderr
+    assert set(scratch_root().glob("erp-scratch-pitr-*")) == before  # the half-staged cluster was removed
+
+    mine = tmp_path / "mine.key"
+    mine.write_text(f"{AGE_KEYS.identity}\n")
+    done = subprocess.run([str(script), *where, "--identity", str(mine)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    cluster = ScratchPostgres(Path(report["data_dir"]).parent, port=report["port"])
+    try:
+        assert report["wal_from_local_archive"] > 0 and report["wal_sets"] == []
+        assert rows_by_phase(cluster) == {"t1": 10}
+    finally:
+        cluster.destroy()

@@ -88,7 +88,7 @@ def _count_documents(pg: ArchivingCluster, at: datetime) -> int:
 @pytest.fixture(scope="module")
 def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Estate]:
     tmp = tmp_path_factory.mktemp("estate")
-    pg = start_archiving_cluster("estate")
+    pg = start_archiving_cluster("estate", sealed=True)  # as production should: no WAL in clear on the backup disk
     s3: S3Endpoint = start_s3()
     redis = ScratchRedis(tmp / "redis-source").start()
     milvus_path = tmp / "milvus" / "source.db"

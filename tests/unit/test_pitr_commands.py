@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
+from pyrage import x25519
 
+from erp_backup import crypto
 from erp_backup.manifest import FileEntry, Manifest
 from erp_backup.services import postgres
 from erp_backup.services.base import PointInTimeUnavailable
@@ -18,15 +22,18 @@ from erp_backup.services.postgres import snapshot as snap
 from erp_backup.services.postgres.archiver import ArchiverStatus
 from erp_backup.services.postgres.pitr import (
     RestoreError,
+    SetLocator,
     TargetOutsideArchive,
     build_inventory,
     coverage,
     plan_recovery,
     recovery_settings,
     restore_command,
+    stage_wal,
 )
 from erp_backup.services.postgres.segments import Segment
 from erp_backup.services.postgres.wal import ArchivedFile, check_continuity
+from erp_backup.sets import BackupSet
 from tests.fixtures.factories import make_manifest
 
 UTC = timezone.utc
@@ -476,3 +483,81 @@ def test_point_in_time_outside_the_archive_is_unavailable_with_the_covered_range
         postgres.plan_point_in_time(manifests[1:], T0 + timedelta(hours=3))
     with pytest.raises(PointInTimeUnavailable, match="has no timezone"):
         postgres.plan_point_in_time(manifests, datetime(2026, 1, 10, 3))
+
+
+# --- a sealed local archive (archive_wal.sh with ERP_WAL_RECIPIENTS_FILE) ---------------------------
+
+
+def seal_like_archive_wal(data: bytes, recipient: str) -> bytes:
+    """zstd, then age: the bytes archive_wal.sh stores as <name>.zst.age."""
+    return crypto.encrypt_bytes(zstandard.ZstdCompressor().compress(data), [recipient])
+
+
+@pytest.fixture
+def sealed_archive(tmp_path: Path) -> tuple[Path, ArchivedFile, bytes, x25519.Identity]:
+    identity = x25519.Identity.generate()
+    data = (b"\x00WAL page of tenant_acme.orders" * 40000)[: 1 << 20]  # a 1 MiB segment
+    sealed = seal_like_archive_wal(data, str(identity.to_public()))
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    name = seg(3).name
+    (archive / f"{name}.zst.age").write_bytes(sealed)
+    line = (f"2026-01-10T03:00:00Z {name} {hashlib.sha256(data).hexdigest()} {len(data)} "
+            f"zst.age {hashlib.sha256(sealed).hexdigest()} {len(sealed)}\n")
+    (archive / "archive.log").write_text(line)
+    [entry] = wal.read_archive_log(archive)
+    return archive, entry, data, identity
+
+
+def test_a_sealed_archive_line_keeps_the_wal_files_own_hash_and_the_stored_ones(sealed_archive) -> None:
+    archive, entry, data, _ = sealed_archive
+    assert entry.sealed and entry.stored_name == f"{entry.name}.zst.age"
+    assert (entry.sha256, entry.size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert entry.stored_size == (archive / entry.stored_name).stat().st_size
+    bad = f"2026-01-10T03:00:00Z {entry.name} {'a' * 64} 5 gzip {'b' * 64} 5\n"
+    assert wal.parse_archive_log(bad) == []
+
+
+def test_a_sealed_file_ships_as_it_is_and_verifies_without_a_key(sealed_archive, tmp_path: Path) -> None:
+    archive, entry, data, _ = sealed_archive
+    backup_set = BackupSet(tmp_path / "root", "postgres", "wal", "20260110T060000Z")
+    backup_set.path.mkdir(parents=True)
+    file_entry, record = wal.ship_file(entry, archive, backup_set.path, level=3)
+    assert file_entry.path == f"wal/{entry.name}.zst.age"
+    assert (backup_set.path / file_entry.path).read_bytes() == (archive / entry.stored_name).read_bytes()
+    assert record["sealed"] == "zst.age" and record["raw_sha256"] == hashlib.sha256(data).hexdigest()
+    manifest = make_manifest(service="postgres", backup_type="wal", backup_id=backup_set.backup_id,
+                             files=[file_entry], details={"wal": [record], "wal_segment_size": len(data)})
+    assert wal.verify(backup_set, manifest) == []
+    (backup_set.path / file_entry.path).write_bytes(b"age-encryption.org/v1\nsomething else")
+    assert [p for p in wal.verify(backup_set, manifest) if "differs from the sealed" in p]
+
+
+def test_a_damaged_sealed_file_is_not_shipped(sealed_archive, tmp_path: Path) -> None:
+    archive, entry, _, _ = sealed_archive
+    stored = archive / entry.stored_name
+    stored.write_bytes(stored.read_bytes()[:-1] + b"!")
+    set_dir = tmp_path / "set"
+    set_dir.mkdir()
+    with pytest.raises(wal.WalBackupError, match="the archived copy is damaged"):
+        wal.ship_file(entry, archive, set_dir, level=3)
+    assert not list((set_dir / "wal").iterdir())
+
+
+def test_staging_a_sealed_file_unseals_it_with_the_identity_or_names_the_keys_tried(sealed_archive, tmp_path: Path) -> None:
+    archive, entry, data, identity = sealed_archive
+    bases = [base_manifest("B1", 2, 2, T0 + timedelta(hours=2, minutes=30))]
+    inventory = build_inventory(bases, [], [(entry.name, entry.archived_at, True)])
+    plan = plan_recovery(inventory, T0 + timedelta(hours=2, minutes=45))
+    assert [(f.name, f.path, f.sealed) for f in plan.wal] == [(entry.name, entry.stored_name, True)]
+
+    locator = SetLocator(tmp_path / "root", None, tmp_path / "work", identities=lambda: [identity])
+    assert stage_wal(plan, inventory, locator, archive, tmp_path / "wal") == 1
+    assert zstandard.ZstdDecompressor().decompress((tmp_path / "wal" / f"{entry.name}.zst").read_bytes()) == data
+
+    stranger = x25519.Identity.generate()
+    locator = SetLocator(tmp_path / "root", None, tmp_path / "work", identities=lambda: [stranger])
+    with pytest.raises(RestoreError, match=f"{entry.name} in the local WAL archive was sealed .*\\("
+                                           f"{crypto.fingerprint(str(stranger.to_public()))}"):
+        stage_wal(plan, inventory, locator, archive, tmp_path / "wal2")
+    assert not (tmp_path / "wal2" / f"{entry.name}.zst").exists()

@@ -241,8 +241,8 @@ class EstateRecovery:
         base = run.chosen.sets[0]
         info = self._start(run, base.backup_type, manifests[0], pitr=True)
         root = self.work / run.service / "root"
-        report = self._timed(run, "restore", lambda: module.restore_to_time(root, at, module.scratch_target(info),
-                                                                            owner=self.owner))
+        report = self._timed(run, "restore", lambda: module.restore_to_time(
+            root, at, module.scratch_target(info), owner=self.owner, identities=self.store.identities))
         self._record(run, base.backup_type, report)
 
     def target(self, service: str, backup_type: str | None) -> Any:

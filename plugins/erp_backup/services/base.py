@@ -40,8 +40,9 @@ Verbs (see :class:`ServiceModule` for the signatures):
 - ``source_size(manifest)``: the production size a manifest records, for RTO extrapolation.
 - ``protected_sets(plan, job, *, now, offsite)`` and ``after_prune(plan, job, *, now, dry_run)``:
   retention hooks.
-- ``plan_point_in_time(manifests, at)`` and ``restore_to_time(root, at, target, *, dry_run, owner)``:
-  point-in-time recovery, for services with PITR_TYPES.
+- ``plan_point_in_time(manifests, at)`` and ``restore_to_time(root, at, target, *, dry_run, owner, identities)``:
+  point-in-time recovery, for services with PITR_TYPES (``identities`` opens what the
+  service sealed itself, such as PostgreSQL's sealed WAL archive; None: the plan's).
 - ``point_in_time_range(manifests)``: the span (earliest, latest) a point-in-time restore
   reaches from the newest base (None without PITR), for the drill's random target time.
 - ``sets_at(manifests, at)``: the sets a whole-estate recovery to ``at`` restores, for a
@@ -320,7 +321,8 @@ class ServiceModule(Protocol):
     def plan_point_in_time(self, manifests: Sequence[Manifest], at: datetime) -> PointInTimeChain: ...
 
     def restore_to_time(self, root: Path, at: datetime, target: Any, *, dry_run: bool = False,
-                        owner: str | None = None) -> RestoreReport: ...
+                        owner: str | None = None,
+                        identities: Callable[[], Sequence[Any]] | None = None) -> RestoreReport: ...
 
     def point_in_time_range(self, manifests: Sequence[Manifest]) -> tuple[datetime, datetime] | None: ...
 
@@ -352,7 +354,7 @@ def no_point_in_time_range(manifests: Sequence[Manifest]) -> tuple[datetime, dat
 
 
 def no_restore_to_time(root: Path, at: datetime, target: Any, *, dry_run: bool = False,
-                       owner: str | None = None) -> RestoreReport:
+                       owner: str | None = None, identities: Callable[[], Sequence[Any]] | None = None) -> RestoreReport:
     raise PointInTimeUnavailable("this service has no point-in-time recovery (PITR_TYPES is empty)")
 
 

@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 from erp_backup.manifest import Manifest
 from erp_backup.plan import BackupJob, Plan
 from erp_backup.scratch.postgres import ScratchPostgres, pg_bindir
+from erp_backup.sealing import plan_identities
 from erp_backup.services.base import (
     BackupContext,
     BackupOutcome,
@@ -268,7 +269,7 @@ def _recovery_actions(details: Mapping[str, Any]) -> list[str]:
 
 
 def restore_to_time(root: Path, at: datetime, target: Any, *, dry_run: bool = False,
-                    owner: str | None = None) -> RestoreReport:
+                    owner: str | None = None, identities: Callable[[], Sequence[Any]] | None = None) -> RestoreReport:
     """Recover the sets under `root` into the scratch cluster `target` (a ScratchPostgres or its directory) as of `at`.
 
     Only the WAL in sets is replayed (not the local archive). ``details`` is what
@@ -276,7 +277,7 @@ def restore_to_time(root: Path, at: datetime, target: Any, *, dry_run: bool = Fa
     """
     cluster = None if dry_run or target is None else snapshot.scratch_cluster(target)
     details = pitr.restore_to_time(at, root=Path(root), cluster=cluster, offsite=None, use_local_archive=False,
-                                   dry_run=dry_run, owner=owner or "pitr")
+                                   dry_run=dry_run, owner=owner or "pitr", identities=identities or plan_identities)
     report = RestoreReport(dry_run=dry_run, actions=_recovery_actions(details), details=details)
     if not dry_run:
         report.restored_bytes = int(details.get("wal_bytes_replayed") or details.get("base_bytes") or 0)

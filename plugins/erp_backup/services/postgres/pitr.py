@@ -15,14 +15,17 @@ import re
 import shlex
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyrage
 import zstandard
+from pyrage import x25519
 
+from erp_backup import crypto
 from erp_backup.checksum import entry_problem
 from erp_backup.manifest import MANIFEST_NAME, Manifest, ManifestError
 from erp_backup.scratch.base import ScratchError
@@ -32,7 +35,7 @@ from erp_backup.services.base import PointInTimeUnavailable
 from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE, BaseInfo
 from erp_backup.services.postgres.segments import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn, wal_file_kind
 from erp_backup.services.postgres.snapshot import BASE_FILE, extract_base, prepare_data_dir, scratch_cluster
-from erp_backup.services.postgres.wal import SERVICE, archive_dir_for, read_archive_log, usable_sets
+from erp_backup.services.postgres.wal import SEALED_SUFFIX, SERVICE, archive_dir_for, read_archive_log, usable_sets
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class WalFile:
     archived_at: datetime
     set_id: str | None  # None: the local archive
     path: str  # relative to the set dir, or the file name in the archive
+    sealed: bool = False  # zstd then age, sealed on the database host by archive_wal.sh
 
     @property
     def kind(self) -> str | None:
@@ -91,9 +95,12 @@ class Inventory:
 def build_inventory(
     base_manifests: Iterable[Manifest],
     wal_manifests: Iterable[Manifest],
-    archive_entries: Iterable[tuple[str, datetime]] = (),
+    archive_entries: Iterable[tuple[str, datetime] | tuple[str, datetime, bool]] = (),
 ) -> Inventory:
-    """Everything restorable: bases, and WAL files from sets first, then the local archive."""
+    """Everything restorable: bases, and WAL files from sets first, then the local archive.
+
+    An archive entry is (name, archive time[, sealed]).
+    """
     bases = []
     for manifest in base_manifests:
         try:
@@ -108,9 +115,12 @@ def build_inventory(
         size = int(manifest.details.get("wal_segment_size", size))
         for record in manifest.details.get("wal", []):
             when = datetime.fromisoformat(record["archived_at"])
-            wal.setdefault(record["name"], WalFile(record["name"], when, manifest.backup_id, record["file"]))
-    for name, when in archive_entries:
-        wal.setdefault(name, WalFile(name, when, None, name))
+            wal.setdefault(record["name"], WalFile(record["name"], when, manifest.backup_id, record["file"],
+                                                   bool(record.get("sealed"))))
+    for entry in archive_entries:
+        name, when, *stored = entry
+        sealed = bool(stored and stored[0])
+        wal.setdefault(name, WalFile(name, when, None, f"{name}.{SEALED_SUFFIX}" if sealed else name, sealed))
     if bases:
         size = bases[0][0].start.size
     return Inventory(sorted(bases, key=lambda b: (b[0].consistent_at, b[0].backup_id)), wal, sets, size)
@@ -269,9 +279,10 @@ class SetLocator:
     A sealed set (erp_backup.sealing) is decrypted into the work dir with the plan's identity.
     """
 
-    def __init__(self, root: Path, offsite: SetFetcher | None, work: Path):
-        self.root, self.work = root, work
-        self.offsite = UnsealingOffsite(offsite, plan_identities) if offsite is not None else None
+    def __init__(self, root: Path, offsite: SetFetcher | None, work: Path,
+                 identities: Callable[[], Sequence[x25519.Identity]] = plan_identities):
+        self.root, self.work, self.identities = root, work, identities
+        self.offsite = UnsealingOffsite(offsite, identities) if offsite is not None else None
         self._fetched: dict[tuple[str, str], Path] = {}
 
     def set_dir(self, backup_type: str, backup_id: str) -> Path:
@@ -280,7 +291,7 @@ class SetLocator:
             dest = self.work / "fetched" / backup_type / backup_id
             if self.offsite is None:
                 staged = self.root / SERVICE / backup_type / backup_id
-                dest, _ = unsealed_copy(staged, Manifest.read(staged / MANIFEST_NAME), dest, plan_identities)
+                dest, _ = unsealed_copy(staged, Manifest.read(staged / MANIFEST_NAME), dest, self.identities)
             else:
                 dest.mkdir(parents=True, exist_ok=True)
                 log.info("fetching %s/%s/%s from offsite", SERVICE, backup_type, backup_id)
@@ -294,7 +305,10 @@ class SetLocator:
 
 
 def stage_wal(plan: RecoveryPlan, inventory: Inventory, locator: SetLocator, archive_dir: Path | None, wal_dir: Path) -> int:
-    """Fill `wal_dir` with `<name>.zst` for every planned WAL file, checking set files' checksums."""
+    """Fill `wal_dir` with `<name>.zst` for every planned WAL file, checking set files' checksums.
+
+    A file sealed on the database host is decrypted with the locator's identities on the way.
+    """
     wal_dir.mkdir(parents=True, exist_ok=True)
     by_set: dict[str, list[WalFile]] = {}
     for wal_file in plan.wal:
@@ -305,15 +319,32 @@ def stage_wal(plan: RecoveryPlan, inventory: Inventory, locator: SetLocator, arc
             set_dir = locator.set_dir(WAL_TYPE, set_id)
             verify_set_files(set_dir, locator.manifest(WAL_TYPE, set_id, inventory.wal_manifests[set_id]),
                              [f.path for f in files])
-            for wal_file in files:
-                shutil.copyfile(set_dir / wal_file.path, wal_dir / f"{wal_file.name}.zst")
-                staged += 1
+            source_dir = set_dir
         else:
             assert archive_dir is not None
-            for wal_file in files:
-                _compress_into(archive_dir / wal_file.name, wal_dir / f"{wal_file.name}.zst")
-                staged += 1
+            source_dir = archive_dir
+        for wal_file in files:
+            target = wal_dir / f"{wal_file.name}.zst"
+            if wal_file.sealed:
+                _unseal_into(source_dir / wal_file.path, target, wal_file, locator)
+            elif set_id:
+                shutil.copyfile(source_dir / wal_file.path, target)
+            else:
+                _compress_into(source_dir / wal_file.path, target)
+            staged += 1
     return staged
+
+
+def _unseal_into(source: Path, target: Path, wal_file: WalFile, locator: SetLocator) -> None:
+    identities = list(locator.identities())
+    try:
+        crypto.decrypt_file(source, target, identities)
+    except (pyrage.DecryptError, OSError) as exc:
+        where = f"WAL set {wal_file.set_id}" if wal_file.set_id else "the local WAL archive"
+        raise RestoreError(
+            f"{wal_file.name} in {where} was sealed on the database host and cannot be opened with the identities "
+            f"given ({', '.join(crypto.identity_fingerprints(identities)) or 'none'}): {exc}"
+        ) from exc
 
 
 # --- running the recovery ----------------------------------------------------------------------
@@ -367,9 +398,10 @@ def gather_inventory(root: Path, offsite: SetFetcher | None, archive_dir: Path, 
     else:
         base_manifests = [m for _, m in usable_sets(root, SNAPSHOT_TYPE)]
         wal_manifests = [m for _, m in usable_sets(root, WAL_TYPE)]
-    entries: list[tuple[str, datetime]] = []
+    entries: list[tuple[str, datetime, bool]] = []
     if use_local_archive and archive_dir.is_dir():
-        entries = [(e.name, e.archived_at) for e in read_archive_log(archive_dir) if (archive_dir / e.name).is_file()]
+        entries = [(e.name, e.archived_at, e.sealed) for e in read_archive_log(archive_dir)
+                   if (archive_dir / e.stored_name).is_file()]
     return build_inventory(base_manifests, wal_manifests, entries)
 
 
@@ -429,6 +461,7 @@ def restore_to_time(
     dry_run: bool = False,
     owner: str = "pitr",
     superuser: str = "postgres",
+    identities: Callable[[], Sequence[x25519.Identity]] = plan_identities,
 ) -> dict[str, Any]:
     """Restore the cluster as it was at `target_time` into a scratch cluster, and report the replay.
 
@@ -436,6 +469,8 @@ def restore_to_time(
     into the cluster's work dir). The local WAL archive adds what no set holds
     yet (the current window). The cluster is left running; the caller destroys it.
     `superuser` is a superuser role of the source cluster (to check the recovery).
+    `identities` opens sealed sets and WAL files sealed on the database host; it is called
+    only when one is met.
     """
     archive_dir = archive_dir or archive_dir_for(root, {})
     inventory = gather_inventory(root, offsite, archive_dir, use_local_archive)
@@ -445,14 +480,20 @@ def restore_to_time(
     if dry_run:
         return report
 
+    made_here = cluster is None
     cluster = cluster or ScratchPostgres.new("pitr", owner=owner)
     cluster.user = superuser
-    locator = SetLocator(root, offsite, cluster.base_dir)
-    base_dir = locator.set_dir(SNAPSHOT_TYPE, plan.base.backup_id)
-    report["base_files_verified"] = verify_set_files(
-        base_dir, locator.manifest(SNAPSHOT_TYPE, plan.base.backup_id, plan.base_manifest))
-    wal_dir = cluster.base_dir / WAL_DIR_NAME
-    report["wal_files_staged"] = stage_wal(plan, inventory, locator, archive_dir, wal_dir)
+    try:
+        locator = SetLocator(root, offsite, cluster.base_dir, identities)
+        base_dir = locator.set_dir(SNAPSHOT_TYPE, plan.base.backup_id)
+        report["base_files_verified"] = verify_set_files(
+            base_dir, locator.manifest(SNAPSHOT_TYPE, plan.base.backup_id, plan.base_manifest))
+        wal_dir = cluster.base_dir / WAL_DIR_NAME
+        report["wal_files_staged"] = stage_wal(plan, inventory, locator, archive_dir, wal_dir)
+    except BaseException:
+        if made_here:  # nothing was started yet: no half-staged cluster directory is left behind
+            cluster.destroy()
+        raise
 
     extract_base(base_dir / BASE_FILE, cluster.data_dir)
     prepare_data_dir(cluster)

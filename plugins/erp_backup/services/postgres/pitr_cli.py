@@ -17,7 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from erp_backup.crypto import EncryptionError, identities_from_file
 from erp_backup.scratch.postgres import ScratchPostgres
+from erp_backup.sealing import plan_identities
 from erp_backup.services.postgres.chain import SNAPSHOT_TYPE, WAL_TYPE
 from erp_backup.services.postgres.pitr import (
     DEFAULT_TIMEOUT_S,
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     restore.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for recovery (default 7200)")
     restore.add_argument("--stop", action="store_true", help="stop the restored cluster when done (default: leave it running)")
     restore.add_argument("--superuser", default="postgres", help="a superuser role of the source cluster (default postgres)")
+    restore.add_argument("--identity", type=Path, metavar="FILE",
+                         help="age identity file for sealed sets and a sealed WAL archive (default: the plan's identity connection)")
     commands.add_parser("coverage", parents=[common], help="list the span of target times each base backup reaches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
@@ -83,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             owner="pitr-cli",
             superuser=args.superuser,
+            identities=(lambda: identities_from_file(args.identity)) if args.identity else plan_identities,
         )
-    except RestoreError as exc:
+    except (RestoreError, EncryptionError) as exc:
         print(f"PITR failed: {exc}", file=sys.stderr)
         return 2
     if args.stop and not args.dry_run:

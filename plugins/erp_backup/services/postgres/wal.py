@@ -22,6 +22,7 @@ from typing import Any
 
 import zstandard
 
+from erp_backup.crypto import set_recipients
 from erp_backup.manifest import FileEntry, Manifest, ManifestError
 from erp_backup.runs import utcnow
 from erp_backup.services.base import BackupContext, BackupOutcome
@@ -43,6 +44,8 @@ SERVICE = "postgres"
 BACKUP_TYPE = "wal"
 ARCHIVE_DIR = (SERVICE, "wal_archive")
 ARCHIVE_LOG = "archive.log"
+SEALED_SUFFIX = "zst.age"  # archive_wal.sh's sealed form: zstd, then age
+SEALABLE_KINDS = ("segment", "partial")  # history and backup-label files hold no table data and stay clear
 SET_SUBDIR = "wal"
 DEFAULT_ARCHIVE_TIMEOUT = timedelta(seconds=60)
 DEFAULT_ARCHIVE_MARGIN = timedelta(minutes=10)
@@ -68,12 +71,25 @@ class ArchiverError(WalBackupError):
 
 @dataclass(frozen=True)
 class ArchivedFile:
-    """One archive.log line: when archive_wal.sh made the file durable, and its content hash."""
+    """One archive.log line: when archive_wal.sh made the file durable, and its content hash.
+
+    `sha256` and `size` are always of the WAL file itself. A sealed file (archive_wal.sh
+    with ERP_WAL_RECIPIENTS_FILE) is stored as `<name>.zst.age`; `stored_sha256` and
+    `stored_size` are of those stored bytes, the only ones a worker without a key can check.
+    """
 
     name: str
     archived_at: datetime
     sha256: str
     size: int
+    sealed: bool = False
+    stored_sha256: str = ""
+    stored_size: int = 0
+
+    @property
+    def stored_name(self) -> str:
+        """The file's name in the archive directory."""
+        return f"{self.name}.{SEALED_SUFFIX}" if self.sealed else self.name
 
 
 def parse_archive_log(text: str, origin: str = ARCHIVE_LOG) -> list[ArchivedFile]:
@@ -84,8 +100,15 @@ def parse_archive_log(text: str, origin: str = ARCHIVE_LOG) -> list[ArchivedFile
         if not parts:
             continue
         try:
-            when, name, digest, size = parts
-            entry = ArchivedFile(name, datetime.fromisoformat(when.replace("Z", "+00:00")), digest, int(size))
+            when, name, digest, size, *stored = parts
+            archived_at = datetime.fromisoformat(when.replace("Z", "+00:00"))
+            if stored:
+                form, stored_digest, stored_size = stored
+                if form != SEALED_SUFFIX or len(stored_digest) != 64:
+                    raise ValueError("bad stored form")
+                entry = ArchivedFile(name, archived_at, digest, int(size), True, stored_digest, int(stored_size))
+            else:
+                entry = ArchivedFile(name, archived_at, digest, int(size))
             if entry.archived_at.tzinfo is None or len(digest) != 64 or wal_file_kind(name) is None:
                 raise ValueError("bad field")
         except ValueError:
@@ -283,18 +306,24 @@ def _read_chunks(path: Path, digest: Any) -> Iterator[bytes]:
 
 
 def ship_file(entry: ArchivedFile, archive_dir: Path, set_dir: Path, level: int) -> tuple[FileEntry, dict[str, Any]]:
-    """Compress one archived file into the set, checking its bytes against archive.log."""
-    source = archive_dir / entry.name
+    """Copy one archived file into the set, checking its bytes against archive.log.
+
+    A clear file is compressed on the way (`wal/<name>.zst`). A sealed one is already
+    compressed and encrypted on the database host: it goes in as it is (`wal/<name>.zst.age`),
+    checked against the stored bytes' hash, since this worker holds no key to open it.
+    """
+    source = archive_dir / entry.stored_name
     raw = hashlib.sha256()
-    relative = f"{SET_SUBDIR}/{entry.name}.zst"
-    result = stream_to_file(_read_chunks(source, raw), set_dir, relative, level=level)
-    if raw.hexdigest() != entry.sha256 or result.raw_bytes != entry.size:
+    relative = f"{SET_SUBDIR}/{entry.stored_name}" if entry.sealed else f"{SET_SUBDIR}/{entry.name}.zst"
+    result = stream_to_file(_read_chunks(source, raw), set_dir, relative, level=level, compress=not entry.sealed)
+    expected = (entry.stored_sha256, entry.stored_size) if entry.sealed else (entry.sha256, entry.size)
+    if (raw.hexdigest(), result.raw_bytes) != expected:
         (set_dir / relative).unlink(missing_ok=True)
         raise WalBackupError(
             f"{source}: content does not match its archive.log line (sha256 {raw.hexdigest()[:12]}… "
-            f"size {result.raw_bytes}, logged {entry.sha256[:12]}… size {entry.size}): the archived copy is damaged"
+            f"size {result.raw_bytes}, logged {expected[0][:12]}… size {expected[1]}): the archived copy is damaged"
         )
-    return result.entry, {
+    record = {
         "name": entry.name,
         "kind": wal_file_kind(entry.name),
         "archived_at": entry.archived_at.isoformat(),
@@ -302,6 +331,9 @@ def ship_file(entry: ArchivedFile, archive_dir: Path, set_dir: Path, level: int)
         "raw_sha256": entry.sha256,
         "file": relative,
     }
+    if entry.sealed:
+        record.update(sealed=SEALED_SUFFIX, sealed_sha256=entry.stored_sha256, sealed_size=entry.stored_size)
+    return result.entry, record
 
 
 def closed_window(ctx: BackupContext, now: datetime | None = None) -> tuple[datetime, datetime]:
@@ -343,7 +375,7 @@ def window_files(root: Path, archive_dir: Path, backup_id: str, start: datetime,
     entries = read_archive_log(archive_dir)
     chosen = files_in_window(entries, start, end)
     size = segment_size_of(entries)
-    absent = [e.name for e in chosen if not (archive_dir / e.name).is_file()]
+    absent = [e.name for e in chosen if not (archive_dir / e.stored_name).is_file()]
     present = [e for e in chosen if e.name not in absent]
     segments = [Segment.parse(e.name, size) for e in present if wal_file_kind(e.name) == "segment"]
 
@@ -429,6 +461,12 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
     tools: dict[str, str] = {"archive_command": "include/scripts/archive_wal.sh"}
     if options.get("check_archiver", True):
         check_archiver(ctx, archive_check, source, tools)
+    clear = [e.name for e in window.present if not e.sealed and wal_file_kind(e.name) in SEALABLE_KINDS]
+    if clear and set_recipients(ctx.set_dir):
+        warning = (f"{len(clear)} WAL file(s) of this window lie in clear in {archive_dir} although the plan encrypts: "
+                   f"set ERP_WAL_RECIPIENTS_FILE in the server's environment so archive_wal.sh seals them (docs/pitr.md)")
+        log.warning("%s", warning)
+        archive_check["warnings"].append(warning)
     archive_check["status"] = "warning" if archive_check["warnings"] else "ok"
     alerts = [w for w in archive_check["warnings"] if w.startswith("failed_count grew")]
 
@@ -445,23 +483,24 @@ def backup(ctx: BackupContext, *, now: datetime | None = None) -> BackupOutcome:
 
 
 def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
-    """Decompress every shipped file and check it against its recorded raw SHA-256 and size."""
+    """Decompress every shipped file and check it against its recorded raw SHA-256 and size.
+
+    A file sealed on the database host cannot be opened here (no key): its stored bytes are
+    checked against the hash archive_wal.sh logged for them, and its logged raw size against
+    the segment size. age's own authentication checks its content when it is restored.
+    """
     problems = []
     size = int(manifest.details.get("wal_segment_size", DEFAULT_SEGMENT_SIZE))
     for record in manifest.details.get("wal", []):
         path = backup_set.path / record["file"]
-        digest = hashlib.sha256()
-        count = 0
-        try:
-            with open(path, "rb") as handle, zstandard.ZstdDecompressor().stream_reader(handle) as reader:
-                while chunk := reader.read(READ_CHUNK):
-                    digest.update(chunk)
-                    count += len(chunk)
-        except (OSError, zstandard.ZstdError) as exc:
-            problems.append(f"{backup_set.key}/{record['file']}: cannot decompress: {exc}")
+        if record.get("sealed"):
+            problem = _sealed_file_problem(path, record)
+            count = int(record["raw_size"])
+        else:
+            problem, count = _clear_file_problem(path, record)
+        if problem:
+            problems.append(f"{backup_set.key}/{record['file']}: {problem}")
             continue
-        if digest.hexdigest() != record["raw_sha256"] or count != record["raw_size"]:
-            problems.append(f"{backup_set.key}/{record['file']}: decompressed content differs from the archived {record['name']}")
         if record["kind"] == "segment" and count != size:
             problems.append(f"{backup_set.key}/{record['file']}: {count} bytes, a WAL segment has {size}")
     segments = [Segment.parse(r["name"], size) for r in manifest.details.get("wal", []) if r["kind"] == "segment"]
@@ -469,6 +508,32 @@ def verify(backup_set: BackupSet, manifest: Manifest) -> list[str]:
     if inner.missing:
         problems.append(f"{backup_set.key}: segments missing inside the set: {', '.join(inner.missing)}")
     return problems
+
+
+def _clear_file_problem(path: Path, record: Mapping[str, Any]) -> tuple[str | None, int]:
+    digest = hashlib.sha256()
+    count = 0
+    try:
+        with open(path, "rb") as handle, zstandard.ZstdDecompressor().stream_reader(handle) as reader:
+            while chunk := reader.read(READ_CHUNK):
+                digest.update(chunk)
+                count += len(chunk)
+    except (OSError, zstandard.ZstdError) as exc:
+        return f"cannot decompress: {exc}", count
+    if digest.hexdigest() != record["raw_sha256"] or count != record["raw_size"]:
+        return f"decompressed content differs from the archived {record['name']}", count
+    return None, count
+
+
+def _sealed_file_problem(path: Path, record: Mapping[str, Any]) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        count = sum(len(chunk) for chunk in _read_chunks(path, digest))
+    except OSError as exc:
+        return f"cannot read: {exc}"
+    if digest.hexdigest() != record["sealed_sha256"] or count != record["sealed_size"]:
+        return f"differs from the sealed {record['name']} archive_wal.sh stored"
+    return None
 
 
 def prune_local_archive(
@@ -490,7 +555,7 @@ def prune_local_archive(
             shipped.update(record["name"] for record in manifest.details.get("wal", []))
     removed = []
     for entry in read_archive_log(archive_dir):
-        path = archive_dir / entry.name
+        path = archive_dir / entry.stored_name
         if entry.name not in shipped or wal_file_kind(entry.name) == "history" or not path.is_file():
             continue
         if now - entry.archived_at <= keep:
