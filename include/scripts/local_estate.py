@@ -102,7 +102,7 @@ def start_postgres() -> None:
         cluster.create({
             "wal_level": "replica",
             "archive_mode": "on",
-            "archive_command": f"'{script} %p %f {archive}'",
+            "archive_command": f"'{wal_sealing()}{script} %p %f {archive}'",
             "archive_timeout": "60",
             "max_wal_senders": "4",
         })
@@ -111,6 +111,23 @@ def start_postgres() -> None:
     elif not cluster.is_running():
         cluster.start()
     log(f"PostgreSQL on 127.0.0.1:{PG_PORT} (data {cluster.data_dir})")
+
+
+def wal_sealing() -> str:
+    """archive_command's prefix that seals the WAL archive for the plan's recipients (docs/pitr.md), when known.
+
+    The recipients are public keys; the server's OS user reads them from a 0644 file.
+    """
+    conn = json.loads(os.environ.get("AIRFLOW_CONN_BACKUP_AGE_RECIPIENTS") or "{}")
+    recipients = (conn.get("extra") or {}).get("recipients") or []
+    if not recipients:
+        log("no age recipients in AIRFLOW_CONN_BACKUP_AGE_RECIPIENTS: the WAL archive stays in clear")
+        return ""
+    path = ESTATE / "wal-recipients"
+    path.write_text("".join(f"{key}\n" for key in recipients), encoding="ascii")
+    path.chmod(0o644)
+    log(f"WAL archive sealed with age for {len(recipients)} recipient(s) ({path})")
+    return f"ERP_WAL_RECIPIENTS_FILE={path} "
 
 
 def seed_postgres(cluster: ScratchPostgres) -> None:
