@@ -212,12 +212,30 @@ class _Outlet(io.RawIOBase):
         return len(data)
 
 
-class EncryptStage:
-    """age-encrypts the bytes passing through for `recipients`, into the next stage.
+def encrypt_stream(reader: Any, downstream: Any, recipients: Sequence[x25519.Identity | x25519.Recipient]) -> None:
+    """age-encrypt all that `reader` gives into `downstream.write`, in this thread: pyrage pulls from `reader`.
 
-    pyrage's streaming encryptor pulls from a reader, so it runs in a thread fed
-    through a queue of at most QUEUE_CHUNKS chunks: memory stays bounded, and an
-    error in the thread (the disk, say) comes back out of the next `write` or `close`.
+    An error of the reader (its `error` attribute, if it keeps one) or of the downstream
+    comes out as itself, not as pyrage's wrapper around it.
+    """
+    outlet = _Outlet(downstream)
+    try:
+        pyrage.encrypt_io(reader, outlet, list(recipients))
+    except BaseException as exc:
+        original = getattr(reader, "error", None) or outlet.error
+        if original is not None and original is not exc:
+            raise original from exc
+        raise
+
+
+class EncryptStage:
+    """age-encrypts the bytes written through it for `recipients`, into the next stage.
+
+    For writers that push (`Chain.write`). pyrage's streaming encryptor pulls from a
+    reader, so here it runs in a thread fed through a queue of at most QUEUE_CHUNKS
+    chunks: memory stays bounded, and an error in the thread (the disk, say) comes back
+    out of the next `write` or `close`. A source that can be pulled (`stream_to_file`)
+    needs no thread: see `encrypt_stream`.
     """
 
     def __init__(self, downstream: Any, recipients: Sequence[x25519.Recipient]):

@@ -4,11 +4,16 @@ Each stage is a writer that passes bytes to the next one. A set directory
 prepared for encryption (erp_backup.crypto: it holds `.recipients`) gets the age
 stage in every chain that writes into it, whichever writer opens the chain.
 The SHA-256 is of the bytes that land on disk, computed as they stream.
+
+`stream_to_file` into an encrypted set pulls instead (`_seal_to_file`): age reads
+from zstd, which reads from the source, all in the calling thread, so encryption
+adds no thread and no queue.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import time
@@ -19,7 +24,7 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 
-from erp_backup.crypto import EncryptStage, set_recipients
+from erp_backup.crypto import EncryptStage, encrypt_stream, set_recipients
 from erp_backup.diskio import io_context
 from erp_backup.manifest import FILE_MODE, FileEntry
 
@@ -110,8 +115,11 @@ class ProgressStage:
         self.started = self._last = clock()
 
     def write(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+        self.tally(len(data))
         self.downstream.write(data)
+
+    def tally(self, size: int) -> None:
+        self.bytes_in += size
         now = self.clock()
         if now - self._last >= self.every_s:
             self._last = now
@@ -192,18 +200,107 @@ def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwar
 
     The source is closed either way, so a generator wrapping a process stops it.
     """
-    chain = open_chain(set_dir, relative, **kwargs)
     try:
-        for chunk in chunks:
-            chain.write(chunk)
-        return chain.finish()
-    except BaseException:
-        chain.abort()
-        raise
+        if set_recipients(set_dir):
+            return _seal_to_file(chunks, set_dir, relative, **kwargs)
+        chain = open_chain(set_dir, relative, **kwargs)
+        try:
+            for chunk in chunks:
+                chain.write(chunk)
+            return chain.finish()
+        except BaseException:
+            chain.abort()
+            raise
     finally:
         close = getattr(chunks, "close", None)
         if close:
             close()
+
+
+class _SourceReader(io.RawIOBase):
+    """`chunks` as a file to pull from (for zstd's stream_reader or age), counted as it is read.
+
+    The source's own exception is kept in `error`, so it comes out as itself from
+    under the readers that wrap it.
+    """
+
+    def __init__(self, chunks: Iterable[bytes], progress: ProgressStage):
+        super().__init__()
+        self._chunks, self.progress = iter(chunks), progress
+        self._view = memoryview(b"")
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._view:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                return 0
+            except BaseException as exc:
+                self.error = exc
+                raise
+            self.progress.tally(len(chunk))
+            self._view = memoryview(chunk)
+        size = min(len(buffer), len(self._view))
+        buffer[:size] = self._view[:size]
+        self._view = self._view[size:]
+        return size
+
+
+class _HashingReader(io.RawIOBase):
+    """Hashes what is read through it; passes the source's kept error on."""
+
+    def __init__(self, source: Any, origin: _SourceReader):
+        super().__init__()
+        self.source, self.origin, self.digest = source, origin, hashlib.sha256()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.origin.error
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size if size is not None and size >= 0 else 1 << 20)
+        self.digest.update(data)
+        return bytes(data)
+
+
+def _seal_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, *, compress: bool = True, level: int = 3,
+                  label: str | None = None) -> StreamResult:
+    """source → [zstd] → age → sha256 → file, pulled by age in this thread (no encryption thread)."""
+    path = set_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with io_context(path, set_dir=set_dir, action="creating"):
+        sink = FileSink(path)
+    stored = HashStage(sink)
+    progress = ProgressStage(sink, label=label or relative)  # only its tally: nothing is written through it
+    source = _SourceReader(chunks, progress)
+    body: Any = source
+    if compress:
+        compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+        body = compressor.stream_reader(cast(IO[bytes], source), read_size=1 << 20, closefd=False)
+    clear = _HashingReader(body, source)
+    started = time.monotonic()
+    try:
+        with io_context(path, set_dir=set_dir):
+            encrypt_stream(clear, stored, set_recipients(set_dir))
+            sink.close()
+    except BaseException:
+        try:
+            sink.discard()  # a flush error here would hide the error that made us stop
+        finally:
+            path.unlink(missing_ok=True)
+        raise
+    seconds = time.monotonic() - started
+    entry = FileEntry(path=relative, size=sink.size, sha256=stored.digest.hexdigest())
+    log.info("%s: wrote %s (%d bytes from %d raw, %.1f s, sealed)", progress.label, relative, entry.size,
+             progress.bytes_in, seconds)
+    return StreamResult(entry=entry, raw_bytes=progress.bytes_in, seconds=seconds, clear_sha256=clear.digest.hexdigest())
 
 
 def decompress_to(source: Path, target: Path) -> int:

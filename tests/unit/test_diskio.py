@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from pyrage import x25519
 
-from erp_backup import locks
+from erp_backup import crypto, locks
 from erp_backup.checksum import verify_and_seal
 from erp_backup.diskio import StagingIOError
 from erp_backup.manifest import write_manifest
@@ -141,3 +142,15 @@ def test_a_backup_on_a_full_disk_names_the_set_and_free_space_before_touching_th
     assert re.search(rf"cannot create {tiny_disk}/{KEY}: disk full: {where} of set {KEY} under {tiny_disk}: "
                      r"\d+ bytes free \(\[Errno 28\] No space left on device\)", message), message
     assert not (tiny_disk / KEY).exists()
+
+
+def test_a_real_full_disk_under_the_age_stage_names_the_file_and_leaves_nothing(tiny_disk: Path):
+    """An encrypted set's stream is pulled by age in the task's thread; the disk's error still comes out as itself."""
+    backup_set = make_set(tiny_disk, manifest=False)
+    crypto.prepare_set(backup_set.path, [str(x25519.Identity.generate().to_public())])
+    ballast = fill(tiny_disk)
+    with pytest.raises(StagingIOError) as caught:
+        stream_to_file([os.urandom(1 << 16) for _ in range(8)], backup_set.path, "db/more.dump.zst")
+    assert_disk_full(caught.value, "db/more.dump.zst", tiny_disk)
+    assert not (backup_set.path / "db" / "more.dump.zst").exists()
+    ballast.unlink()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,45 @@ def test_chain_encrypts_for_the_sets_recipients_and_hashes_the_stored_bytes(tmp_
     crypto.decrypt_file(tmp_path / "d/x.zst", tmp_path / "clear.zst", [identity])
     assert clear_bytes(tmp_path / "clear.zst") == payload
     assert stat.S_IMODE((tmp_path / crypto.STAGING_IDENTITY_FILE).stat().st_mode) == 0o600
+
+
+def test_an_encrypted_stream_is_pulled_in_the_callers_thread_with_no_encryption_thread(tmp_path):
+    """No thread, no queue: age reads from zstd, which reads from the source, as the source is drained."""
+    identity, recipient = keypair()
+    crypto.prepare_set(tmp_path, [recipient])
+    seen: list[set[str]] = []
+
+    def source():
+        for i in range(64):
+            seen.append({thread.name for thread in threading.enumerate()})
+            yield f"row {i} of tenant_acme\n".encode() * 4096
+
+    result = stream_to_file(source(), tmp_path, "x.zst")
+    assert len(seen) == 64 and not any("age-encrypt" in names for names in seen)
+    assert {threading.current_thread().name} <= seen[0]
+    crypto.decrypt_file(tmp_path / "x.zst", tmp_path / "clear.zst", [identity])
+    assert result.clear_sha256 == hashlib.sha256((tmp_path / "clear.zst").read_bytes()).hexdigest()
+    assert clear_bytes(tmp_path / "clear.zst") == b"".join(f"row {i} of tenant_acme\n".encode() * 4096 for i in range(64))
+
+
+def test_a_failing_source_comes_out_as_itself_and_leaves_no_partial_file(tmp_path):
+    _, recipient = keypair()
+    crypto.prepare_set(tmp_path, [recipient])
+    closed = []
+
+    class DumpFailed(RuntimeError):
+        pass
+
+    def source():
+        try:
+            yield os.urandom(1 << 20)
+            raise DumpFailed("pg_dump: error: connection to server lost")
+        finally:
+            closed.append(True)
+
+    with pytest.raises(DumpFailed, match="connection to server lost"):
+        stream_to_file(source(), tmp_path, "db/erp.dump.zst")
+    assert not (tmp_path / "db" / "erp.dump.zst").exists() and closed == [True]
 
 
 def test_a_set_without_recipients_is_written_in_clear(tmp_path):
