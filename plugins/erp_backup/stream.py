@@ -283,7 +283,7 @@ def _seal_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, *, comp
     body: Any = source
     if compress:
         compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-        body = compressor.stream_reader(cast(IO[bytes], source), read_size=1 << 20, closefd=False)
+        body = compressor.stream_reader(cast(IO[bytes], source), closefd=False)  # zstd's own input size (128 KiB)
     clear = _HashingReader(body, source)
     started = time.monotonic()
     try:
