@@ -7,7 +7,7 @@ from airflow.sdk import CronTriggerTimetable, TriggerRule, dag, get_current_cont
 from erp_backup.drill import DAG_ID, render_doc
 from erp_backup.drill.params import drill_params
 from erp_backup.drill.tasks import REPORT_TASK, drill_default_args, fail_fast, report_or_fail, run_info
-from erp_backup.factory import START_DATE, default_args
+from erp_backup.factory import DRILL_QUEUE, START_DATE, default_args
 from erp_backup.plan import load_plan
 from erp_backup.plan_alert import alert_plan_errors
 
@@ -23,7 +23,7 @@ PLAN = load_plan()
     max_active_runs=1,
     tags=["drill", "dr"],
     doc_md=render_doc(PLAN),
-    default_args=drill_default_args(default_args(PLAN), PLAN.slack_conn_id),
+    default_args=drill_default_args(default_args(PLAN, queue=DRILL_QUEUE), PLAN.slack_conn_id),
     params=drill_params(PLAN),
 )
 def dr_drill():

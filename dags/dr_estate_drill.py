@@ -6,7 +6,7 @@ from airflow.sdk import CronTriggerTimetable, Param, TriggerRule, dag, get_curre
 
 from erp_backup.estate import DAG_ID
 from erp_backup.estate.drill import render_doc
-from erp_backup.factory import START_DATE, default_args
+from erp_backup.factory import DRILL_QUEUE, START_DATE, default_args
 from erp_backup.plan import load_plan
 
 PLAN = load_plan()
@@ -21,7 +21,7 @@ PLAN = load_plan()
     max_active_runs=1,
     tags=["drill", "dr", "estate"],
     doc_md=render_doc(PLAN),
-    default_args=default_args(PLAN),
+    default_args=default_args(PLAN, queue=DRILL_QUEUE),
     params={"at": Param("", type="string", description="Recover to this ISO time with offset "
                                                         "(2026-11-26T10:15:00+09:00); empty: random in the window"),
             "backend": Param(PLAN.drill.backend, type="string", enum=["local", "docker"],

@@ -22,7 +22,8 @@ from erp_backup.runs import RunInfo
 
 OWNER = "ops-backup"
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
-BACKUP_QUEUE = "backup"  # served only by the worker that owns /backup (docs/deployment.md)
+BACKUP_QUEUE = "backup"  # served only by the worker that takes backups (docs/deployment.md)
+DRILL_QUEUE = "drill"  # served only by the worker that holds the age identity (docs/deployment.md)
 TASK_IDS = ("backup", "checksum", "offsite_upload", "retention_prune")
 
 
@@ -34,10 +35,11 @@ def backup_asset(job: BackupJob) -> Asset:
     return Asset(name=job.dag_id, uri=f"x-erp-backup://{job.service}/{job.backup_type}", group="backup")
 
 
-def default_args(plan: Plan) -> dict[str, Any]:
+def default_args(plan: Plan, queue: str = BACKUP_QUEUE) -> dict[str, Any]:
+    """Every task's defaults; `queue` picks the Celery worker (ignored by the local executors)."""
     return {
         "owner": OWNER,
-        "queue": BACKUP_QUEUE,
+        "queue": queue,
         "retries": 2,
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": 2.0,

@@ -34,6 +34,7 @@ AIRFLOW_SERVICES = frozenset(
         "airflow-triggerer",
         "airflow-worker",
         "airflow-worker-backup",
+        "airflow-worker-drill",
         "airflow-init",
     }
 )
@@ -42,13 +43,18 @@ ERP_SERVICES = frozenset(
     {"erp-postgres", "erp-minio", "erp-milvus", "erp-milvus-etcd", "erp-milvus-minio", "erp-redis", "erp-rabbitmq"}
 )
 ONE_SHOT = frozenset({"airflow-init"})
-WORKERS = frozenset({"airflow-worker", "airflow-worker-backup"})
+WORKERS = frozenset({"airflow-worker", "airflow-worker-backup", "airflow-worker-drill"})
 BACKUP_WORKER = "airflow-worker-backup"
+DRILL_WORKER = "airflow-worker-drill"
 BACKUP_QUEUE = "backup"
+DRILL_QUEUE = "drill"
 DEFAULT_QUEUE = "default"
-# /backup: the worker that runs backups, and the init job that only sets its ownership.
-BACKUP_MOUNTERS = frozenset({BACKUP_WORKER, "airflow-init"})
-SOCKET_MOUNTERS = frozenset({BACKUP_WORKER})
+# /backup: the workers that take and restore backups, and the init job that only sets its ownership.
+BACKUP_MOUNTERS = frozenset({BACKUP_WORKER, DRILL_WORKER, "airflow-init"})
+SOCKET_MOUNTERS = frozenset({BACKUP_WORKER, DRILL_WORKER})
+# Keys that split the two workers: only the backup worker deletes offsite and encrypts; only the drill decrypts.
+PRUNE_CONN, RECIPIENTS_CONN, IDENTITY_CONN = (
+    "AIRFLOW_CONN_BACKUP_OFFSITE_PRUNE", "AIRFLOW_CONN_BACKUP_AGE_RECIPIENTS", "AIRFLOW_CONN_BACKUP_AGE_IDENTITY")
 DOCKER_SOCKET = "/var/run/docker.sock"
 CONNECTION_IDS = frozenset(
     {
@@ -409,32 +415,36 @@ def test_airflow_component_waits_for_its_backends_and_init(name: str, services: 
 def test_backup_volume_mounted_only_where_backups_run(services: dict[str, Any]) -> None:
     mounters = {name for name, service in services.items() if any(m.target == "/backup" for m in mounts(service))}
     assert mounters == BACKUP_MOUNTERS
-    worker_mount = next(m for m in mounts(services[BACKUP_WORKER]) if m.target == "/backup")
     init_mount = next(m for m in mounts(services["airflow-init"]) if m.target == "/backup")
-    assert not worker_mount.read_only, "the backup worker writes /backup"
-    assert worker_mount.source == init_mount.source, "airflow-init must prepare the volume the worker uses"
-    assert is_required_reference(worker_mount.source), "the host directory for /backup must be set in .env"
+    for worker in (BACKUP_WORKER, DRILL_WORKER):
+        worker_mount = next(m for m in mounts(services[worker]) if m.target == "/backup")
+        assert not worker_mount.read_only, f"{worker} writes /backup (sets, drill records)"
+        assert worker_mount.source == init_mount.source, "airflow-init must prepare the volume the workers use"
+    assert is_required_reference(init_mount.source), "the host directory for /backup must be set in .env"
 
 
-def test_docker_socket_mounted_only_on_the_backup_worker(services: dict[str, Any]) -> None:
+def test_docker_socket_mounted_only_on_the_backup_and_drill_workers(services: dict[str, Any]) -> None:
     socket_users = {
         name
         for name, service in services.items()
         if any("docker.sock" in m.source or "docker.sock" in m.target for m in mounts(service))
     }
     assert socket_users == SOCKET_MOUNTERS
-    worker = services[BACKUP_WORKER]
-    assert any(m.target == DOCKER_SOCKET for m in mounts(worker))
-    assert environment(worker)["DOCKER_HOST"] == f"unix://{DOCKER_SOCKET}"
-    assert worker.get("group_add"), "the backup worker needs the socket's group (DOCKER_GID)"
+    for name in SOCKET_MOUNTERS:
+        worker = services[name]
+        assert any(m.target == DOCKER_SOCKET for m in mounts(worker))
+        assert environment(worker)["DOCKER_HOST"] == f"unix://{DOCKER_SOCKET}"
+        assert worker.get("group_add"), f"{name} needs the socket's group (DOCKER_GID)"
+    assert environment(services[DRILL_WORKER])["ERP_DRILL_WORKER_CONTAINER"] == "auto"
 
 
-def test_backup_queue_is_served_only_by_the_backup_worker(services: dict[str, Any]) -> None:
+def test_backup_and_drill_queues_are_served_only_by_their_workers(services: dict[str, Any]) -> None:
     celery_workers = {name for name, service in services.items() if command_argv(service)[:2] == ["celery", "worker"]}
     assert celery_workers == WORKERS
     assert worker_queues(services[BACKUP_WORKER]) == {BACKUP_QUEUE}
-    for name in WORKERS - {BACKUP_WORKER}:
-        assert BACKUP_QUEUE not in worker_queues(services[name]), f"{name} must not take backup tasks"
+    assert worker_queues(services[DRILL_WORKER]) == {DRILL_QUEUE}
+    for name in WORKERS - {BACKUP_WORKER, DRILL_WORKER}:
+        assert not {BACKUP_QUEUE, DRILL_QUEUE} & worker_queues(services[name]), f"{name} must not take backup or drill tasks"
         assert DEFAULT_QUEUE in worker_queues(services[name])
 
 
@@ -444,9 +454,21 @@ def test_connections_reach_the_backup_worker_only_as_env_references(services: di
         key = f"AIRFLOW_CONN_{conn_id.upper()}"
         assert is_required_reference(worker_env.get(key)), f"{BACKUP_WORKER}: {key} must be ${{...}} from .env"
     backup_only = {f"AIRFLOW_CONN_{conn_id.upper()}" for conn_id in CONNECTION_IDS - ALERT_CONNECTIONS}
-    for name in services.keys() - {BACKUP_WORKER}:
-        leaked = backup_only & environment(services[name]).keys()
+    for name in services.keys() - {BACKUP_WORKER, DRILL_WORKER}:
+        leaked = (backup_only | {PRUNE_CONN, RECIPIENTS_CONN, IDENTITY_CONN}) & environment(services[name]).keys()
         assert not leaked, f"{name} runs no backups and must not hold {sorted(leaked)}"
+
+
+def test_only_the_drill_worker_can_decrypt_and_only_the_backup_worker_can_delete(services: dict[str, Any]) -> None:
+    """A stolen backup-worker key can write backups, never read one back; the drill's can read, never delete."""
+    backup_env, drill_env = environment(services[BACKUP_WORKER]), environment(services[DRILL_WORKER])
+    assert is_required_reference(backup_env.get(PRUNE_CONN)) and is_required_reference(backup_env.get(RECIPIENTS_CONN))
+    assert IDENTITY_CONN not in backup_env, f"{BACKUP_WORKER} must not hold the age identity"
+    assert is_required_reference(drill_env.get(IDENTITY_CONN)), f"{DRILL_WORKER}: {IDENTITY_CONN} must come from .env"
+    assert PRUNE_CONN not in drill_env and RECIPIENTS_CONN not in drill_env
+    sources = {f"AIRFLOW_CONN_{c.upper()}" for c in CONNECTION_IDS - ALERT_CONNECTIONS - {"backup_offsite"}}
+    assert sources <= drill_env.keys(), "the drill checks scratch targets against every production address"
+    assert is_required_reference(drill_env.get("AIRFLOW_CONN_BACKUP_OFFSITE"))
 
 
 # ------------------------------------------------------------------ secrets

@@ -88,3 +88,15 @@ def test_plugin_loader_skips_the_package():
     plugins = PLAN.path.parents[1] / "plugins"
     assert (plugins / "erp_backup" / "services" / "redis" / "__init__.py").exists()
     assert list(find_path_from_directory(str(plugins), ".airflowignore", "glob")) == [str(plugins / "erp_backups_plugin.py")]
+
+
+def test_every_task_runs_on_the_queue_of_the_worker_that_holds_its_keys(dagbag):
+    """docker-compose.yaml: the drill worker alone holds the age identity, the backup worker alone deletes offsite."""
+    from erp_backup.factory import BACKUP_QUEUE, DRILL_QUEUE
+
+    drills = {"dr_drill", "dr_estate_drill"}
+    assert drills <= dagbag.dags.keys()
+    for dag_id, dag in dagbag.dags.items():
+        expected = DRILL_QUEUE if dag_id in drills else BACKUP_QUEUE
+        wrong = {task.task_id: task.queue for task in dag.tasks if task.queue != expected}
+        assert not wrong, f"{dag_id}: these tasks are not on queue {expected!r}: {wrong}"

@@ -5,14 +5,17 @@ images, simple auth manager, a test plan, moto as the offsite S3), run by Debian
 docker-compose 1.29 on the tests' private engine:
 
 - Airflow: metadata PostgreSQL, Redis broker, api-server, scheduler, dag-processor,
-  triggerer, the default Celery worker and the backup-queue worker (airflow-init first).
+  triggerer, the default Celery worker, the backup-queue worker and the drill-queue
+  worker (airflow-init first).
 - ERP (`erp` profile): erp-postgres with the sample data, erp-redis, erp-rabbitmq and
   erp-milvus-etcd. MinIO and Milvus have no image here (docs/deployment.md).
 
 Through the REST API (/api/v2 with a JWT from /auth/token) the test runs
 `backup_postgres_full`, then `dr_drill` for PostgreSQL with the docker backend (its
-scratch container on the engine the backup worker reaches through the mounted
-socket), and checks every task ran on the backup-queue worker. It ends with `down -v`.
+scratch container on the engine the drill worker reaches through the mounted
+socket). It checks that every backup task ran on the backup-queue worker, which holds
+no age identity, and every drill task on the drill-queue worker, the only one that
+holds it. It ends with `down -v`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ COMPOSE = "/usr/bin/docker-compose"  # Debian's 1.29
 BUCKET = "compose-backups"
 S3_KEY, S3_SECRET, REGION = "compose-test", "compose-test-secret", "us-east-1"
 SERVICES = ["postgres", "redis", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-            "airflow-triggerer", "airflow-worker", "airflow-worker-backup",
+            "airflow-triggerer", "airflow-worker", "airflow-worker-backup", "airflow-worker-drill",
             "erp-postgres", "erp-redis", "erp-rabbitmq", "erp-milvus-etcd", "moto"]
 RUN_TIMEOUT_S = 600.0
 
@@ -208,7 +211,8 @@ def s3_client(stack: Stack):
                         region_name=REGION)
 
 
-def run_and_wait(stack: Stack, token: str, dag_id: str, conf: dict[str, Any]) -> tuple[dict, list[dict]]:
+def run_and_wait(stack: Stack, token: str, dag_id: str, conf: dict[str, Any],
+                 worker: str = "airflow-worker-backup") -> tuple[dict, list[dict]]:
     """Unpause `dag_id` (the scheduler then also runs its latest cron tick), trigger a manual run, wait for it."""
     response = stack.api("PATCH", f"/dags/{dag_id}", token, json={"is_paused": False})
     assert response.status_code == 200, response.text
@@ -221,14 +225,14 @@ def run_and_wait(stack: Stack, token: str, dag_id: str, conf: dict[str, Any]) ->
         return run if run.get("state") in ("success", "failed") else None
 
     started = time.monotonic()
-    run = wait_for(f"{dag_id} run {run_id}", finished, RUN_TIMEOUT_S, stack, "airflow-worker-backup", interval=3)
+    run = wait_for(f"{dag_id} run {run_id}", finished, RUN_TIMEOUT_S, stack, worker, interval=3)
     stack.timings[dag_id] = time.monotonic() - started
     instances = stack.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", token,
                           params={"limit": 100}).json()["task_instances"]
     return run, instances
 
 
-def test_the_compose_stack_runs_a_backup_and_a_docker_drill_on_the_backup_worker(stack: Stack):
+def test_the_compose_stack_runs_a_backup_on_the_backup_worker_and_a_docker_drill_on_the_drill_worker(stack: Stack):
     started = time.monotonic()
     erp = stack.container("erp-postgres")
     assert erp["State"]["Health"]["Status"] == "healthy"
@@ -248,6 +252,7 @@ def test_the_compose_stack_runs_a_backup_and_a_docker_drill_on_the_backup_worker
     errors = stack.api("GET", "/importErrors", token).json()
     assert errors["total_entries"] == 0, errors
     backup_worker = stack.container("airflow-worker-backup")["Config"]["Hostname"]
+    drill_worker = stack.container("airflow-worker-drill")["Config"]["Hostname"]
     default_worker = stack.container("airflow-worker")["Config"]["Hostname"]
     stack.timings["stack ready"] = time.monotonic() - started
 
@@ -256,19 +261,22 @@ def test_the_compose_stack_runs_a_backup_and_a_docker_drill_on_the_backup_worker
     assert instances and {ti["state"] for ti in instances} <= {"success", "skipped"}
     ran = [ti for ti in instances if ti["state"] == "success"]
     assert {(ti["queue"], ti["hostname"]) for ti in ran} == {("backup", backup_worker)}, ran
-    assert backup_worker != default_worker
+    assert len({backup_worker, drill_worker, default_worker}) == 3
     keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
     assert any(key.endswith("manifest.json") for key in keys) and any("postgres/full" in key for key in keys), keys
 
-    run, instances = run_and_wait(stack, token, "dr_drill", {"service": "postgres", "backend": "docker"})
-    assert run["state"] == "success", (instances, stack.logs("airflow-worker-backup", 150))
+    run, instances = run_and_wait(stack, token, "dr_drill", {"service": "postgres", "backend": "docker"},
+                                  worker="airflow-worker-drill")
+    assert run["state"] == "success", (instances, stack.logs("airflow-worker-drill", 150))
     assert {ti["state"] for ti in instances} <= {"success", "skipped"}
-    restored = [ti for ti in instances if ti["task_id"] in ("drill.restore", "drill.verify")]
-    assert len(restored) == 2 and {(ti["queue"], ti["hostname"]) for ti in restored} == {("backup", backup_worker)}
+    ran = [ti for ti in instances if ti["state"] == "success"]
+    # Every drill task, the decrypting restore included, on the only worker that holds the identity.
+    assert {(ti["queue"], ti["hostname"]) for ti in ran} == {("drill", drill_worker)}, ran
+    assert {"drill.restore", "drill.verify"} <= {ti["task_id"] for ti in ran}
     report = stack.api("GET", f"/dags/dr_drill/dagRuns/{run['dag_run_id']}/taskInstances/report/xcomEntries/return_value",
                        token).json()
     assert report["value"]["status"] == "passed", report
     # The scratch container, its network and the forwarder are gone; the worker is back on its own network only.
     assert stack.engine.api.containers(all=True, filters={"label": [DRILL_LABEL]}) == []
     assert stack.engine.api.networks(filters={"label": [DRILL_LABEL]}) == []
-    assert list(stack.container("airflow-worker-backup")["NetworkSettings"]["Networks"]) == ["erp-backup"]
+    assert list(stack.container("airflow-worker-drill")["NetworkSettings"]["Networks"]) == ["erp-backup"]
