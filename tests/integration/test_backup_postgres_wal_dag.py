@@ -31,6 +31,7 @@ def wal_env(request, monkeypatch, tmp_path, archiving_pg_factory, s3_endpoint, s
     """A clear archive, or a sealed one when the test is parametrized with wal_env=["sealed"] (indirect)."""
     pg = archiving_pg_factory(name="waldag", sealed=getattr(request, "param", "clear") == "sealed")
     bucket = s3_bucket("wal")
+    pg.bucket, pg.s3 = bucket, s3_endpoint.client()  # for the checks of what went offsite
     monkeypatch.setenv("ERP_BACKUP_PLAN", str(write_plan(tmp_path / "plan.yaml", bucket=bucket, prefix="erp")))
     monkeypatch.setenv("ERP_BACKUP_ROOT", str(pg.root))
     monkeypatch.setenv("ERP_WAL_ARCHIVE_DIR", str(pg.root / ARCHIVE_SUBDIR))
@@ -67,10 +68,16 @@ def test_snapshot_and_wal_dags_then_pitr_from_offsite(wal_env, dagbag, slack_rec
     assert [s.state for s in wal_sets] == [SetState.OFFSITE]
     manifest = wal_sets[0].manifest()
     assert manifest.details["first_segment"] <= manifest.details["last_segment"]
-    if pg.sealed:  # nothing on the backup disk shows the row, the local archive included
+    # Offsite, every set is sealed: no object shows the row. On the backup disk, only a clear archive does.
+    objects = pg.s3.list_objects_v2(Bucket=pg.bucket)["Contents"]
+    assert len(objects) > 4
+    assert [o["Key"] for o in objects if MARKER.encode() in pg.s3.get_object(Bucket=pg.bucket, Key=o["Key"])["Body"].read()] == []
+    holding = [p.relative_to(pg.root) for p in pg.root.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
+    if pg.sealed:
         assert {bool(r.get("sealed")) for r in manifest.details["wal"] if r["kind"] == "segment"} == {True}
-        holding = [p for p in pg.root.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
         assert holding == []
+    else:
+        assert holding and all(p.parts[0] == ARCHIVE_SUBDIR for p in holding), holding
     assert manifest.run["data_interval_start"] is not None  # a real 6 h window, not start == end
 
     # Rerunning the window changes nothing offsite.
