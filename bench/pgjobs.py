@@ -11,6 +11,10 @@ interleaved and rotated, --repeat times:
 
 Writes the "PostgreSQL parallel dump, many tables" section of BENCHMARKS.md (between
 its markers) and prints it. Target: `-j2` at least 1.6× faster than `-j1`.
+
+With `--rss-sizes 512,4096` it measures instead the backup task's peak memory on the
+same shape at each size (one backup each, the plan's default options) and writes the
+"PostgreSQL backup memory by size" section. Target: flat.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from bench.benchmark import load_average, prepare_environment
 from bench.common import ROOT, median, pg_args, shell
 
 BEGIN, END = "<!-- pgjobs:begin -->", "<!-- pgjobs:end -->"
+RSS_BEGIN, RSS_END = "<!-- pgrss:begin -->", "<!-- pgrss:end -->"
 DB = "erp_many"
 ROW_BYTES = 140  # on disk, per row of the table below (measured: 2161 MB for 40 x 420,000 rows)
 TARGET = 1.6
@@ -42,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size-mb", type=float, default=2048, help="database size on disk in MB (default 2048)")
     parser.add_argument("--tables", type=int, default=40, help="tables of about equal size (default 40)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each method, rotated (default 3)")
+    parser.add_argument("--rss-sizes", help="instead: peak RSS of one backup at each size in MB, e.g. 512,4096")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     return parser.parse_args(argv)
 
@@ -50,6 +56,7 @@ def build(cluster: Any, size_mb: float, tables: int) -> int:
     """The many-tables database; returns its size in bytes."""
     rows = max(1, int(size_mb * 2**20 / ROW_BYTES / tables))
     with psycopg.connect(cluster.conninfo(), autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {DB}")
         admin.execute(f"CREATE DATABASE {DB}")
     with psycopg.connect(cluster.conninfo(DB), autocommit=True) as conn:
         for n in range(1, tables + 1):
@@ -126,9 +133,48 @@ def section(runs: dict[str, list[float]], args: argparse.Namespace, size: int, l
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
+def measure_rss(cluster: Any, work: Path, sizes_mb: list[float], tables: int) -> list[dict[str, Any]]:
+    """One backup (the plan's default options) per size, each database built afresh."""
+    from bench.measurements import run_backup_child
+
+    rows = []
+    for index, size_mb in enumerate(sizes_mb):
+        size = build(cluster, size_mb, tables)
+        result = run_backup_child(cluster.port, work / "sets", 300 + index, "--database", DB)
+        shutil.rmtree(result["set_dir"])
+        rows.append({"size": size, "seconds": float(result["seconds"]),
+                     "peak_kib": result["self_peak_kib"] - result["baseline_kib"],
+                     "child_kib": max(result["children_kib"].values(), default=0)})
+        log.info("%d MiB: %.1f s, peak %d KiB over baseline", size // 2**20, rows[-1]["seconds"], rows[-1]["peak_kib"])
+    return rows
+
+
+def rss_section(rows: list[dict[str, Any]], args: argparse.Namespace, load: str) -> str:
+    first, last = rows[0], rows[-1]
+    ratio = last["peak_kib"] / max(first["peak_kib"], 1)
+    lines = [
+        RSS_BEGIN,
+        "## PostgreSQL backup memory by size",
+        "",
+        f"`bench/run-pg-jobs --rss-sizes {args.rss_sizes} --tables {args.tables}`: one backup per size, in a "
+        f"task-like child process with the plan's default options, of the many-tables shape above. "
+        f"Load average at the end: {load}.",
+        "",
+        "| database on disk | backup wall time | our peak RSS over baseline | largest child peak RSS |",
+        "|---|---|---|---|",
+        *(f"| {r['size'] / 2**20:.0f} MiB | {r['seconds']:.1f} s | {r['peak_kib'] / 1024:.1f} MiB "
+          f"| {r['child_kib'] / 1024:.1f} MiB |" for r in rows),
+        "",
+        f"Peak RSS at {last['size'] / 2**20:.0f} MiB is {ratio:.2f}× that at {first['size'] / 2**20:.0f} MiB "
+        f"(target: flat).",
+        RSS_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     current = path.read_text(encoding="utf-8") if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
     path.write_text(pattern.sub(text, current) if pattern.search(current) else current.rstrip("\n") + "\n\n" + text,
                     encoding="utf-8")
 
@@ -142,14 +188,21 @@ def main(argv: list[str] | None = None) -> int:
 
     source = pgdata.new_cluster("bench-pgjobs", pgdata.SOURCE_SETTINGS)
     try:
-        size = build(source, args.size_mb, args.tables)
-        log.info("built %s: %d MiB in %d tables", DB, size // 2**20, args.tables)
-        runs = measure(source, work, args.repeat)
+        if args.rss_sizes:
+            rows = measure_rss(source, work, [float(v) for v in args.rss_sizes.split(",")], args.tables)
+        else:
+            size = build(source, args.size_mb, args.tables)
+            log.info("built %s: %d MiB in %d tables", DB, size // 2**20, args.tables)
+            runs = measure(source, work, args.repeat)
     finally:
         source.destroy()
         shutil.rmtree(work, ignore_errors=True)
-    text = section(runs, args, size, load_average())
-    write_section(args.output, text)
+    if args.rss_sizes:
+        text = rss_section(rows, args, load_average())
+        write_section(args.output, text, RSS_BEGIN, RSS_END)
+    else:
+        text = section(runs, args, size, load_average())
+        write_section(args.output, text)
     sys.stdout.write(text)
     return 0
 
