@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -93,3 +94,11 @@ def free_port() -> int:
 
 def pg_args(port: int) -> str:
     return f"-h 127.0.0.1 -p {port} -U postgres"
+
+
+def write_marked_section(path: Path, text: str, begin: str, end: str) -> None:
+    """Put `text` (which starts with `begin` and ends with `end`) in place of that section of `path`, else append it."""
+    current = path.read_text(encoding="utf-8") if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
+    path.write_text(pattern.sub(lambda _: text, current) if pattern.search(current)
+                    else current.rstrip("\n") + "\n\n" + text, encoding="utf-8")

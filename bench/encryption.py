@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.benchmark import load_average, prepare_environment
-from bench.common import ROOT, median
+from bench.common import ROOT, median, write_marked_section
 
 BEGIN, END = "<!-- encryption:begin -->", "<!-- encryption:end -->"
 log = logging.getLogger("bench")
@@ -88,13 +87,6 @@ def section(runs: dict[str, list[dict[str, Any]]], size_mb: float, load: str) ->
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    current = path.read_text(encoding="utf-8") if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
-    path.write_text(pattern.sub(text, current) if pattern.search(current) else current.rstrip("\n") + "\n\n" + text,
-                    encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         source.destroy()
         shutil.rmtree(work, ignore_errors=True)
     text = section(runs, args.size_mb, load_average())
-    write_section(args.output, text)
+    write_marked_section(args.output, text, BEGIN, END)
     sys.stdout.write(text)
     return 0
 

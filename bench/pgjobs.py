@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 import psycopg
 
 from bench.benchmark import load_average, prepare_environment
-from bench.common import ROOT, median, pg_args, shell
+from bench.common import ROOT, median, pg_args, shell, write_marked_section
 
 BEGIN, END = "<!-- pgjobs:begin -->", "<!-- pgjobs:end -->"
 RSS_BEGIN, RSS_END = "<!-- pgrss:begin -->", "<!-- pgrss:end -->"
@@ -172,13 +171,6 @@ def rss_section(rows: list[dict[str, Any]], args: argparse.Namespace, load: str)
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    current = path.read_text(encoding="utf-8") if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
-    path.write_text(pattern.sub(text, current) if pattern.search(current) else current.rstrip("\n") + "\n\n" + text,
-                    encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -199,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.rss_sizes:
         text = rss_section(rows, args, load_average())
-        write_section(args.output, text, RSS_BEGIN, RSS_END)
+        write_marked_section(args.output, text, RSS_BEGIN, RSS_END)
     else:
         text = section(runs, args, size, load_average())
-        write_section(args.output, text)
+        write_marked_section(args.output, text, BEGIN, END)
     sys.stdout.write(text)
     return 0
 
