@@ -17,12 +17,13 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol, cast
 
 import zstandard
+from pyrage import x25519
 
 from erp_backup.crypto import EncryptStage, encrypt_stream, set_recipients
 from erp_backup.diskio import io_context
@@ -201,8 +202,9 @@ def stream_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, **kwar
     The source is closed either way, so a generator wrapping a process stops it.
     """
     try:
-        if set_recipients(set_dir):
-            return _seal_to_file(chunks, set_dir, relative, **kwargs)
+        recipients = set_recipients(set_dir)
+        if recipients:
+            return _seal_to_file(chunks, set_dir, relative, recipients, **kwargs)
         chain = open_chain(set_dir, relative, **kwargs)
         try:
             for chunk in chunks:
@@ -270,8 +272,8 @@ class _HashingReader(io.RawIOBase):
         return bytes(data)
 
 
-def _seal_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, *, compress: bool = True, level: int = 3,
-                  label: str | None = None) -> StreamResult:
+def _seal_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, recipients: Sequence[x25519.Recipient], *,
+                  compress: bool = True, level: int = 3, label: str | None = None) -> StreamResult:
     """source → [zstd] → age → sha256 → file, pulled by age in this thread (no encryption thread)."""
     path = set_dir / relative
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -288,7 +290,7 @@ def _seal_to_file(chunks: Iterable[bytes], set_dir: Path, relative: str, *, comp
     started = time.monotonic()
     try:
         with io_context(path, set_dir=set_dir):
-            encrypt_stream(clear, stored, set_recipients(set_dir))
+            encrypt_stream(clear, stored, recipients)
             sink.close()
     except BaseException:
         try:
