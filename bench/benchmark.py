@@ -20,9 +20,10 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.common import BENCH, ROOT, Results
 from bench.machine import machine_info
@@ -79,6 +80,21 @@ def prepare_environment(work: Path) -> None:
     for path in reversed(paths):
         if path not in sys.path:
             sys.path.insert(0, path)
+
+
+@contextmanager
+def scratch_source(name: str) -> Iterator[tuple[Path, Any]]:
+    """(a throwaway work dir with Airflow pointed at it, a started scratch source cluster); both removed on exit."""
+    work = Path(tempfile.mkdtemp(prefix=f"erp-bench-{name}-"))
+    prepare_environment(work)
+    from bench import pgdata
+
+    source = pgdata.new_cluster(f"bench-{name}", pgdata.SOURCE_SETTINGS)
+    try:
+        yield work, source
+    finally:
+        source.destroy()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def load_average() -> str:

@@ -13,11 +13,10 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.benchmark import load_average, prepare_environment
+from bench.benchmark import load_average, scratch_source
 from bench.common import ROOT, median, write_marked_section
 
 BEGIN, END = "<!-- encryption:begin -->", "<!-- encryption:end -->"
@@ -90,17 +89,11 @@ def section(runs: dict[str, list[dict[str, Any]]], size_mb: float, load: str) ->
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    work = Path(tempfile.mkdtemp(prefix="erp-bench-enc-"))
-    prepare_environment(work)
-    from bench import pgdata
+    with scratch_source("enc") as (work, source):
+        from bench import pgdata
 
-    source = pgdata.new_cluster("bench-enc-source", pgdata.SOURCE_SETTINGS)
-    try:
         pgdata.build_database(source, "erp_bench", args.size_mb)
         runs = measure(source.port, work, args.repeat)
-    finally:
-        source.destroy()
-        shutil.rmtree(work, ignore_errors=True)
     text = section(runs, args.size_mb, load_average())
     write_marked_section(args.output, text, BEGIN, END)
     sys.stdout.write(text)

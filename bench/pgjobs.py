@@ -24,13 +24,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.benchmark import load_average, prepare_environment
+from bench.benchmark import load_average, scratch_source
 from bench.common import ROOT, median, pg_args, shell, write_marked_section
 
 BEGIN, END = "<!-- pgjobs:begin -->", "<!-- pgjobs:end -->"
@@ -174,21 +173,13 @@ def rss_section(rows: list[dict[str, Any]], args: argparse.Namespace, load: str)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    work = Path(tempfile.mkdtemp(prefix="erp-bench-pgjobs-"))
-    prepare_environment(work)
-    from bench import pgdata
-
-    source = pgdata.new_cluster("bench-pgjobs", pgdata.SOURCE_SETTINGS)
-    try:
+    with scratch_source("pgjobs") as (work, source):
         if args.rss_sizes:
             rows = measure_rss(source, work, [float(v) for v in args.rss_sizes.split(",")], args.tables)
         else:
             size = build(source, args.size_mb, args.tables)
             log.info("built %s: %d MiB in %d tables", DB, size // 2**20, args.tables)
             runs = measure(source, work, args.repeat)
-    finally:
-        source.destroy()
-        shutil.rmtree(work, ignore_errors=True)
     if args.rss_sizes:
         text = rss_section(rows, args, load_average())
         write_marked_section(args.output, text, RSS_BEGIN, RSS_END)
